@@ -1,0 +1,234 @@
+//! Wiring: settings in, a Pingora server out — the public proxy listener (wrapped in the
+//! header deadline), the admin listener, and the background key refresher. Also a [`Handle`]
+//! to run a whole gateway inside another process (tests, benches) and stop it again.
+
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::Context;
+use async_trait::async_trait;
+use bytes::Bytes;
+use pingora::apps::http_app::HttpServer;
+use pingora::apps::HttpServerOptions;
+use pingora::listeners::tls::TlsSettings;
+use pingora::server::configuration::ServerConf;
+use pingora::server::{RunArgs, Server, ShutdownSignal, ShutdownSignalWatch, ShutdownWatch};
+use pingora::services::background::{background_service, BackgroundService};
+use pingora::services::listening::Service;
+use pingora::upstreams::peer::HttpPeer;
+
+use crate::admin::Admin;
+use crate::auth::discovery::{AuthServerMetadata, ResourceMetadata};
+use crate::auth::jwks::JwksCache;
+use crate::auth::Authenticator;
+use crate::config::Settings;
+use crate::policy::cors::Cors;
+use crate::proxy::deadline::HeaderDeadline;
+use crate::proxy::{Gateway, GatewayState};
+
+/// The HTTP client for JWKS, discovery and Clerk's Backend API, built once.
+fn http_client() -> anyhow::Result<reqwest::Client> {
+    reqwest::Client::builder()
+        .user_agent(concat!("keygate/", env!("CARGO_PKG_VERSION")))
+        .connect_timeout(Duration::from_secs(5))
+        .pool_idle_timeout(Duration::from_secs(60))
+        .build()
+        .context("building the HTTP client")
+}
+
+fn upstream_peer(settings: &Settings) -> HttpPeer {
+    let up = &settings.upstream;
+    let mut peer = HttpPeer::new(up.addr, up.tls, up.host.clone());
+    let o = &mut peer.options;
+    o.connection_timeout = Some(up.connect_timeout);
+    o.total_connection_timeout = Some(up.connect_timeout * 2);
+    o.read_timeout = Some(up.read_timeout);
+    o.write_timeout = Some(up.write_timeout);
+    o.idle_timeout = Some(up.idle_timeout);
+    o.verify_cert = up.verify_tls;
+    o.verify_hostname = up.verify_tls;
+    peer
+}
+
+/// Build the shared request-path state.
+pub fn build_state(settings: Settings) -> anyhow::Result<Arc<GatewayState>> {
+    let client = http_client()?;
+    let auth = Authenticator::new(&settings, client.clone());
+    let health = serde_json::json!({
+        "status": "healthy",
+        "service": "keygate",
+        "authEnabled": settings.auth.enabled,
+    });
+    Ok(Arc::new(GatewayState {
+        resource_metadata: ResourceMetadata::new(&settings),
+        as_metadata: AuthServerMetadata::new(&settings, client),
+        cors: Cors::new(&settings.cors),
+        peer: upstream_peer(&settings),
+        challenge_scope: settings.resource.scopes_supported.join(" "),
+        health_body: Bytes::from(health.to_string()),
+        auth,
+        settings,
+    }))
+}
+
+/// Loads every issuer's keys at startup and keeps them fresh; flags draining on shutdown.
+struct KeyRefresher {
+    caches: Vec<Arc<JwksCache>>,
+    draining: Arc<AtomicBool>,
+}
+
+#[async_trait]
+impl BackgroundService for KeyRefresher {
+    async fn start(&self, mut shutdown: ShutdownWatch) {
+        let mut tasks = Vec::new();
+        for cache in &self.caches {
+            let cache = cache.clone();
+            tasks.push(tokio::spawn(async move {
+                if let Err(e) = cache.refresh().await {
+                    tracing::warn!(issuer = cache.issuer(), error = %e, "initial JWKS fetch failed; will retry");
+                }
+                cache.run_refresher().await;
+            }));
+        }
+        let _ = shutdown.changed().await;
+        self.draining.store(true, Ordering::Release);
+        for t in tasks {
+            t.abort();
+        }
+    }
+}
+
+/// Assemble the Pingora server with every service.
+pub fn build_server(state: Arc<GatewayState>) -> anyhow::Result<Server> {
+    let s = &state.settings;
+    let conf = ServerConf {
+        threads: s.server.threads,
+        grace_period_seconds: Some(s.server.grace_period.as_secs()),
+        graceful_shutdown_timeout_seconds: Some(s.server.shutdown_timeout.as_secs()),
+        ..ServerConf::default()
+    };
+    let mut server = Server::new_with_opt_and_conf(None, conf);
+    server.bootstrap();
+
+    let mut proxy = pingora::proxy::http_proxy(
+        &server.configuration,
+        Gateway {
+            state: state.clone(),
+        },
+    );
+    let mut options = HttpServerOptions::default();
+    options.h2c = s.server.h2c;
+    proxy.server_options = Some(options);
+    let app = HeaderDeadline::new(
+        proxy,
+        s.server.request_header_timeout,
+        s.server.keepalive_timeout,
+    );
+    let mut public = Service::new("keygate proxy".to_string(), app);
+    let listen = s.server.listen.to_string();
+    match &s.server.tls {
+        Some(tls) => {
+            let cert = tls.cert_file.to_string_lossy();
+            let key = tls.key_file.to_string_lossy();
+            let mut settings = TlsSettings::intermediate(&cert, &key)
+                .map_err(|e| anyhow::anyhow!("loading TLS certificate and key: {e}"))?;
+            settings.enable_h2();
+            public.add_tls_with_settings(&listen, None, settings);
+        }
+        None => public.add_tcp(&listen),
+    }
+    server.add_service(public);
+
+    let draining = Arc::new(AtomicBool::new(false));
+    let mut admin = Service::new(
+        "keygate admin".to_string(),
+        HttpServer::new_app(Admin {
+            state: state.clone(),
+            shutting_down: draining.clone(),
+        }),
+    );
+    admin.add_tcp(&s.server.admin_listen.to_string());
+    server.add_service(admin);
+
+    server.add_service(background_service(
+        "key refresher",
+        KeyRefresher {
+            caches: state.auth.key_sets(),
+            draining,
+        },
+    ));
+    Ok(server)
+}
+
+struct ChannelSignal(tokio::sync::watch::Receiver<bool>);
+
+#[async_trait]
+impl ShutdownSignalWatch for ChannelSignal {
+    async fn recv(&self) -> ShutdownSignal {
+        let mut rx = self.0.clone();
+        let _ = rx.wait_for(|stop| *stop).await;
+        ShutdownSignal::FastShutdown
+    }
+}
+
+/// A gateway running on its own threads inside this process.
+pub struct Handle {
+    pub state: Arc<GatewayState>,
+    stop: tokio::sync::watch::Sender<bool>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+impl Handle {
+    /// Start a gateway; it listens once this returns (the caller waits for the port).
+    pub fn spawn(settings: Settings) -> anyhow::Result<Self> {
+        let state = build_state(settings)?;
+        let server = build_server(state.clone())?;
+        let (stop, rx) = tokio::sync::watch::channel(false);
+        let thread = std::thread::Builder::new()
+            .name("keygate".into())
+            .spawn(move || {
+                server.run(RunArgs {
+                    shutdown_signal: Box::new(ChannelSignal(rx)),
+                })
+            })
+            .context("starting the gateway thread")?;
+        Ok(Self {
+            state,
+            stop,
+            thread: Some(thread),
+        })
+    }
+
+    /// Stop the gateway and wait for its threads.
+    pub fn shutdown(mut self) {
+        self.stop_and_join();
+    }
+
+    fn stop_and_join(&mut self) {
+        let _ = self.stop.send(true);
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
+
+impl Drop for Handle {
+    fn drop(&mut self) {
+        self.stop_and_join();
+    }
+}
+
+/// Run the gateway in the foreground until a signal stops it.
+pub fn run(settings: Settings) -> anyhow::Result<()> {
+    tracing::info!(
+        listen = %settings.server.listen,
+        admin = %settings.server.admin_listen,
+        upstream = %settings.upstream.url,
+        auth = settings.auth.enabled,
+        "keygate starting"
+    );
+    let state = build_state(settings)?;
+    let server = build_server(state)?;
+    server.run_forever()
+}

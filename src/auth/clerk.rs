@@ -1,0 +1,240 @@
+//! Clerk's opaque credentials — OAuth access tokens (`oat_`), M2M tokens (`mt_`) and API keys
+//! (`ak_`) — verified through Clerk's Backend API.
+//!
+//! Results are cached by a hash of the token: a valid token until its expiry (capped), an
+//! invalid one for a short negative TTL. Concurrent checks of one token share one call. When
+//! the Backend API cannot answer, only live cache entries are trusted: everything else fails
+//! closed.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use secrecy::{ExposeSecret, SecretString};
+use serde::Deserialize;
+use url::Url;
+
+use super::identity::{Identity, OrgContext, TokenKind};
+use super::AuthFailure;
+use crate::config::ClerkSettings;
+use crate::error::AuthError;
+
+/// The opaque token kinds, recognised by prefix.
+pub fn opaque_kind(token: &str) -> Option<TokenKind> {
+    if token.starts_with("oat_") {
+        Some(TokenKind::OAuthOpaque)
+    } else if token.starts_with("mt_") {
+        Some(TokenKind::M2m)
+    } else if token.starts_with("ak_") {
+        Some(TokenKind::ApiKey)
+    } else {
+        None
+    }
+}
+
+#[derive(Clone)]
+enum Outcome {
+    Valid(Arc<Identity>),
+    Rejected(AuthError),
+}
+
+struct OutcomeExpiry {
+    negative_ttl: Duration,
+    max_ttl: Duration,
+}
+
+impl moka::Expiry<[u8; 32], (Outcome, SystemTime)> for OutcomeExpiry {
+    fn expire_after_create(
+        &self,
+        _key: &[u8; 32],
+        value: &(Outcome, SystemTime),
+        _created_at: Instant,
+    ) -> Option<Duration> {
+        Some(match &value.0 {
+            Outcome::Rejected(_) => self.negative_ttl,
+            Outcome::Valid(id) => id
+                .expires_at
+                .and_then(|exp| exp.duration_since(value.1).ok())
+                .map_or(self.max_ttl, |left| left.min(self.max_ttl)),
+        })
+    }
+}
+
+/// Verifies opaque Clerk credentials through the Backend API, with caching and coalescing.
+pub struct ClerkBackend {
+    client: reqwest::Client,
+    api_url: Url,
+    issuer: String,
+    secret_key: Option<SecretString>,
+    oauth: bool,
+    m2m: bool,
+    api_keys: bool,
+    timeout: Duration,
+    cache: moka::future::Cache<[u8; 32], (Outcome, SystemTime)>,
+}
+
+#[derive(Deserialize)]
+struct VerifyResponse {
+    subject: Option<String>,
+    #[serde(default)]
+    scopes: Vec<String>,
+    #[serde(default)]
+    revoked: bool,
+    #[serde(default)]
+    expired: bool,
+    /// Unix milliseconds, or null for credentials that do not expire.
+    expiration: Option<i64>,
+    client_id: Option<String>,
+}
+
+/// Why the Backend API could not give an answer (never cached).
+#[derive(Debug, thiserror::Error)]
+enum BackendError {
+    #[error("request failed: {0}")]
+    Http(#[from] reqwest::Error),
+    #[error("status {0}")]
+    Status(u16),
+}
+
+impl ClerkBackend {
+    /// Build from settings; `None` when no opaque kind is enabled or there is no secret key.
+    pub fn new(settings: &ClerkSettings, client: reqwest::Client) -> Option<Self> {
+        let enabled = settings.oauth_opaque_tokens || settings.m2m_tokens || settings.api_keys;
+        if !enabled || settings.secret_key.is_none() {
+            return None;
+        }
+        Some(Self {
+            client,
+            api_url: settings.api_url.clone(),
+            issuer: settings.issuer.clone(),
+            secret_key: settings.secret_key.clone(),
+            oauth: settings.oauth_opaque_tokens,
+            m2m: settings.m2m_tokens,
+            api_keys: settings.api_keys,
+            timeout: settings.backend_timeout,
+            cache: moka::future::Cache::builder()
+                .max_capacity(100_000)
+                .expire_after(OutcomeExpiry {
+                    negative_ttl: settings.opaque_negative_ttl,
+                    max_ttl: settings.opaque_max_ttl,
+                })
+                .build(),
+        })
+    }
+
+    fn enabled(&self, kind: TokenKind) -> bool {
+        match kind {
+            TokenKind::OAuthOpaque => self.oauth,
+            TokenKind::M2m => self.m2m,
+            TokenKind::ApiKey => self.api_keys,
+            _ => false,
+        }
+    }
+
+    /// Verify an opaque token of `kind`; `hash` is the token's SHA-256, the cache key.
+    pub async fn verify(
+        &self,
+        kind: TokenKind,
+        token: &str,
+        hash: [u8; 32],
+    ) -> Result<Arc<Identity>, AuthFailure> {
+        if !self.enabled(kind) {
+            return Err(AuthError::WrongKind.into());
+        }
+        let outcome = self
+            .cache
+            .try_get_with(hash, async {
+                let outcome = self.call(kind, token).await?;
+                Ok::<_, BackendError>((outcome, SystemTime::now()))
+            })
+            .await;
+        match outcome {
+            Ok((Outcome::Valid(id), _)) => {
+                if id.expires_at.is_some_and(|exp| exp <= SystemTime::now()) {
+                    return Err(AuthError::Expired.into());
+                }
+                Ok(id)
+            }
+            Ok((Outcome::Rejected(e), _)) => Err(e.into()),
+            Err(e) => {
+                tracing::warn!(error = %e, kind = kind.as_str(), "Clerk Backend API verification failed");
+                Err(AuthFailure::Unavailable("token verification"))
+            }
+        }
+    }
+
+    async fn call(&self, kind: TokenKind, token: &str) -> Result<Outcome, BackendError> {
+        let (path, body) = match kind {
+            TokenKind::OAuthOpaque => (
+                "v1/oauth_applications/access_tokens/verify",
+                serde_json::json!({ "access_token": token }),
+            ),
+            TokenKind::M2m => (
+                "v1/m2m_tokens/verify",
+                serde_json::json!({ "token": token }),
+            ),
+            _ => ("v1/api_keys/verify", serde_json::json!({ "secret": token })),
+        };
+        let base = self.api_url.as_str().trim_end_matches('/');
+        let secret = self
+            .secret_key
+            .as_ref()
+            .map(|s| s.expose_secret().to_string())
+            .unwrap_or_default();
+        let resp = self
+            .client
+            .post(format!("{base}/{path}"))
+            .bearer_auth(secret)
+            .json(&body)
+            .timeout(self.timeout)
+            .send()
+            .await?;
+        let status = resp.status().as_u16();
+        match status {
+            200 => {}
+            // The token is unknown or malformed: a definite "no", cached briefly.
+            400 | 404 | 410 | 422 => return Ok(Outcome::Rejected(AuthError::Invalid)),
+            // 401/403 mean keygate's own secret key is wrong; 429/5xx mean try later.
+            other => return Err(BackendError::Status(other)),
+        }
+        let parsed: VerifyResponse = resp.json().await?;
+        if parsed.revoked {
+            return Ok(Outcome::Rejected(AuthError::Revoked));
+        }
+        let expires_at = parsed
+            .expiration
+            .and_then(|ms| u64::try_from(ms).ok())
+            .map(|ms| UNIX_EPOCH + Duration::from_millis(ms));
+        if parsed.expired || expires_at.is_some_and(|e| e <= SystemTime::now()) {
+            return Ok(Outcome::Rejected(AuthError::Expired));
+        }
+        let Some(subject) = parsed.subject.filter(|s| !s.is_empty()) else {
+            return Ok(Outcome::Rejected(AuthError::MissingClaim));
+        };
+        let org = subject.starts_with("org_").then(|| OrgContext {
+            id: subject.clone(),
+            ..OrgContext::default()
+        });
+        Ok(Outcome::Valid(Arc::new(Identity {
+            subject,
+            issuer: self.issuer.clone(),
+            kind,
+            scopes: parsed.scopes,
+            client_id: parsed.client_id,
+            org,
+            expires_at,
+        })))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn prefixes_pick_the_kind() {
+        assert_eq!(opaque_kind("oat_x"), Some(TokenKind::OAuthOpaque));
+        assert_eq!(opaque_kind("mt_x"), Some(TokenKind::M2m));
+        assert_eq!(opaque_kind("ak_x"), Some(TokenKind::ApiKey));
+        assert_eq!(opaque_kind("eyJ.x.y"), None);
+    }
+}

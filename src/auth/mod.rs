@@ -1,0 +1,296 @@
+//! Authentication: from an `Authorization` header to a verified [`Identity`], or a refusal.
+//!
+//! Owns bearer extraction, the verified-token cache (keyed by a SHA-256 of the token, never
+//! kept past the token's expiry), dispatch to the right verifier (a JWT issuer picked by exact
+//! `iss`, or Clerk's Backend API for opaque tokens), and readiness of the key sets.
+//! Discovery documents live in `auth::discovery`. Policy on *what* an identity may do does not
+//! live here.
+
+pub mod clerk;
+pub mod discovery;
+pub mod identity;
+pub mod jwks;
+pub mod jwt;
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::{Duration, Instant, SystemTime};
+
+use sha2::{Digest, Sha256};
+
+pub use identity::{Identity, OrgContext, TokenKind};
+
+use crate::config::{KeySource, Settings};
+use crate::error::{AuthError, GatewayError};
+use clerk::ClerkBackend;
+use jwks::JwksCache;
+use jwt::{ClerkRules, JwtIssuer};
+
+/// Why authentication did not produce an identity.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum AuthFailure {
+    /// The token is refused (401).
+    Rejected(AuthError),
+    /// A dependency needed to decide is down; fail closed (503).
+    Unavailable(&'static str),
+}
+
+impl From<AuthError> for AuthFailure {
+    fn from(e: AuthError) -> Self {
+        AuthFailure::Rejected(e)
+    }
+}
+
+impl From<AuthFailure> for GatewayError {
+    fn from(f: AuthFailure) -> Self {
+        match f {
+            AuthFailure::Rejected(e) => GatewayError::Unauthorized(e),
+            AuthFailure::Unavailable(what) => GatewayError::Unavailable {
+                what,
+                retry_after: Duration::from_secs(5),
+            },
+        }
+    }
+}
+
+/// Pull the bearer token out of the request headers.
+///
+/// `Ok(None)`: no bearer credential. Two `Authorization` headers are a bad request; a token
+/// over `max_bytes` is refused before anything parses it.
+pub fn bearer_token(
+    headers: &http::HeaderMap,
+    max_bytes: usize,
+) -> Result<Option<&str>, GatewayError> {
+    let mut values = headers.get_all(http::header::AUTHORIZATION).iter();
+    let Some(value) = values.next() else {
+        return Ok(None);
+    };
+    if values.next().is_some() {
+        return Err(GatewayError::BadRequest(
+            "Multiple Authorization headers are not allowed",
+        ));
+    }
+    let bytes = value.as_bytes();
+    if bytes.len() < 7 || !bytes[..7].eq_ignore_ascii_case(b"bearer ") {
+        return Ok(None);
+    }
+    let token = std::str::from_utf8(&bytes[7..])
+        .map_err(|_| AuthError::Malformed)?
+        .trim_matches(' ');
+    if token.len() > max_bytes {
+        return Err(AuthError::TooLarge.into());
+    }
+    // RFC 6750 b64token: ALPHA / DIGIT / "-" / "." / "_" / "~" / "+" / "/", then "=" padding.
+    let body = token.trim_end_matches('=');
+    if body.is_empty()
+        || !body.bytes().all(|b| {
+            b.is_ascii_alphanumeric() || matches!(b, b'-' | b'.' | b'_' | b'~' | b'+' | b'/')
+        })
+    {
+        return Err(AuthError::Malformed.into());
+    }
+    Ok(Some(token))
+}
+
+struct IdentityExpiry;
+
+impl moka::Expiry<[u8; 32], Arc<Identity>> for IdentityExpiry {
+    fn expire_after_create(
+        &self,
+        _key: &[u8; 32],
+        value: &Arc<Identity>,
+        _created_at: Instant,
+    ) -> Option<Duration> {
+        let left = value
+            .expires_at
+            .and_then(|exp| exp.duration_since(SystemTime::now()).ok())
+            .unwrap_or(Duration::ZERO);
+        Some(left)
+    }
+}
+
+/// Verifies bearer tokens against every configured issuer.
+pub struct Authenticator {
+    max_token_bytes: usize,
+    issuers: HashMap<String, Arc<JwtIssuer>>,
+    clerk: Option<ClerkBackend>,
+    verified: moka::sync::Cache<[u8; 32], Arc<Identity>>,
+}
+
+impl Authenticator {
+    /// Build verifiers from settings. Nothing is fetched yet: see [`Authenticator::key_sets`].
+    pub fn new(settings: &Settings, client: reqwest::Client) -> Self {
+        let mut issuers = HashMap::new();
+        let leeway = settings.auth.leeway;
+        let jwks_settings = &settings.jwks;
+        if let Some(c) = &settings.clerk {
+            let cache = Arc::new(JwksCache::from_url(
+                &c.issuer,
+                c.jwks_url.clone(),
+                c.algorithms.clone(),
+                jwks_settings,
+                client.clone(),
+            ));
+            let rules = ClerkRules {
+                authorized_parties: c.authorized_parties.clone(),
+            };
+            issuers.insert(
+                c.issuer.clone(),
+                Arc::new(JwtIssuer::new(
+                    &c.issuer,
+                    cache,
+                    c.audiences.clone(),
+                    &c.algorithms,
+                    leeway,
+                    Some(rules),
+                )),
+            );
+        }
+        for i in &settings.issuers {
+            let cache = match &i.keys {
+                KeySource::Url(u) => JwksCache::from_url(
+                    &i.issuer,
+                    u.clone(),
+                    i.algorithms.clone(),
+                    jwks_settings,
+                    client.clone(),
+                ),
+                KeySource::Discovery => JwksCache::from_discovery(
+                    &i.issuer,
+                    i.algorithms.clone(),
+                    jwks_settings,
+                    client.clone(),
+                ),
+                KeySource::File(p) => JwksCache::from_file(
+                    &i.issuer,
+                    p.clone(),
+                    i.algorithms.clone(),
+                    jwks_settings,
+                    client.clone(),
+                ),
+            };
+            issuers.insert(
+                i.issuer.clone(),
+                Arc::new(JwtIssuer::new(
+                    &i.issuer,
+                    Arc::new(cache),
+                    i.audiences.clone(),
+                    &i.algorithms,
+                    leeway,
+                    None,
+                )),
+            );
+        }
+        let clerk = settings
+            .clerk
+            .as_ref()
+            .and_then(|c| ClerkBackend::new(c, client.clone()));
+        Self {
+            max_token_bytes: settings.auth.max_token_bytes,
+            issuers,
+            clerk,
+            verified: moka::sync::Cache::builder()
+                .max_capacity(settings.auth.verified_cache_max_entries)
+                .expire_after(IdentityExpiry)
+                .build(),
+        }
+    }
+
+    /// The largest token accepted, in bytes.
+    pub fn max_token_bytes(&self) -> usize {
+        self.max_token_bytes
+    }
+
+    /// Every issuer's key cache (to load at startup, refresh, and report readiness).
+    pub fn key_sets(&self) -> Vec<Arc<JwksCache>> {
+        self.issuers.values().map(|i| i.jwks().clone()).collect()
+    }
+
+    /// Whether every issuer has usable keys.
+    pub fn is_ready(&self) -> bool {
+        self.issuers.values().all(|i| i.jwks().is_ready())
+    }
+
+    /// Verify `token`. Session tokens are refused unless `session_allowed`.
+    pub async fn authenticate(
+        &self,
+        token: &str,
+        session_allowed: bool,
+    ) -> Result<Arc<Identity>, AuthFailure> {
+        if token.len() > self.max_token_bytes {
+            return Err(AuthError::TooLarge.into());
+        }
+        let hash: [u8; 32] = Sha256::digest(token.as_bytes()).into();
+        let identity = match self.verified.get(&hash) {
+            Some(id) if id.expires_at.is_some_and(|e| e > SystemTime::now()) => id,
+            _ => self.verify_uncached(token, hash).await?,
+        };
+        if identity.kind == TokenKind::ClerkSession && !session_allowed {
+            return Err(AuthError::WrongKind.into());
+        }
+        Ok(identity)
+    }
+
+    async fn verify_uncached(
+        &self,
+        token: &str,
+        hash: [u8; 32],
+    ) -> Result<Arc<Identity>, AuthFailure> {
+        if let Some(kind) = clerk::opaque_kind(token) {
+            return match &self.clerk {
+                Some(backend) => backend.verify(kind, token, hash).await,
+                None => Err(AuthError::WrongKind.into()),
+            };
+        }
+        let iss = jwt::peek_issuer(token)?;
+        let issuer = self.issuers.get(&iss).ok_or(AuthError::UnknownIssuer)?;
+        let identity = Arc::new(issuer.verify(token).await?);
+        self.verified.insert(hash, identity.clone());
+        Ok(identity)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn headers(values: &[&str]) -> http::HeaderMap {
+        let mut h = http::HeaderMap::new();
+        for v in values {
+            h.append(
+                http::header::AUTHORIZATION,
+                http::HeaderValue::from_str(v).expect("header"),
+            );
+        }
+        h
+    }
+
+    #[test]
+    fn bearer_extraction_rules() {
+        assert_eq!(bearer_token(&headers(&[]), 100).ok(), Some(None));
+        assert_eq!(
+            bearer_token(&headers(&["Bearer abc.def-_~+/=="]), 100).ok(),
+            Some(Some("abc.def-_~+/=="))
+        );
+        assert_eq!(
+            bearer_token(&headers(&["bearer abc"]), 100).ok(),
+            Some(Some("abc"))
+        );
+        assert_eq!(
+            bearer_token(&headers(&["Basic dXNlcg=="]), 100).ok(),
+            Some(None)
+        );
+        assert!(matches!(
+            bearer_token(&headers(&["Bearer a", "Bearer b"]), 100),
+            Err(GatewayError::BadRequest(_))
+        ));
+        assert!(matches!(
+            bearer_token(&headers(&["Bearer a b"]), 100),
+            Err(GatewayError::Unauthorized(AuthError::Malformed))
+        ));
+        assert!(matches!(
+            bearer_token(&headers(&[&format!("Bearer {}", "a".repeat(101))]), 100),
+            Err(GatewayError::Unauthorized(AuthError::TooLarge))
+        ));
+    }
+}

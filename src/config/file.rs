@@ -1,0 +1,388 @@
+//! The configuration file as written by an operator: plain serde structs that mirror the TOML,
+//! with defaults, plus the environment overrides applied on top of them.
+//!
+//! Nothing here is validated beyond its TOML type; `config::validate` turns these structs into
+//! the typed [`crate::config::Settings`] the gateway runs on.
+
+use serde::Deserialize;
+
+use super::Problems;
+
+/// The whole file.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct FileConfig {
+    pub server: ServerFile,
+    pub upstream: UpstreamFile,
+    pub resource: ResourceFile,
+    pub auth: AuthFile,
+    pub clerk: Option<ClerkFile>,
+    pub issuers: Vec<IssuerFile>,
+    pub jwks: JwksFile,
+    pub cors: CorsFile,
+    pub log: LogFile,
+    pub dev: Option<DevFile>,
+}
+
+/// `[server]`: listeners and connection handling.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ServerFile {
+    pub listen: String,
+    pub admin_listen: String,
+    pub threads: usize,
+    pub h2c: bool,
+    pub request_header_timeout_secs: u64,
+    pub keepalive_timeout_secs: u64,
+    pub trusted_proxies: Vec<String>,
+    pub grace_period_secs: u64,
+    pub shutdown_timeout_secs: u64,
+    pub tls: Option<TlsFile>,
+}
+
+impl Default for ServerFile {
+    fn default() -> Self {
+        Self {
+            listen: "0.0.0.0:8080".into(),
+            admin_listen: "127.0.0.1:9090".into(),
+            threads: 2,
+            h2c: true,
+            request_header_timeout_secs: 10,
+            keepalive_timeout_secs: 60,
+            trusted_proxies: Vec::new(),
+            grace_period_secs: 5,
+            shutdown_timeout_secs: 20,
+            tls: None,
+        }
+    }
+}
+
+/// `[server.tls]`: terminate TLS on the public listener.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TlsFile {
+    pub cert_file: String,
+    pub key_file: String,
+}
+
+/// `[upstream]`: the one server keygate fronts.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct UpstreamFile {
+    pub url: String,
+    pub connect_timeout_secs: u64,
+    pub read_timeout_secs: u64,
+    pub write_timeout_secs: u64,
+    pub idle_timeout_secs: u64,
+    pub preserve_host: bool,
+    pub verify_tls: bool,
+}
+
+impl Default for UpstreamFile {
+    fn default() -> Self {
+        Self {
+            url: "http://127.0.0.1:3000".into(),
+            connect_timeout_secs: 5,
+            read_timeout_secs: 300,
+            write_timeout_secs: 30,
+            idle_timeout_secs: 60,
+            preserve_host: false,
+            verify_tls: true,
+        }
+    }
+}
+
+/// `[resource]`: how keygate names the protected resource to OAuth clients.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ResourceFile {
+    pub url: String,
+    pub protected_paths: Vec<String>,
+    pub scopes_supported: Vec<String>,
+    pub resource_name: Option<String>,
+    pub documentation: Option<String>,
+}
+
+impl Default for ResourceFile {
+    fn default() -> Self {
+        Self {
+            url: String::new(),
+            protected_paths: vec!["/mcp".into()],
+            scopes_supported: Vec::new(),
+            resource_name: None,
+            documentation: None,
+        }
+    }
+}
+
+/// `[auth]`: what a request must carry.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct AuthFile {
+    pub enabled: bool,
+    pub required: bool,
+    pub max_token_bytes: usize,
+    pub leeway_secs: u64,
+    pub verified_cache_max_entries: u64,
+    pub session_token_paths: Vec<String>,
+    pub identity_headers: IdentityHeadersFile,
+}
+
+impl Default for AuthFile {
+    fn default() -> Self {
+        Self {
+            enabled: true,
+            required: true,
+            max_token_bytes: 8192,
+            leeway_secs: 5,
+            verified_cache_max_entries: 100_000,
+            session_token_paths: vec!["/api/keys".into()],
+            identity_headers: IdentityHeadersFile::default(),
+        }
+    }
+}
+
+/// `[auth.identity_headers]`: headers that carry the verified identity upstream (off when unset).
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct IdentityHeadersFile {
+    pub user: Option<String>,
+    pub org: Option<String>,
+    pub scopes: Option<String>,
+    pub token_kind: Option<String>,
+}
+
+/// `[clerk]`: Clerk as the authorization server.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ClerkFile {
+    pub publishable_key: Option<String>,
+    pub secret_key: Option<String>,
+    pub domain: Option<String>,
+    pub frontend_api_url: Option<String>,
+    pub api_url: String,
+    pub authorized_parties: Vec<String>,
+    pub algorithms: Vec<String>,
+    pub audiences: Vec<String>,
+    pub oauth_opaque_tokens: bool,
+    pub m2m_tokens: bool,
+    pub api_keys: bool,
+    pub opaque_negative_ttl_secs: u64,
+    pub opaque_max_ttl_secs: u64,
+    pub backend_timeout_ms: u64,
+}
+
+impl Default for ClerkFile {
+    fn default() -> Self {
+        Self {
+            publishable_key: None,
+            secret_key: None,
+            domain: None,
+            frontend_api_url: None,
+            api_url: "https://api.clerk.com".into(),
+            authorized_parties: Vec::new(),
+            algorithms: vec!["RS256".into()],
+            audiences: Vec::new(),
+            oauth_opaque_tokens: true,
+            m2m_tokens: false,
+            api_keys: false,
+            opaque_negative_ttl_secs: 30,
+            opaque_max_ttl_secs: 300,
+            backend_timeout_ms: 3000,
+        }
+    }
+}
+
+/// `[[issuers]]`: any other OIDC issuer whose JWT access tokens keygate accepts.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct IssuerFile {
+    pub issuer: String,
+    #[serde(default)]
+    pub jwks_url: Option<String>,
+    #[serde(default)]
+    pub jwks_file: Option<String>,
+    #[serde(default)]
+    pub audiences: Vec<String>,
+    #[serde(default = "default_algorithms")]
+    pub algorithms: Vec<String>,
+}
+
+fn default_algorithms() -> Vec<String> {
+    vec!["RS256".into()]
+}
+
+/// `[jwks]`: key-set lifecycle shared by every issuer.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct JwksFile {
+    pub refresh_interval_secs: u64,
+    pub unknown_kid_cooldown_secs: u64,
+    pub max_stale_secs: u64,
+    pub fetch_timeout_secs: u64,
+    pub max_bytes: usize,
+    pub max_keys: usize,
+}
+
+impl Default for JwksFile {
+    fn default() -> Self {
+        Self {
+            refresh_interval_secs: 300,
+            unknown_kid_cooldown_secs: 30,
+            max_stale_secs: 86_400,
+            fetch_timeout_secs: 5,
+            max_bytes: 64 * 1024,
+            max_keys: 32,
+        }
+    }
+}
+
+/// `[cors]`: browser origins allowed to call the proxied routes.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct CorsFile {
+    pub allowed_origins: Vec<String>,
+    pub max_age_secs: u64,
+}
+
+impl Default for CorsFile {
+    fn default() -> Self {
+        Self {
+            allowed_origins: Vec::new(),
+            max_age_secs: 600,
+        }
+    }
+}
+
+/// `[log]`: output format and default level (`RUST_LOG` wins).
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct LogFile {
+    pub format: String,
+    pub level: String,
+}
+
+impl Default for LogFile {
+    fn default() -> Self {
+        Self {
+            format: "text".into(),
+            level: "info".into(),
+        }
+    }
+}
+
+/// `[dev]`: a local issuer for offline development; `keygate dev-token` signs with it.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DevFile {
+    pub issuer: String,
+    pub signing_key_file: String,
+    #[serde(default = "default_dev_kid")]
+    pub kid: String,
+}
+
+fn default_dev_kid() -> String {
+    "keygate-dev".into()
+}
+
+/// A view of the process environment, so tests can pass their own.
+pub trait Env {
+    /// The value of `name`, when set and not empty.
+    fn var(&self, name: &str) -> Option<String>;
+}
+
+/// The real process environment.
+pub struct ProcessEnv;
+
+impl Env for ProcessEnv {
+    fn var(&self, name: &str) -> Option<String> {
+        std::env::var(name).ok().filter(|v| !v.is_empty())
+    }
+}
+
+impl Env for std::collections::HashMap<String, String> {
+    fn var(&self, name: &str) -> Option<String> {
+        self.get(name).filter(|v| !v.is_empty()).cloned()
+    }
+}
+
+fn env_bool(env: &dyn Env, name: &str, problems: &mut Problems) -> Option<bool> {
+    let raw = env.var(name)?;
+    match raw.to_ascii_lowercase().as_str() {
+        "1" | "true" | "yes" | "on" => Some(true),
+        "0" | "false" | "no" | "off" => Some(false),
+        _ => {
+            problems.push(name, "must be true or false");
+            None
+        }
+    }
+}
+
+impl FileConfig {
+    /// Apply the environment variables keygate honours; a variable always wins over the file.
+    pub fn apply_env(&mut self, env: &dyn Env, problems: &mut Problems) {
+        if let Some(v) = env_bool(env, "AUTH_ENABLED", problems) {
+            self.auth.enabled = v;
+        }
+        if let Some(v) = env_bool(env, "REQUIRE_AUTH", problems) {
+            self.auth.required = v;
+        }
+        if let Some(v) = env.var("KEYGATE_LISTEN") {
+            self.server.listen = v;
+        }
+        if let Some(v) = env.var("KEYGATE_ADMIN_LISTEN") {
+            self.server.admin_listen = v;
+        }
+        if let Some(v) = env.var("KEYGATE_UPSTREAM") {
+            self.upstream.url = v;
+        }
+        if let Some(v) = env.var("MCP_SERVER_URL") {
+            self.resource.url = v;
+        }
+        if let Some(v) = env.var("KEYGATE_LOG_FORMAT") {
+            self.log.format = v;
+        }
+        let clerk_vars = [
+            "CLERK_PUBLISHABLE_KEY",
+            "CLERK_SECRET_KEY",
+            "CLERK_DOMAIN",
+            "CLERK_FRONTEND_API_URL",
+            "CLERK_API_URL",
+        ];
+        let provider = env.var("AUTH_PROVIDER");
+        let wants_clerk =
+            clerk_vars.iter().any(|n| env.var(n).is_some()) || provider.as_deref() == Some("clerk");
+        if wants_clerk && self.clerk.is_none() {
+            self.clerk = Some(ClerkFile::default());
+        }
+        if let Some(clerk) = self.clerk.as_mut() {
+            if let Some(v) = env.var("CLERK_PUBLISHABLE_KEY") {
+                clerk.publishable_key = Some(v);
+            }
+            if let Some(v) = env.var("CLERK_SECRET_KEY") {
+                clerk.secret_key = Some(v);
+            }
+            if let Some(v) = env.var("CLERK_DOMAIN") {
+                clerk.domain = Some(v);
+            }
+            if let Some(v) = env.var("CLERK_FRONTEND_API_URL") {
+                clerk.frontend_api_url = Some(v);
+            }
+            if let Some(v) = env.var("CLERK_API_URL") {
+                clerk.api_url = v;
+            }
+        }
+        match provider.as_deref() {
+            None | Some("clerk") => {}
+            Some("oidc") => {
+                if self.issuers.is_empty() && self.auth.enabled {
+                    problems.push(
+                        "AUTH_PROVIDER",
+                        "is \"oidc\" but no [[issuers]] are configured",
+                    );
+                }
+            }
+            Some(_) => problems.push("AUTH_PROVIDER", "must be \"clerk\" or \"oidc\""),
+        }
+    }
+}

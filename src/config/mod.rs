@@ -1,0 +1,844 @@
+//! Configuration: the TOML file plus environment overrides, checked once at startup and turned
+//! into [`Settings`], the typed values the rest of keygate runs on.
+//!
+//! Every problem is collected and reported together, each naming the option or the variable
+//! that caused it. Secrets are kept in [`SecretString`] and never printed.
+
+pub mod file;
+
+use std::fmt;
+use std::net::{IpAddr, SocketAddr};
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use base64::Engine;
+use ipnet::IpNet;
+use jsonwebtoken::Algorithm;
+use secrecy::SecretString;
+use url::Url;
+
+pub use file::{Env, FileConfig, ProcessEnv};
+
+/// One problem in the configuration, naming what to fix.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Problem {
+    /// The option (`upstream.url`) or variable (`KEYGATE_UPSTREAM`) at fault.
+    pub field: String,
+    /// What is wrong with it.
+    pub message: String,
+}
+
+/// Every problem found, in the order found.
+#[derive(Debug, Default, Clone)]
+pub struct Problems(pub Vec<Problem>);
+
+impl Problems {
+    /// Record a problem.
+    pub fn push(&mut self, field: impl Into<String>, message: impl Into<String>) {
+        self.0.push(Problem {
+            field: field.into(),
+            message: message.into(),
+        });
+    }
+}
+
+impl fmt::Display for Problems {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        writeln!(f, "{} configuration problem(s):", self.0.len())?;
+        for p in &self.0 {
+            writeln!(f, "  - {}: {}", p.field, p.message)?;
+        }
+        Ok(())
+    }
+}
+
+impl std::error::Error for Problems {}
+
+/// The validated configuration.
+#[derive(Debug, Clone)]
+pub struct Settings {
+    pub server: ServerSettings,
+    pub upstream: UpstreamSettings,
+    pub resource: ResourceSettings,
+    pub auth: AuthSettings,
+    pub clerk: Option<ClerkSettings>,
+    pub issuers: Vec<IssuerSettings>,
+    pub jwks: JwksSettings,
+    pub cors: CorsSettings,
+    pub log: LogSettings,
+    pub dev: Option<DevSettings>,
+}
+
+#[derive(Debug, Clone)]
+pub struct ServerSettings {
+    pub listen: SocketAddr,
+    pub admin_listen: SocketAddr,
+    pub threads: usize,
+    pub h2c: bool,
+    pub request_header_timeout: Duration,
+    pub keepalive_timeout: Duration,
+    pub trusted_proxies: Vec<IpNet>,
+    pub grace_period: Duration,
+    pub shutdown_timeout: Duration,
+    pub tls: Option<TlsSettings>,
+}
+
+#[derive(Debug, Clone)]
+pub struct TlsSettings {
+    pub cert_file: PathBuf,
+    pub key_file: PathBuf,
+}
+
+#[derive(Debug, Clone)]
+pub struct UpstreamSettings {
+    pub url: Url,
+    pub tls: bool,
+    /// Host name for SNI and the `Host` header.
+    pub host: String,
+    /// `host[:port]` as it goes in the `Host` header.
+    pub authority: String,
+    /// Resolved once at startup; nothing resolves names on the request path.
+    pub addr: SocketAddr,
+    /// Path prefix of the upstream URL, without a trailing slash ("" for the root).
+    pub base_path: String,
+    pub connect_timeout: Duration,
+    pub read_timeout: Duration,
+    pub write_timeout: Duration,
+    pub idle_timeout: Duration,
+    pub preserve_host: bool,
+    pub verify_tls: bool,
+}
+
+#[derive(Debug, Clone)]
+pub struct ResourceSettings {
+    /// The canonical resource URL (`MCP_SERVER_URL`), the `aud` access tokens must carry.
+    pub url: String,
+    pub protected_paths: Vec<String>,
+    pub scopes_supported: Vec<String>,
+    pub resource_name: Option<String>,
+    pub documentation: Option<String>,
+    /// Where this resource's RFC 9728 document is served, for `WWW-Authenticate`.
+    pub metadata_url: String,
+}
+
+#[derive(Debug, Clone)]
+pub struct AuthSettings {
+    pub enabled: bool,
+    pub required: bool,
+    pub max_token_bytes: usize,
+    pub leeway: Duration,
+    pub verified_cache_max_entries: u64,
+    pub session_token_paths: Vec<String>,
+    pub identity_headers: IdentityHeaders,
+}
+
+/// Header names that carry the verified identity upstream; `None` = not sent.
+#[derive(Debug, Clone, Default)]
+pub struct IdentityHeaders {
+    pub user: Option<http::HeaderName>,
+    pub org: Option<http::HeaderName>,
+    pub scopes: Option<http::HeaderName>,
+    pub token_kind: Option<http::HeaderName>,
+}
+
+impl IdentityHeaders {
+    /// Every configured name, so client-sent copies can be stripped.
+    pub fn names(&self) -> impl Iterator<Item = &http::HeaderName> {
+        [&self.user, &self.org, &self.scopes, &self.token_kind]
+            .into_iter()
+            .flatten()
+    }
+}
+
+#[derive(Debug, Clone)]
+pub struct ClerkSettings {
+    /// Frontend API base, e.g. `https://clerk.example.com`; also the token issuer.
+    pub frontend_api: Url,
+    pub issuer: String,
+    pub jwks_url: Url,
+    pub api_url: Url,
+    pub secret_key: Option<SecretString>,
+    pub authorized_parties: Vec<String>,
+    pub algorithms: Vec<Algorithm>,
+    pub audiences: Vec<String>,
+    pub oauth_opaque_tokens: bool,
+    pub m2m_tokens: bool,
+    pub api_keys: bool,
+    pub opaque_negative_ttl: Duration,
+    pub opaque_max_ttl: Duration,
+    pub backend_timeout: Duration,
+}
+
+#[derive(Debug, Clone)]
+pub enum KeySource {
+    /// Fetched from this URL and refreshed.
+    Url(Url),
+    /// Discovered from `{issuer}/.well-known/openid-configuration` at startup.
+    Discovery,
+    /// A static JWKS document read at startup.
+    File(PathBuf),
+}
+
+#[derive(Debug, Clone)]
+pub struct IssuerSettings {
+    pub issuer: String,
+    pub keys: KeySource,
+    pub audiences: Vec<String>,
+    pub algorithms: Vec<Algorithm>,
+}
+
+#[derive(Debug, Clone)]
+pub struct JwksSettings {
+    pub refresh_interval: Duration,
+    pub unknown_kid_cooldown: Duration,
+    pub max_stale: Duration,
+    pub fetch_timeout: Duration,
+    pub max_bytes: usize,
+    pub max_keys: usize,
+}
+
+#[derive(Debug, Clone)]
+pub struct CorsSettings {
+    pub allowed_origins: Vec<String>,
+    pub allow_any_origin: bool,
+    pub max_age: Duration,
+}
+
+#[derive(Debug, Clone)]
+pub struct LogSettings {
+    pub json: bool,
+    pub level: String,
+}
+
+#[derive(Debug, Clone)]
+pub struct DevSettings {
+    pub issuer: String,
+    pub signing_key_file: PathBuf,
+    pub kid: String,
+}
+
+/// Read the file (when given), apply the environment, validate.
+pub fn load(path: Option<&Path>, env: &dyn Env) -> Result<Settings, Problems> {
+    let mut problems = Problems::default();
+    let mut file = match path {
+        None => FileConfig::default(),
+        Some(p) => match std::fs::read_to_string(p) {
+            Ok(text) => match toml::from_str::<FileConfig>(&text) {
+                Ok(f) => f,
+                Err(e) => {
+                    problems.push(p.display().to_string(), e.message().to_string());
+                    return Err(problems);
+                }
+            },
+            Err(e) => {
+                problems.push(p.display().to_string(), format!("cannot read: {e}"));
+                return Err(problems);
+            }
+        },
+    };
+    let base_dir = path
+        .and_then(Path::parent)
+        .map(Path::to_path_buf)
+        .unwrap_or_default();
+    file.apply_env(env, &mut problems);
+    let settings = validate(file, &base_dir, &mut problems);
+    match settings {
+        Some(s) if problems.0.is_empty() => Ok(s),
+        _ => Err(problems),
+    }
+}
+
+fn secs(v: u64) -> Duration {
+    Duration::from_secs(v)
+}
+
+fn parse_addr(field: &str, raw: &str, problems: &mut Problems) -> Option<SocketAddr> {
+    match raw.parse() {
+        Ok(a) => Some(a),
+        Err(_) => {
+            problems.push(field, format!("{raw:?} is not an ip:port address"));
+            None
+        }
+    }
+}
+
+fn parse_http_url(field: &str, raw: &str, problems: &mut Problems) -> Option<Url> {
+    match Url::parse(raw) {
+        Ok(u) if matches!(u.scheme(), "http" | "https") && u.host_str().is_some() => Some(u),
+        Ok(_) => {
+            problems.push(field, format!("{raw:?} must be an http(s) URL with a host"));
+            None
+        }
+        Err(e) => {
+            problems.push(field, format!("{raw:?} is not a URL: {e}"));
+            None
+        }
+    }
+}
+
+fn parse_algorithms(field: &str, raw: &[String], problems: &mut Problems) -> Vec<Algorithm> {
+    let mut out = Vec::new();
+    for name in raw {
+        match name.as_str() {
+            "RS256" => out.push(Algorithm::RS256),
+            "RS384" => out.push(Algorithm::RS384),
+            "RS512" => out.push(Algorithm::RS512),
+            "PS256" => out.push(Algorithm::PS256),
+            "PS384" => out.push(Algorithm::PS384),
+            "PS512" => out.push(Algorithm::PS512),
+            "ES256" => out.push(Algorithm::ES256),
+            "ES384" => out.push(Algorithm::ES384),
+            "EdDSA" => out.push(Algorithm::EdDSA),
+            other => problems.push(
+                field,
+                format!("{other:?} is not an allowed algorithm (asymmetric only: RS256, RS384, RS512, PS256, PS384, PS512, ES256, ES384, EdDSA)"),
+            ),
+        }
+    }
+    if raw.is_empty() {
+        problems.push(field, "at least one algorithm is required");
+    }
+    out
+}
+
+fn parse_header_name(
+    field: &str,
+    raw: &Option<String>,
+    problems: &mut Problems,
+) -> Option<http::HeaderName> {
+    let raw = raw.as_deref()?.trim();
+    if raw.is_empty() {
+        return None;
+    }
+    match http::HeaderName::from_bytes(raw.as_bytes()) {
+        Ok(h) => {
+            if matches!(
+                h.as_str(),
+                "authorization" | "cookie" | "host" | "content-length" | "transfer-encoding"
+            ) {
+                problems.push(field, format!("{raw:?} cannot carry identity"));
+                return None;
+            }
+            Some(h)
+        }
+        Err(_) => {
+            problems.push(field, format!("{raw:?} is not a valid header name"));
+            None
+        }
+    }
+}
+
+fn resolve_path(base: &Path, raw: &str) -> PathBuf {
+    let p = PathBuf::from(raw);
+    if p.is_absolute() || p.exists() {
+        p
+    } else {
+        base.join(p)
+    }
+}
+
+/// The Frontend API host encoded in a Clerk publishable key (`pk_test_<base64("host$")>`).
+pub fn frontend_api_from_publishable_key(pk: &str) -> Option<String> {
+    let encoded = pk
+        .strip_prefix("pk_test_")
+        .or_else(|| pk.strip_prefix("pk_live_"))?;
+    let bytes = base64::engine::general_purpose::STANDARD
+        .decode(encoded)
+        .or_else(|_| base64::engine::general_purpose::STANDARD_NO_PAD.decode(encoded))
+        .ok()?;
+    let text = String::from_utf8(bytes).ok()?;
+    let host = text.strip_suffix('$').unwrap_or(&text);
+    if host.is_empty() || host.contains('/') || host.contains(char::is_whitespace) {
+        return None;
+    }
+    Some(host.to_string())
+}
+
+fn validate(f: FileConfig, base: &Path, problems: &mut Problems) -> Option<Settings> {
+    // [server]
+    let listen = parse_addr("server.listen (KEYGATE_LISTEN)", &f.server.listen, problems);
+    let admin_listen = parse_addr(
+        "server.admin_listen (KEYGATE_ADMIN_LISTEN)",
+        &f.server.admin_listen,
+        problems,
+    );
+    if f.server.threads == 0 {
+        problems.push("server.threads", "must be at least 1");
+    }
+    if f.server.request_header_timeout_secs == 0 {
+        problems.push("server.request_header_timeout_secs", "must be at least 1");
+    }
+    let mut trusted_proxies = Vec::new();
+    for raw in &f.server.trusted_proxies {
+        let parsed = raw
+            .parse::<IpNet>()
+            .or_else(|_| raw.parse::<IpAddr>().map(IpNet::from));
+        match parsed {
+            Ok(n) => trusted_proxies.push(n),
+            Err(_) => problems.push(
+                "server.trusted_proxies",
+                format!("{raw:?} is not an IP address or CIDR"),
+            ),
+        }
+    }
+    let tls = f.server.tls.as_ref().map(|t| {
+        let cert_file = resolve_path(base, &t.cert_file);
+        let key_file = resolve_path(base, &t.key_file);
+        if !cert_file.is_file() {
+            problems.push(
+                "server.tls.cert_file",
+                format!("{} does not exist", cert_file.display()),
+            );
+        }
+        if !key_file.is_file() {
+            problems.push(
+                "server.tls.key_file",
+                format!("{} does not exist", key_file.display()),
+            );
+        }
+        TlsSettings {
+            cert_file,
+            key_file,
+        }
+    });
+
+    // [upstream]
+    let upstream = parse_http_url("upstream.url (KEYGATE_UPSTREAM)", &f.upstream.url, problems)
+        .and_then(|url| {
+            let tls = url.scheme() == "https";
+            let host = url.host_str()?.trim_matches(['[', ']']).to_string();
+            let port = url.port_or_known_default()?;
+            let authority = match url.port() {
+                Some(p) => format!("{}:{p}", url.host_str()?),
+                None => url.host_str()?.to_string(),
+            };
+            let addr = match std::net::ToSocketAddrs::to_socket_addrs(&(host.as_str(), port)) {
+                Ok(mut it) => it.next(),
+                Err(_) => None,
+            };
+            let Some(addr) = addr else {
+                problems.push(
+                    "upstream.url (KEYGATE_UPSTREAM)",
+                    format!("cannot resolve {host:?}"),
+                );
+                return None;
+            };
+            if url.query().is_some() || url.fragment().is_some() {
+                problems.push(
+                    "upstream.url (KEYGATE_UPSTREAM)",
+                    "must not carry a query or fragment",
+                );
+            }
+            let base_path = url.path().trim_end_matches('/').to_string();
+            Some(UpstreamSettings {
+                tls,
+                host,
+                authority,
+                addr,
+                base_path,
+                url,
+                connect_timeout: secs(f.upstream.connect_timeout_secs.max(1)),
+                read_timeout: secs(f.upstream.read_timeout_secs.max(1)),
+                write_timeout: secs(f.upstream.write_timeout_secs.max(1)),
+                idle_timeout: secs(f.upstream.idle_timeout_secs),
+                preserve_host: f.upstream.preserve_host,
+                verify_tls: f.upstream.verify_tls,
+            })
+        });
+
+    // [resource]
+    let resource_url = if f.resource.url.is_empty() {
+        match listen {
+            Some(a) => format!("http://localhost:{}/mcp", a.port()),
+            None => String::new(),
+        }
+    } else {
+        f.resource.url.clone()
+    };
+    let resource_parsed = parse_http_url("resource.url (MCP_SERVER_URL)", &resource_url, problems);
+    if let Some(u) = &resource_parsed {
+        if u.fragment().is_some() {
+            problems.push(
+                "resource.url (MCP_SERVER_URL)",
+                "must not carry a fragment (RFC 8707)",
+            );
+        }
+    }
+    for p in &f.resource.protected_paths {
+        if !p.starts_with('/') || p.contains(['?', '#']) {
+            problems.push(
+                "resource.protected_paths",
+                format!("{p:?} must be a path starting with /"),
+            );
+        }
+    }
+    let metadata_url = resource_parsed
+        .as_ref()
+        .map(|u| {
+            let mut origin = u.origin().ascii_serialization();
+            origin.push_str("/.well-known/oauth-protected-resource");
+            let path = u.path().trim_end_matches('/');
+            if !path.is_empty() {
+                origin.push_str(path);
+            }
+            origin
+        })
+        .unwrap_or_default();
+
+    // [auth]
+    if f.auth.max_token_bytes < 64 || f.auth.max_token_bytes > 1024 * 1024 {
+        problems.push("auth.max_token_bytes", "must be between 64 and 1048576");
+    }
+    if f.auth.leeway_secs > 60 {
+        problems.push("auth.leeway_secs", "must be at most 60 seconds");
+    }
+    let ih = &f.auth.identity_headers;
+    let identity_headers = IdentityHeaders {
+        user: parse_header_name("auth.identity_headers.user", &ih.user, problems),
+        org: parse_header_name("auth.identity_headers.org", &ih.org, problems),
+        scopes: parse_header_name("auth.identity_headers.scopes", &ih.scopes, problems),
+        token_kind: parse_header_name("auth.identity_headers.token_kind", &ih.token_kind, problems),
+    };
+
+    // [clerk]
+    let clerk = f.clerk.as_ref().and_then(|c| {
+        let fapi_raw = if let Some(u) = &c.frontend_api_url {
+            Some((u.clone(), "clerk.frontend_api_url (CLERK_FRONTEND_API_URL)"))
+        } else if let Some(d) = &c.domain {
+            let d = d.trim_end_matches('/');
+            let url = if d.starts_with("http://") || d.starts_with("https://") {
+                d.to_string()
+            } else {
+                format!("https://{d}")
+            };
+            Some((url, "clerk.domain (CLERK_DOMAIN)"))
+        } else if let Some(pk) = &c.publishable_key {
+            match frontend_api_from_publishable_key(pk) {
+                Some(host) => Some((
+                    format!("https://{host}"),
+                    "clerk.publishable_key (CLERK_PUBLISHABLE_KEY)",
+                )),
+                None => {
+                    problems.push(
+                        "clerk.publishable_key (CLERK_PUBLISHABLE_KEY)",
+                        "is not a Clerk publishable key (pk_test_… or pk_live_…)",
+                    );
+                    return None;
+                }
+            }
+        } else {
+            problems.push(
+                "clerk",
+                "set one of publishable_key (CLERK_PUBLISHABLE_KEY), domain (CLERK_DOMAIN) or frontend_api_url (CLERK_FRONTEND_API_URL)",
+            );
+            return None;
+        };
+        let (raw, field) = fapi_raw?;
+        let frontend_api = parse_http_url(field, raw.trim_end_matches('/'), problems)?;
+        let issuer = frontend_api.as_str().trim_end_matches('/').to_string();
+        let jwks_url = Url::parse(&format!("{issuer}/.well-known/jwks.json")).ok()?;
+        let api_url = parse_http_url("clerk.api_url (CLERK_API_URL)", &c.api_url, problems)?;
+        let secret_key = c.secret_key.clone().map(SecretString::from);
+        let wants_backend = c.oauth_opaque_tokens || c.m2m_tokens || c.api_keys;
+        if secret_key.is_none() && (c.m2m_tokens || c.api_keys) {
+            problems.push(
+                "clerk.secret_key (CLERK_SECRET_KEY)",
+                "is required to verify M2M tokens and API keys",
+            );
+        }
+        let algorithms = parse_algorithms("clerk.algorithms", &c.algorithms, problems);
+        let audiences = if c.audiences.is_empty() {
+            vec![resource_url.clone()]
+        } else {
+            c.audiences.clone()
+        };
+        Some(ClerkSettings {
+            frontend_api,
+            issuer,
+            jwks_url,
+            api_url,
+            oauth_opaque_tokens: c.oauth_opaque_tokens && secret_key.is_some() && wants_backend,
+            secret_key,
+            authorized_parties: c
+                .authorized_parties
+                .iter()
+                .map(|s| s.trim_end_matches('/').to_string())
+                .collect(),
+            algorithms,
+            audiences,
+            m2m_tokens: c.m2m_tokens,
+            api_keys: c.api_keys,
+            opaque_negative_ttl: secs(c.opaque_negative_ttl_secs),
+            opaque_max_ttl: secs(c.opaque_max_ttl_secs.max(1)),
+            backend_timeout: Duration::from_millis(c.backend_timeout_ms.max(1)),
+        })
+    });
+
+    // [[issuers]]
+    let mut issuers = Vec::new();
+    for (i, iss) in f.issuers.iter().enumerate() {
+        let field = format!("issuers[{i}]");
+        if iss.issuer.is_empty() {
+            problems.push(format!("{field}.issuer"), "is required");
+            continue;
+        }
+        let keys = match (&iss.jwks_url, &iss.jwks_file) {
+            (Some(_), Some(_)) => {
+                problems.push(&field, "set jwks_url or jwks_file, not both");
+                continue;
+            }
+            (Some(u), None) => match parse_http_url(&format!("{field}.jwks_url"), u, problems) {
+                Some(u) => KeySource::Url(u),
+                None => continue,
+            },
+            (None, Some(p)) => {
+                let path = resolve_path(base, p);
+                if !path.is_file() {
+                    problems.push(
+                        format!("{field}.jwks_file"),
+                        format!("{} does not exist", path.display()),
+                    );
+                }
+                KeySource::File(path)
+            }
+            (None, None) => {
+                if parse_http_url(&format!("{field}.issuer"), &iss.issuer, problems).is_none() {
+                    continue;
+                }
+                KeySource::Discovery
+            }
+        };
+        issuers.push(IssuerSettings {
+            issuer: iss.issuer.clone(),
+            keys,
+            audiences: if iss.audiences.is_empty() {
+                vec![resource_url.clone()]
+            } else {
+                iss.audiences.clone()
+            },
+            algorithms: parse_algorithms(&format!("{field}.algorithms"), &iss.algorithms, problems),
+        });
+    }
+    if f.auth.enabled && clerk.is_none() && issuers.is_empty() && f.clerk.is_none() {
+        problems.push(
+            "auth",
+            "authentication is enabled but no issuer is configured: add [clerk] (or CLERK_PUBLISHABLE_KEY) or [[issuers]], or set AUTH_ENABLED=false",
+        );
+    }
+    {
+        let mut seen = std::collections::HashSet::new();
+        let all = clerk
+            .iter()
+            .map(|c| c.issuer.as_str())
+            .chain(issuers.iter().map(|i| i.issuer.as_str()));
+        for iss in all {
+            if !seen.insert(iss) {
+                problems.push("issuers", format!("issuer {iss:?} is configured twice"));
+            }
+        }
+    }
+
+    // [jwks]
+    if f.jwks.max_keys == 0 || f.jwks.max_bytes < 256 {
+        problems.push("jwks", "max_keys must be >= 1 and max_bytes >= 256");
+    }
+
+    // [cors]
+    let mut allowed_origins = Vec::new();
+    let mut allow_any_origin = false;
+    for o in &f.cors.allowed_origins {
+        if o == "*" {
+            allow_any_origin = true;
+            continue;
+        }
+        match Url::parse(o) {
+            Ok(u) if u.origin().is_tuple() && (u.path() == "/" || u.path().is_empty()) => {
+                allowed_origins.push(u.origin().ascii_serialization())
+            }
+            _ => problems.push(
+                "cors.allowed_origins",
+                format!("{o:?} is not an origin like https://app.example.com"),
+            ),
+        }
+    }
+
+    // [log]
+    let json = match f.log.format.as_str() {
+        "json" => true,
+        "text" => false,
+        other => {
+            problems.push(
+                "log.format (KEYGATE_LOG_FORMAT)",
+                format!("{other:?} must be \"text\" or \"json\""),
+            );
+            false
+        }
+    };
+
+    let dev = f.dev.as_ref().map(|d| DevSettings {
+        issuer: d.issuer.clone(),
+        signing_key_file: resolve_path(base, &d.signing_key_file),
+        kid: d.kid.clone(),
+    });
+
+    Some(Settings {
+        server: ServerSettings {
+            listen: listen?,
+            admin_listen: admin_listen?,
+            threads: f.server.threads.max(1),
+            h2c: f.server.h2c,
+            request_header_timeout: secs(f.server.request_header_timeout_secs.max(1)),
+            keepalive_timeout: secs(f.server.keepalive_timeout_secs),
+            trusted_proxies,
+            grace_period: secs(f.server.grace_period_secs),
+            shutdown_timeout: secs(f.server.shutdown_timeout_secs),
+            tls,
+        },
+        upstream: upstream?,
+        resource: ResourceSettings {
+            url: resource_url,
+            protected_paths: f.resource.protected_paths.clone(),
+            scopes_supported: f.resource.scopes_supported.clone(),
+            resource_name: f.resource.resource_name.clone(),
+            documentation: f.resource.documentation.clone(),
+            metadata_url,
+        },
+        auth: AuthSettings {
+            enabled: f.auth.enabled,
+            required: f.auth.required,
+            max_token_bytes: f.auth.max_token_bytes,
+            leeway: secs(f.auth.leeway_secs),
+            verified_cache_max_entries: f.auth.verified_cache_max_entries.max(1),
+            session_token_paths: f.auth.session_token_paths.clone(),
+            identity_headers,
+        },
+        clerk,
+        issuers,
+        jwks: JwksSettings {
+            refresh_interval: secs(f.jwks.refresh_interval_secs.max(10)),
+            unknown_kid_cooldown: secs(f.jwks.unknown_kid_cooldown_secs),
+            max_stale: secs(f.jwks.max_stale_secs),
+            fetch_timeout: secs(f.jwks.fetch_timeout_secs.max(1)),
+            max_bytes: f.jwks.max_bytes,
+            max_keys: f.jwks.max_keys,
+        },
+        cors: CorsSettings {
+            allowed_origins,
+            allow_any_origin,
+            max_age: secs(f.cors.max_age_secs),
+        },
+        log: LogSettings {
+            json,
+            level: f.log.level.clone(),
+        },
+        dev,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::collections::HashMap;
+
+    fn env(pairs: &[(&str, &str)]) -> HashMap<String, String> {
+        pairs
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect()
+    }
+
+    #[test]
+    fn publishable_key_yields_frontend_api_host() {
+        // base64("clerk.example.com$")
+        let pk = format!(
+            "pk_live_{}",
+            base64::engine::general_purpose::STANDARD.encode("clerk.example.com$")
+        );
+        assert_eq!(
+            frontend_api_from_publishable_key(&pk).as_deref(),
+            Some("clerk.example.com")
+        );
+        assert_eq!(frontend_api_from_publishable_key("sk_live_abc"), None);
+        assert_eq!(frontend_api_from_publishable_key("pk_test_%%%"), None);
+    }
+
+    #[test]
+    fn every_problem_is_reported_at_once_naming_its_source() {
+        let e = env(&[
+            ("KEYGATE_LISTEN", "not-an-addr"),
+            ("AUTH_ENABLED", "maybe"),
+            ("KEYGATE_UPSTREAM", "ftp://x"),
+            ("CLERK_PUBLISHABLE_KEY", "pk_test_???"),
+        ]);
+        let problems = load(None, &e).expect_err("config is bad");
+        let fields: Vec<&str> = problems.0.iter().map(|p| p.field.as_str()).collect();
+        assert!(fields.contains(&"AUTH_ENABLED"), "{fields:?}");
+        assert!(
+            fields.iter().any(|f| f.contains("KEYGATE_LISTEN")),
+            "{fields:?}"
+        );
+        assert!(
+            fields.iter().any(|f| f.contains("KEYGATE_UPSTREAM")),
+            "{fields:?}"
+        );
+        assert!(
+            fields.iter().any(|f| f.contains("CLERK_PUBLISHABLE_KEY")),
+            "{fields:?}"
+        );
+    }
+
+    #[test]
+    fn clerk_frontend_api_override_wins_and_derives_issuer_and_jwks() {
+        let pk = format!(
+            "pk_test_{}",
+            base64::engine::general_purpose::STANDARD.encode("foo.clerk.accounts.dev$")
+        );
+        let e = env(&[
+            ("CLERK_PUBLISHABLE_KEY", &pk),
+            ("KEYGATE_UPSTREAM", "http://127.0.0.1:3000"),
+        ]);
+        let s = load(None, &e).expect("valid");
+        let c = s.clerk.expect("clerk");
+        assert_eq!(c.issuer, "https://foo.clerk.accounts.dev");
+        assert_eq!(
+            c.jwks_url.as_str(),
+            "https://foo.clerk.accounts.dev/.well-known/jwks.json"
+        );
+        let e = env(&[
+            ("CLERK_PUBLISHABLE_KEY", &pk),
+            ("CLERK_FRONTEND_API_URL", "http://127.0.0.1:4000"),
+        ]);
+        let c = load(None, &e).expect("valid").clerk.expect("clerk");
+        assert_eq!(c.issuer, "http://127.0.0.1:4000");
+    }
+
+    #[test]
+    fn auth_enabled_without_issuer_is_an_error_unless_disabled() {
+        let problems = load(None, &env(&[])).expect_err("no issuer");
+        assert!(problems.0.iter().any(|p| p.field == "auth"));
+        assert!(load(None, &env(&[("AUTH_ENABLED", "false")])).is_ok());
+    }
+
+    #[test]
+    fn hmac_algorithms_are_refused() {
+        let e = env(&[("CLERK_FRONTEND_API_URL", "https://clerk.example.com")]);
+        let mut file = FileConfig::default();
+        let mut problems = Problems::default();
+        file.apply_env(&e, &mut problems);
+        if let Some(c) = file.clerk.as_mut() {
+            c.algorithms = vec!["HS256".into()];
+        }
+        validate(file, Path::new("."), &mut problems);
+        assert!(problems.0.iter().any(|p| p.field == "clerk.algorithms"));
+    }
+
+    #[test]
+    fn unknown_options_are_rejected() {
+        let dir = std::env::temp_dir().join(format!("keygate-cfg-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).expect("tmp dir");
+        let path = dir.join("bad.toml");
+        std::fs::write(&path, "[server]\nlisten_addr = \"x\"\n").expect("write");
+        let problems = load(Some(&path), &env(&[])).expect_err("unknown field");
+        assert!(problems.0[0].message.contains("listen_addr"), "{problems}");
+    }
+}

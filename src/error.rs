@@ -1,0 +1,260 @@
+//! Every way a request can be refused, and the one place that maps each to an HTTP response.
+//!
+//! Stages return a [`GatewayError`]; `proxy::respond` writes what [`GatewayError::response`]
+//! describes. Bodies are JSON in the shape MCP clients and the Node seed server use:
+//! `{"error": "...", "error_description": "..."}`. Nothing here ever contains a token or key.
+
+use std::time::Duration;
+
+use thiserror::Error;
+
+/// Why a token was not accepted. The `Display` text is safe to show to the client.
+#[derive(Debug, Clone, PartialEq, Eq, Error)]
+pub enum AuthError {
+    #[error("missing bearer token")]
+    Missing,
+    #[error("token exceeds the maximum size")]
+    TooLarge,
+    #[error("malformed token")]
+    Malformed,
+    #[error("token algorithm is not allowed")]
+    AlgorithmNotAllowed,
+    #[error("token header names keys or extensions that are not accepted")]
+    ForbiddenHeader,
+    #[error("token has no key id")]
+    MissingKid,
+    #[error("token issuer is not trusted")]
+    UnknownIssuer,
+    #[error("token signing key is unknown")]
+    UnknownKey,
+    #[error("token signature is invalid")]
+    BadSignature,
+    #[error("token has expired")]
+    Expired,
+    #[error("token is not yet valid")]
+    NotYetValid,
+    #[error("token lacks a required claim")]
+    MissingClaim,
+    #[error("token was not issued for this resource")]
+    WrongAudience,
+    #[error("this kind of token is not accepted here")]
+    WrongKind,
+    #[error("token was issued to an unauthorized party")]
+    UnauthorizedParty,
+    #[error("session is not fully signed in")]
+    PendingSession,
+    #[error("token has been revoked")]
+    Revoked,
+    #[error("token is not valid")]
+    Invalid,
+}
+
+impl AuthError {
+    /// A stable, low-cardinality label for logs and metrics.
+    pub fn reason(&self) -> &'static str {
+        match self {
+            AuthError::Missing => "missing",
+            AuthError::TooLarge => "too_large",
+            AuthError::Malformed => "malformed",
+            AuthError::AlgorithmNotAllowed => "algorithm",
+            AuthError::ForbiddenHeader => "forbidden_header",
+            AuthError::MissingKid => "missing_kid",
+            AuthError::UnknownIssuer => "unknown_issuer",
+            AuthError::UnknownKey => "unknown_key",
+            AuthError::BadSignature => "bad_signature",
+            AuthError::Expired => "expired",
+            AuthError::NotYetValid => "not_yet_valid",
+            AuthError::MissingClaim => "missing_claim",
+            AuthError::WrongAudience => "wrong_audience",
+            AuthError::WrongKind => "wrong_kind",
+            AuthError::UnauthorizedParty => "unauthorized_party",
+            AuthError::PendingSession => "pending_session",
+            AuthError::Revoked => "revoked",
+            AuthError::Invalid => "invalid",
+        }
+    }
+}
+
+/// Everything that ends a request inside keygate instead of at the upstream.
+#[derive(Debug, Clone, Error)]
+pub enum GatewayError {
+    #[error("{0}")]
+    Unauthorized(AuthError),
+    #[error("{0}")]
+    BadRequest(&'static str),
+    #[error("origin not allowed")]
+    OriginForbidden,
+    #[error("not found")]
+    NotFound,
+    #[error("method not allowed")]
+    MethodNotAllowed,
+    /// A dependency keygate needs to decide (JWKS, Clerk's Backend API) cannot be reached.
+    #[error("{what} is temporarily unavailable")]
+    Unavailable {
+        what: &'static str,
+        retry_after: Duration,
+    },
+    #[error("upstream is unreachable")]
+    UpstreamUnreachable,
+    #[error("upstream timed out")]
+    UpstreamTimeout,
+    #[error("internal error")]
+    Internal,
+}
+
+/// What to write back for an error.
+#[derive(Debug, Clone)]
+pub struct ErrorResponse {
+    pub status: u16,
+    pub headers: Vec<(&'static str, String)>,
+    pub body: String,
+}
+
+/// What the challenge needs to know about the protected resource.
+#[derive(Debug, Clone)]
+pub struct ChallengeParams<'a> {
+    pub resource_metadata: &'a str,
+    pub scope: Option<&'a str>,
+}
+
+fn json_body(error: &str, description: &str) -> String {
+    serde_json::json!({ "error": error, "error_description": description }).to_string()
+}
+
+/// Quote a value for an auth-param (RFC 9110 quoted-string).
+fn quoted(v: &str) -> String {
+    let mut out = String::with_capacity(v.len() + 2);
+    out.push('"');
+    for c in v.chars() {
+        if c == '"' || c == '\\' {
+            out.push('\\');
+        }
+        out.push(c);
+    }
+    out.push('"');
+    out
+}
+
+impl GatewayError {
+    /// A stable label for logs and metrics.
+    pub fn reason(&self) -> &'static str {
+        match self {
+            GatewayError::Unauthorized(a) => a.reason(),
+            GatewayError::BadRequest(_) => "bad_request",
+            GatewayError::OriginForbidden => "origin",
+            GatewayError::NotFound => "not_found",
+            GatewayError::MethodNotAllowed => "method",
+            GatewayError::Unavailable { .. } => "unavailable",
+            GatewayError::UpstreamUnreachable => "upstream_unreachable",
+            GatewayError::UpstreamTimeout => "upstream_timeout",
+            GatewayError::Internal => "internal",
+        }
+    }
+
+    /// The HTTP status, headers and JSON body for this error.
+    pub fn response(&self, challenge: &ChallengeParams<'_>) -> ErrorResponse {
+        let mut headers = Vec::new();
+        let (status, body) = match self {
+            GatewayError::Unauthorized(reason) => {
+                let mut value = format!(
+                    "Bearer resource_metadata={}",
+                    quoted(challenge.resource_metadata)
+                );
+                if *reason != AuthError::Missing {
+                    value.push_str(", error=\"invalid_token\", error_description=");
+                    value.push_str(&quoted(&reason.to_string()));
+                }
+                if let Some(scope) = challenge.scope.filter(|s| !s.is_empty()) {
+                    value.push_str(", scope=");
+                    value.push_str(&quoted(scope));
+                }
+                headers.push(("www-authenticate", value));
+                (401, json_body("unauthorized", &reason.to_string()))
+            }
+            GatewayError::BadRequest(msg) => (400, json_body("invalid_request", msg)),
+            GatewayError::OriginForbidden => (
+                403,
+                json_body("forbidden", "Origin is not allowed to call this server"),
+            ),
+            GatewayError::NotFound => (404, json_body("not_found", "Not found")),
+            GatewayError::MethodNotAllowed => {
+                (405, json_body("method_not_allowed", "Method not allowed"))
+            }
+            GatewayError::Unavailable { what, retry_after } => {
+                headers.push(("retry-after", retry_after.as_secs().max(1).to_string()));
+                (
+                    503,
+                    json_body(
+                        "temporarily_unavailable",
+                        &format!("{what} is temporarily unavailable"),
+                    ),
+                )
+            }
+            GatewayError::UpstreamUnreachable => (
+                502,
+                json_body("bad_gateway", "The upstream server could not be reached"),
+            ),
+            GatewayError::UpstreamTimeout => (
+                504,
+                json_body(
+                    "gateway_timeout",
+                    "The upstream server did not answer in time",
+                ),
+            ),
+            GatewayError::Internal => (500, json_body("internal_error", "Internal error")),
+        };
+        ErrorResponse {
+            status,
+            headers,
+            body,
+        }
+    }
+}
+
+impl From<AuthError> for GatewayError {
+    fn from(e: AuthError) -> Self {
+        GatewayError::Unauthorized(e)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const CH: ChallengeParams<'static> = ChallengeParams {
+        resource_metadata: "https://mcp.example.com/.well-known/oauth-protected-resource/mcp",
+        scope: Some("twenty:read"),
+    };
+
+    #[test]
+    fn missing_token_challenge_has_no_error_code_but_quoted_metadata() {
+        let r = GatewayError::Unauthorized(AuthError::Missing).response(&CH);
+        assert_eq!(r.status, 401);
+        let (_, v) = &r.headers[0];
+        assert_eq!(
+            v,
+            "Bearer resource_metadata=\"https://mcp.example.com/.well-known/oauth-protected-resource/mcp\", scope=\"twenty:read\""
+        );
+    }
+
+    #[test]
+    fn invalid_token_challenge_names_invalid_token() {
+        let r = GatewayError::Unauthorized(AuthError::Expired).response(&CH);
+        let (_, v) = &r.headers[0];
+        assert!(v.contains("error=\"invalid_token\""), "{v}");
+        let body: serde_json::Value = serde_json::from_str(&r.body).expect("json");
+        assert_eq!(body["error"], "unauthorized");
+        assert_eq!(body["error_description"], "token has expired");
+    }
+
+    #[test]
+    fn unavailable_carries_retry_after() {
+        let r = GatewayError::Unavailable {
+            what: "token verification",
+            retry_after: Duration::from_secs(5),
+        }
+        .response(&CH);
+        assert_eq!(r.status, 503);
+        assert!(r.headers.contains(&("retry-after", "5".to_string())));
+    }
+}

@@ -1,0 +1,11 @@
+//! keygate: an OAuth 2.1 gateway, built on Pingora, for MCP servers and HTTP APIs.
+
+pub mod admin;
+pub mod app;
+pub mod auth;
+pub mod config;
+pub mod devtoken;
+pub mod error;
+pub mod policy;
+pub mod proxy;
+pub mod telemetry;

@@ -1,0 +1,102 @@
+//! A whole-header deadline for downstream requests, which Pingora does not have (it times out
+//! each read, so a client dribbling a byte at a time could hold a connection for ever).
+//!
+//! [`HeaderDeadline`] wraps the proxy app: each request must have its headers read within the
+//! deadline (plus the keep-alive idle allowance on a reused connection), otherwise the
+//! connection is dropped. The proxy marks "headers read" from `early_request_filter` through a
+//! task-local flag, which lives exactly as long as the request's task.
+
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use async_trait::async_trait;
+use pingora::apps::{HttpServerApp, HttpServerOptions, ReusedHttpStream};
+use pingora::protocols::http::ServerSession;
+use pingora::protocols::Stream;
+use pingora::server::ShutdownWatch;
+
+tokio::task_local! {
+    static HEADERS_READ: Arc<AtomicBool>;
+}
+
+/// Called by the proxy once a request's headers have been parsed.
+pub fn mark_headers_read() {
+    let _ = HEADERS_READ.try_with(|flag| flag.store(true, Ordering::Release));
+}
+
+/// Wraps an HTTP app with a deadline for receiving request headers.
+pub struct HeaderDeadline<A> {
+    inner: Arc<A>,
+    first_request: Duration,
+    keepalive_idle: Duration,
+}
+
+impl<A> HeaderDeadline<A> {
+    /// `first_request` bounds a new connection; a reused one also gets `keepalive_idle`.
+    pub fn new(inner: A, first_request: Duration, keepalive_idle: Duration) -> Self {
+        Self {
+            inner: Arc::new(inner),
+            first_request,
+            keepalive_idle,
+        }
+    }
+}
+
+#[async_trait]
+impl<A> HttpServerApp for HeaderDeadline<A>
+where
+    A: HttpServerApp + Send + Sync + 'static,
+{
+    async fn process_new_http(
+        self: &Arc<Self>,
+        session: ServerSession,
+        shutdown: &ShutdownWatch,
+    ) -> Option<ReusedHttpStream> {
+        let deadline = if session.get_keepalive().is_some() {
+            self.first_request + self.keepalive_idle
+        } else {
+            self.first_request
+        };
+        let flag = Arc::new(AtomicBool::new(false));
+        let inner = self.inner.clone();
+        let work = HEADERS_READ.scope(flag.clone(), async move {
+            inner.process_new_http(session, shutdown).await
+        });
+        tokio::pin!(work);
+        tokio::select! {
+            out = &mut work => out,
+            _ = tokio::time::sleep(deadline) => {
+                if flag.load(Ordering::Acquire) {
+                    work.await
+                } else {
+                    tracing::debug!(?deadline, "request headers not received in time; closing");
+                    None
+                }
+            }
+        }
+    }
+
+    fn h2_options(&self) -> Option<pingora::protocols::http::v2::server::H2Options> {
+        self.inner.h2_options()
+    }
+
+    fn server_options(&self) -> Option<&HttpServerOptions> {
+        self.inner.server_options()
+    }
+
+    async fn http_cleanup(&self) {
+        self.inner.http_cleanup().await
+    }
+
+    async fn process_custom_session(
+        self: Arc<Self>,
+        stream: Stream,
+        shutdown: &ShutdownWatch,
+    ) -> Option<Stream> {
+        self.inner
+            .clone()
+            .process_custom_session(stream, shutdown)
+            .await
+    }
+}

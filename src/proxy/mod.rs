@@ -1,0 +1,418 @@
+//! The request flow: Pingora's `ProxyHttp` implemented as a sequence of plain stage calls.
+//!
+//! ```text
+//! early_request_filter    request id, client ip, header deadline satisfied
+//! request_filter          local routes (/health, discovery) -> CORS/origin -> authenticate
+//! upstream_peer           the configured upstream
+//! upstream_request_filter header hygiene, forwarding and identity headers
+//! response_filter         request id, CORS
+//! logging                 access log
+//! ```
+//!
+//! Denials are written by [`respond::error`]; nothing else writes an error response.
+
+pub mod deadline;
+pub mod headers;
+pub mod respond;
+
+use std::net::IpAddr;
+use std::sync::Arc;
+use std::time::Instant;
+
+use async_trait::async_trait;
+use bytes::Bytes;
+use pingora::http::{RequestHeader, ResponseHeader};
+use pingora::prelude::*;
+use pingora::proxy::FailToProxy;
+use pingora::upstreams::peer::HttpPeer;
+
+use crate::auth::discovery::{AsDocument, AuthServerMetadata, ResourceMetadata};
+use crate::auth::{bearer_token, Authenticator, Identity};
+use crate::config::Settings;
+use crate::error::GatewayError;
+use crate::policy::cors::Cors;
+
+/// Everything the request path reads, built once at startup.
+pub struct GatewayState {
+    pub settings: Settings,
+    pub auth: Authenticator,
+    pub resource_metadata: ResourceMetadata,
+    pub as_metadata: AuthServerMetadata,
+    pub cors: Cors,
+    pub peer: HttpPeer,
+    /// `scope="…"` for challenges.
+    pub challenge_scope: String,
+    pub health_body: Bytes,
+}
+
+/// Which kind of route a request is on.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Route {
+    /// Answered by keygate itself.
+    Local,
+    /// Sent to the upstream.
+    Proxied,
+}
+
+impl Route {
+    fn as_str(self) -> &'static str {
+        match self {
+            Route::Local => "local",
+            Route::Proxied => "proxied",
+        }
+    }
+}
+
+/// Per-request state.
+pub struct RequestCtx {
+    pub request_id: String,
+    pub client_ip: Option<IpAddr>,
+    pub started: Instant,
+    pub route: Route,
+    pub identity: Option<Arc<Identity>>,
+    /// The request's `Origin`, once it is known to be allowed.
+    pub cors_origin: Option<String>,
+    /// Why keygate refused the request, for the access log.
+    pub denied: Option<&'static str>,
+}
+
+/// The Pingora proxy app.
+pub struct Gateway {
+    pub state: Arc<GatewayState>,
+}
+
+impl Gateway {
+    fn session_tokens_allowed(&self, path: &str) -> bool {
+        self.state
+            .settings
+            .auth
+            .session_token_paths
+            .iter()
+            .any(|p| {
+                path == p
+                    || path
+                        .strip_prefix(p.as_str())
+                        .is_some_and(|r| r.starts_with('/'))
+            })
+    }
+
+    /// Answer discovery and health routes; `Ok(true)` when answered.
+    async fn local_route(
+        &self,
+        session: &mut Session,
+        ctx: &mut RequestCtx,
+        path: &str,
+    ) -> Result<bool, GatewayError> {
+        let s = &self.state;
+        let method = session.req_header().method.clone();
+        let is_read = method == http::Method::GET || method == http::Method::HEAD;
+        if path == "/health" {
+            ctx.route = Route::Local;
+            respond::json(session, ctx, 200, s.health_body.clone(), &[]).await;
+            return Ok(true);
+        }
+        if s.resource_metadata.serves(path) {
+            ctx.route = Route::Local;
+            if !s.settings.auth.enabled {
+                return Err(GatewayError::NotFound);
+            }
+            if method == http::Method::OPTIONS {
+                respond::empty(session, ctx, 204, &respond::PUBLIC_CORS_PREFLIGHT).await;
+                return Ok(true);
+            }
+            if !is_read {
+                return Err(GatewayError::MethodNotAllowed);
+            }
+            respond::json(
+                session,
+                ctx,
+                200,
+                s.resource_metadata.body(),
+                &respond::PUBLIC_DOCUMENT,
+            )
+            .await;
+            return Ok(true);
+        }
+        if let Some(doc) = AsDocument::from_path(path) {
+            ctx.route = Route::Local;
+            if !s.settings.auth.enabled {
+                return Err(GatewayError::NotFound);
+            }
+            if method == http::Method::OPTIONS {
+                respond::empty(session, ctx, 204, &respond::PUBLIC_CORS_PREFLIGHT).await;
+                return Ok(true);
+            }
+            if !is_read {
+                return Err(GatewayError::MethodNotAllowed);
+            }
+            return match s.as_metadata.get(doc).await {
+                Ok(Some(body)) => {
+                    respond::json(session, ctx, 200, body, &respond::PUBLIC_DOCUMENT).await;
+                    Ok(true)
+                }
+                Ok(None) => Err(GatewayError::NotFound),
+                Err(e) => {
+                    tracing::warn!(error = %e, "authorization server metadata unavailable");
+                    Err(GatewayError::Unavailable {
+                        what: "authorization server metadata",
+                        retry_after: std::time::Duration::from_secs(30),
+                    })
+                }
+            };
+        }
+        Ok(false)
+    }
+
+    /// Origin allowlist and preflight; `Ok(true)` when a preflight was answered.
+    async fn cors(
+        &self,
+        session: &mut Session,
+        ctx: &mut RequestCtx,
+    ) -> Result<bool, GatewayError> {
+        let req = session.req_header();
+        let Some(origin) = req
+            .headers
+            .get(http::header::ORIGIN)
+            .map(|o| o.to_str().unwrap_or("").to_string())
+        else {
+            return Ok(false);
+        };
+        if !self.state.cors.allows(&origin) {
+            return Err(GatewayError::OriginForbidden);
+        }
+        let preflight = req.method == http::Method::OPTIONS
+            && req
+                .headers
+                .contains_key(http::header::ACCESS_CONTROL_REQUEST_METHOD);
+        if preflight {
+            let headers = self.state.cors.preflight_headers(&origin);
+            respond::empty(session, ctx, 204, &headers).await;
+            return Ok(true);
+        }
+        ctx.cors_origin = Some(origin);
+        Ok(false)
+    }
+
+    async fn authenticate(
+        &self,
+        session: &Session,
+        ctx: &mut RequestCtx,
+        path: &str,
+    ) -> Result<(), GatewayError> {
+        let auth = &self.state.auth;
+        let settings = &self.state.settings.auth;
+        if !settings.enabled {
+            return Ok(());
+        }
+        let token = bearer_token(&session.req_header().headers, auth.max_token_bytes())?;
+        let Some(token) = token else {
+            if settings.required {
+                return Err(crate::error::AuthError::Missing.into());
+            }
+            return Ok(());
+        };
+        let identity = auth
+            .authenticate(token, self.session_tokens_allowed(path))
+            .await?;
+        ctx.identity = Some(identity);
+        Ok(())
+    }
+
+    async fn deny(&self, session: &mut Session, ctx: &mut RequestCtx, err: GatewayError) {
+        ctx.denied = Some(err.reason());
+        respond::error(session, ctx, &self.state, &err).await;
+    }
+}
+
+#[async_trait]
+impl ProxyHttp for Gateway {
+    type CTX = RequestCtx;
+
+    fn new_ctx(&self) -> RequestCtx {
+        RequestCtx {
+            request_id: String::new(),
+            client_ip: None,
+            started: Instant::now(),
+            route: Route::Proxied,
+            identity: None,
+            cors_origin: None,
+            denied: None,
+        }
+    }
+
+    async fn early_request_filter(
+        &self,
+        session: &mut Session,
+        ctx: &mut RequestCtx,
+    ) -> Result<()> {
+        deadline::mark_headers_read();
+        ctx.started = Instant::now();
+        let incoming = session
+            .req_header()
+            .headers
+            .get("x-request-id")
+            .and_then(|v| v.to_str().ok());
+        ctx.request_id = headers::request_id(incoming);
+        ctx.client_ip = session
+            .client_addr()
+            .and_then(|a| a.as_inet())
+            .map(|a| a.ip());
+        Ok(())
+    }
+
+    async fn request_filter(&self, session: &mut Session, ctx: &mut RequestCtx) -> Result<bool> {
+        let path = session.req_header().uri.path().to_string();
+        let outcome = async {
+            if self.local_route(session, ctx, &path).await? {
+                return Ok(true);
+            }
+            if self.cors(session, ctx).await? {
+                return Ok(true);
+            }
+            self.authenticate(session, ctx, &path).await?;
+            Ok::<bool, GatewayError>(false)
+        }
+        .await;
+        match outcome {
+            Ok(answered) => Ok(answered),
+            Err(e) => {
+                self.deny(session, ctx, e).await;
+                Ok(true)
+            }
+        }
+    }
+
+    async fn upstream_peer(
+        &self,
+        _session: &mut Session,
+        _ctx: &mut RequestCtx,
+    ) -> Result<Box<HttpPeer>> {
+        Ok(Box::new(self.state.peer.clone()))
+    }
+
+    async fn upstream_request_filter(
+        &self,
+        session: &mut Session,
+        upstream_request: &mut RequestHeader,
+        ctx: &mut RequestCtx,
+    ) -> Result<()> {
+        let s = &self.state;
+        let server = &s.settings.server;
+        let host = session
+            .req_header()
+            .headers
+            .get(http::header::HOST)
+            .and_then(|h| h.to_str().ok())
+            .or_else(|| session.req_header().uri.authority().map(|a| a.as_str()))
+            .map(str::to_string);
+        let fwd = headers::Forwarding {
+            peer: ctx.client_ip,
+            peer_trusted: headers::is_trusted(ctx.client_ip, &server.trusted_proxies),
+            tls: server.tls.is_some(),
+            host: host.as_deref(),
+            request_id: &ctx.request_id,
+        };
+        headers::rewrite(
+            upstream_request,
+            &fwd,
+            ctx.identity.as_deref(),
+            &s.settings.auth.identity_headers,
+        )?;
+        let up = &s.settings.upstream;
+        if !up.preserve_host {
+            upstream_request.insert_header(http::header::HOST, up.authority.as_str())?;
+        }
+        if !up.base_path.is_empty() {
+            let pq = upstream_request
+                .uri
+                .path_and_query()
+                .map(|pq| pq.as_str())
+                .unwrap_or("/");
+            let joined = format!("{}{pq}", up.base_path);
+            let uri = http::Uri::try_from(joined)
+                .map_err(|e| Error::because(ErrorType::InvalidHTTPHeader, "upstream path", e))?;
+            upstream_request.set_uri(uri);
+        }
+        Ok(())
+    }
+
+    async fn response_filter(
+        &self,
+        _session: &mut Session,
+        upstream_response: &mut ResponseHeader,
+        ctx: &mut RequestCtx,
+    ) -> Result<()> {
+        upstream_response.insert_header("x-request-id", ctx.request_id.as_str())?;
+        if let Some(origin) = ctx.cors_origin.as_deref() {
+            for (name, value) in Cors::response_headers(origin) {
+                upstream_response.insert_header(name, value)?;
+            }
+        }
+        Ok(())
+    }
+
+    async fn fail_to_proxy(
+        &self,
+        session: &mut Session,
+        e: &Error,
+        ctx: &mut RequestCtx,
+    ) -> FailToProxy {
+        let code = match e.esource() {
+            ErrorSource::Upstream => {
+                let err = match e.etype() {
+                    ErrorType::ConnectTimedout
+                    | ErrorType::ReadTimedout
+                    | ErrorType::WriteTimedout => GatewayError::UpstreamTimeout,
+                    _ => GatewayError::UpstreamUnreachable,
+                };
+                ctx.denied = Some(err.reason());
+                if session.response_written().is_none() {
+                    respond::error(session, ctx, &self.state, &err).await;
+                }
+                err.response(&respond::challenge(&self.state)).status
+            }
+            ErrorSource::Downstream => match e.etype() {
+                ErrorType::WriteError | ErrorType::ReadError | ErrorType::ConnectionClosed => 0,
+                _ => {
+                    let err = GatewayError::BadRequest("Malformed request");
+                    if session.response_written().is_none() {
+                        respond::error(session, ctx, &self.state, &err).await;
+                    }
+                    400
+                }
+            },
+            ErrorSource::Internal | ErrorSource::Unset => {
+                if session.response_written().is_none() {
+                    respond::error(session, ctx, &self.state, &GatewayError::Internal).await;
+                }
+                500
+            }
+        };
+        FailToProxy {
+            error_code: code,
+            can_reuse_downstream: false,
+        }
+    }
+
+    async fn logging(&self, session: &mut Session, e: Option<&Error>, ctx: &mut RequestCtx) {
+        let status = session
+            .response_written()
+            .map_or(0, |resp| resp.status.as_u16());
+        let req = session.req_header();
+        tracing::info!(
+            target: "keygate::access",
+            request_id = %ctx.request_id,
+            method = %req.method,
+            path = %req.uri.path(),
+            status,
+            route = ctx.route.as_str(),
+            duration_ms = ctx.started.elapsed().as_secs_f64() * 1000.0,
+            client_ip = ?ctx.client_ip,
+            user = ctx.identity.as_ref().map(|i| i.subject.as_str()),
+            token_kind = ctx.identity.as_ref().map(|i| i.kind.as_str()),
+            denied = ctx.denied,
+            error = e.map(|e| e.etype().as_str()),
+            "request"
+        );
+    }
+}
