@@ -176,7 +176,9 @@ impl JwksCache {
             return Ok(found);
         }
         if self.is_ready() {
-            self.unknown_kids.insert(kid.to_string(), ());
+            if !self.settings.unknown_kid_cooldown.is_zero() {
+                self.unknown_kids.insert(kid.to_string(), ());
+            }
             Err(KeyError::Unknown)
         } else {
             Err(KeyError::Unavailable)

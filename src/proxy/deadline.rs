@@ -20,6 +20,10 @@ tokio::task_local! {
     static HEADERS_READ: Arc<AtomicBool>;
 }
 
+/// The marker the proxy persists on a kept-alive connection, so the next request on it gets
+/// the idle allowance as well.
+pub struct ReusedConnection;
+
 /// Called by the proxy once a request's headers have been parsed.
 pub fn mark_headers_read() {
     let _ = HEADERS_READ.try_with(|flag| flag.store(true, Ordering::Release));
@@ -50,10 +54,12 @@ where
 {
     async fn process_new_http(
         self: &Arc<Self>,
-        session: ServerSession,
+        mut session: ServerSession,
         shutdown: &ShutdownWatch,
     ) -> Option<ReusedHttpStream> {
-        let deadline = if session.get_keepalive().is_some() {
+        // The proxy leaves a marker on connections it keeps alive (see `ReusedConnection`).
+        let reused = session.take_connection_user_context().is_some();
+        let deadline = if reused {
             self.first_request + self.keepalive_idle
         } else {
             self.first_request

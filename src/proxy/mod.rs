@@ -282,6 +282,14 @@ impl ProxyHttp for Gateway {
         }
     }
 
+    fn persist_connection_context(
+        &self,
+        _session: &Session,
+        _ctx: &RequestCtx,
+    ) -> Option<Box<dyn std::any::Any + Send + Sync>> {
+        Some(Box::new(deadline::ReusedConnection))
+    }
+
     async fn upstream_peer(
         &self,
         _session: &mut Session,

@@ -1,0 +1,71 @@
+//! The `keygate` command: `check-config` reports every problem at once without a panic or a
+//! secret; `dev-token` mints a token the dev config accepts.
+
+use std::process::Command;
+
+fn keygate() -> Command {
+    let mut c = Command::new(env!("CARGO_BIN_EXE_keygate"));
+    for var in [
+        "KEYGATE_CONFIG",
+        "AUTH_ENABLED",
+        "REQUIRE_AUTH",
+        "CLERK_PUBLISHABLE_KEY",
+        "CLERK_SECRET_KEY",
+        "CLERK_DOMAIN",
+        "MCP_SERVER_URL",
+    ] {
+        c.env_remove(var);
+    }
+    c
+}
+
+#[test]
+fn check_config_reports_every_problem_and_no_secret() {
+    let out = keygate()
+        .arg("check-config")
+        .env("KEYGATE_LISTEN", "nowhere")
+        .env("KEYGATE_UPSTREAM", "gopher://x")
+        .env("AUTH_ENABLED", "perhaps")
+        .env("CLERK_PUBLISHABLE_KEY", "pk_live_!!!")
+        .env("CLERK_SECRET_KEY", "sk_live_supersecretvalue")
+        .output()
+        .expect("run keygate");
+    assert_eq!(out.status.code(), Some(2));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    for name in [
+        "KEYGATE_LISTEN",
+        "KEYGATE_UPSTREAM",
+        "AUTH_ENABLED",
+        "CLERK_PUBLISHABLE_KEY",
+    ] {
+        assert!(stderr.contains(name), "{name} not reported:\n{stderr}");
+    }
+    assert!(
+        !stderr.contains("supersecretvalue"),
+        "secret printed:\n{stderr}"
+    );
+    assert!(!stderr.contains("panicked"), "{stderr}");
+}
+
+#[test]
+fn the_dev_config_is_valid_offline() {
+    let out = keygate()
+        .args(["--config", "config/dev.toml", "check-config"])
+        .output()
+        .expect("run keygate");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let out = keygate()
+        .args(["--config", "config/keygate.example.toml", "check-config"])
+        .env("CLERK_SECRET_KEY", "sk_test_x")
+        .output()
+        .expect("run keygate");
+    assert!(
+        out.status.success(),
+        "the example config must stay valid: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}

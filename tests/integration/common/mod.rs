@@ -1,0 +1,162 @@
+//! Shared test harness: signing keys, a fake Clerk, a recording upstream, and keygate itself
+//! started in-process on free loopback ports.
+#![allow(dead_code)]
+
+pub mod clerk;
+pub mod keys;
+pub mod upstream;
+
+use std::collections::HashMap;
+use std::net::TcpListener;
+use std::time::{Duration, Instant};
+
+use keygate::app::Handle;
+
+/// A free loopback port (bound, then released for keygate to take).
+pub fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .expect("a free port")
+}
+
+/// A keygate running in this process.
+pub struct Keygate {
+    pub handle: Option<Handle>,
+    /// `http://127.0.0.1:PORT` of the public listener.
+    pub url: String,
+    /// `http://127.0.0.1:PORT` of the admin listener.
+    pub admin_url: String,
+    pub port: u16,
+}
+
+impl Keygate {
+    /// Start keygate with `toml` as its config file, in front of `upstream`, and wait until it
+    /// accepts connections. `env` adds environment overrides.
+    pub async fn start_with_env(toml: &str, upstream: &str, env: &[(&str, &str)]) -> Keygate {
+        let dir = std::env::temp_dir().join(format!(
+            "keygate-test-{}-{}",
+            std::process::id(),
+            free_port()
+        ));
+        std::fs::create_dir_all(&dir).expect("temp dir");
+        let path = dir.join("keygate.toml");
+        std::fs::write(&path, toml).expect("write config");
+        let port = free_port();
+        let admin = free_port();
+        let mut vars: HashMap<String, String> = HashMap::new();
+        vars.insert("KEYGATE_LISTEN".into(), format!("127.0.0.1:{port}"));
+        vars.insert("KEYGATE_ADMIN_LISTEN".into(), format!("127.0.0.1:{admin}"));
+        vars.insert("KEYGATE_UPSTREAM".into(), upstream.to_string());
+        for (k, v) in env {
+            vars.insert(k.to_string(), v.to_string());
+        }
+        let settings = match keygate::config::load(Some(&path), &vars) {
+            Ok(s) => s,
+            Err(p) => panic!("test config invalid: {p}"),
+        };
+        let handle = Handle::spawn(settings).expect("keygate starts");
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            let up = tokio::net::TcpStream::connect(("127.0.0.1", port))
+                .await
+                .is_ok()
+                && tokio::net::TcpStream::connect(("127.0.0.1", admin))
+                    .await
+                    .is_ok();
+            if up {
+                break;
+            }
+            assert!(Instant::now() < deadline, "keygate did not start listening");
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        Keygate {
+            handle: Some(handle),
+            url: format!("http://127.0.0.1:{port}"),
+            admin_url: format!("http://127.0.0.1:{admin}"),
+            port,
+        }
+    }
+
+    /// Start with no extra environment.
+    pub async fn start(toml: &str, upstream: &str) -> Keygate {
+        Self::start_with_env(toml, upstream, &[]).await
+    }
+
+    /// Wait until `/ready` answers 200 (signing keys loaded).
+    pub async fn wait_ready(&self) {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            if let Ok(r) = client()
+                .get(format!("{}/ready", self.admin_url))
+                .send()
+                .await
+            {
+                if r.status() == 200 {
+                    return;
+                }
+            }
+            assert!(Instant::now() < deadline, "keygate never became ready");
+            tokio::time::sleep(Duration::from_millis(25)).await;
+        }
+    }
+
+    /// The full URL of `path` on the public listener.
+    pub fn at(&self, path: &str) -> String {
+        format!("{}{}", self.url, path)
+    }
+
+    /// Stop keygate (also done on drop).
+    pub fn stop(&mut self) {
+        if let Some(h) = self.handle.take() {
+            h.shutdown();
+        }
+    }
+}
+
+impl Drop for Keygate {
+    fn drop(&mut self) {
+        if let Some(h) = self.handle.take() {
+            // Joining blocks: do it off the async runtime's worker.
+            std::thread::spawn(move || h.shutdown());
+        }
+    }
+}
+
+/// A plain HTTP client (no proxy, no pooling surprises).
+pub fn client() -> reqwest::Client {
+    reqwest::Client::builder()
+        .no_proxy()
+        .timeout(Duration::from_secs(20))
+        .build()
+        .expect("client")
+}
+
+/// The config for keygate fronting `clerk` (a FakeClerk URL), with the given extra TOML.
+pub fn clerk_config(clerk_url: &str, secret: &str, extra: &str) -> String {
+    format!(
+        r#"
+[resource]
+url = "https://mcp.example.com/mcp"
+protected_paths = ["/mcp"]
+scopes_supported = ["twenty:read", "twenty:write"]
+
+[clerk]
+frontend_api_url = "{clerk_url}"
+api_url = "{clerk_url}"
+secret_key = "{secret}"
+m2m_tokens = true
+api_keys = true
+
+[auth.identity_headers]
+user = "X-Keygate-User"
+org = "X-Keygate-Org"
+scopes = "X-Keygate-Scopes"
+token_kind = "X-Keygate-Token-Kind"
+{extra}
+"#
+    )
+}
+
+/// The audience Clerk OAuth tokens must carry for the test resource.
+pub const RESOURCE: &str = "https://mcp.example.com/mcp";

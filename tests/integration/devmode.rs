@@ -1,0 +1,59 @@
+//! The offline development setup: a token from `keygate dev-token` is accepted by a gateway
+//! running `config/dev.toml`.
+
+use std::process::Command;
+
+use crate::common::upstream::Upstream;
+use crate::common::{client, Keygate};
+
+#[tokio::test]
+async fn dev_token_is_accepted_by_the_dev_config() {
+    let out = Command::new(env!("CARGO_BIN_EXE_keygate"))
+        .args([
+            "--config",
+            "config/dev.toml",
+            "dev-token",
+            "--scope",
+            "twenty:read",
+            "--sub",
+            "user_dev",
+        ])
+        .env_remove("KEYGATE_CONFIG")
+        .output()
+        .expect("run keygate dev-token");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let token = String::from_utf8(out.stdout)
+        .expect("utf8")
+        .trim()
+        .to_string();
+    let upstream = Upstream::start().await;
+    let toml = std::fs::read_to_string("config/dev.toml")
+        .expect("dev config")
+        .replace(
+            "\"dev/",
+            &format!("\"{}/config/dev/", env!("CARGO_MANIFEST_DIR")),
+        );
+    let gw = Keygate::start(&toml, &upstream.url()).await;
+    gw.wait_ready().await;
+    let resp = client()
+        .post(gw.at("/mcp"))
+        .bearer_auth(&token)
+        .json(&serde_json::json!({"jsonrpc": "2.0", "id": 1, "method": "ping"}))
+        .send()
+        .await
+        .expect("request");
+    assert_eq!(resp.status(), 200);
+    let seen = upstream.last().expect("forwarded");
+    assert_eq!(seen.headers["x-keygate-user"], "user_dev");
+    let anon = client()
+        .post(gw.at("/mcp"))
+        .json(&serde_json::json!({"jsonrpc": "2.0", "id": 1, "method": "ping"}))
+        .send()
+        .await
+        .expect("request");
+    assert_eq!(anon.status(), 401);
+}

@@ -1,0 +1,9 @@
+//! keygate's integration suite: one binary, real sockets, real keys, real child processes.
+
+mod auth;
+mod cli;
+mod common;
+mod devmode;
+mod discovery;
+mod harness_selfcheck;
+mod proxy;

@@ -1,0 +1,254 @@
+//! The proxy itself: streaming, header hygiene, upstream failures, slow clients, h2c.
+
+use std::time::{Duration, Instant};
+
+use futures::StreamExt;
+use serde_json::{json, Value};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+use crate::common::clerk::FakeClerk;
+use crate::common::keys::{self, SigningKey};
+use crate::common::upstream::Upstream;
+use crate::common::{clerk_config, client, free_port, Keygate, RESOURCE};
+
+struct Env {
+    _clerk: FakeClerk,
+    upstream: Upstream,
+    gw: Keygate,
+    token: String,
+}
+
+async fn setup_with(extra: &str) -> Env {
+    let key = SigningKey::rsa_a("kid-a");
+    let clerk = FakeClerk::start(vec![key.clone()]).await;
+    let upstream = Upstream::start().await;
+    let gw = Keygate::start(
+        &clerk_config(&clerk.url(), clerk.secret_key(), extra),
+        &upstream.url(),
+    )
+    .await;
+    gw.wait_ready().await;
+    let token = key.sign(
+        json!({"typ": "at+jwt"}),
+        &keys::access_token_claims(&clerk.url(), "user_1", Some(RESOURCE), "twenty:read"),
+    );
+    Env {
+        _clerk: clerk,
+        upstream,
+        gw,
+        token,
+    }
+}
+
+#[tokio::test]
+async fn sse_events_arrive_one_by_one_before_the_next_is_sent() {
+    let env = setup_with("").await;
+    let sender = env.upstream.sse_sender();
+    let resp = client()
+        .get(env.gw.at("/sse"))
+        .bearer_auth(&env.token)
+        .send()
+        .await
+        .expect("request");
+    assert_eq!(resp.status(), 200);
+    assert!(resp.headers()["content-type"]
+        .to_str()
+        .expect("ascii")
+        .starts_with("text/event-stream"));
+    let mut stream = resp.bytes_stream();
+    for i in 0..5 {
+        let event = format!("event-{i}");
+        sender.send(event.clone()).expect("upstream stream open");
+        // The next event is only sent once this one has come through the proxy.
+        let mut got = String::new();
+        while !got.contains(&event) {
+            let chunk = tokio::time::timeout(Duration::from_secs(5), stream.next())
+                .await
+                .unwrap_or_else(|_| panic!("{event} was held back by the proxy"))
+                .expect("stream open")
+                .expect("chunk");
+            got.push_str(&String::from_utf8_lossy(&chunk));
+        }
+    }
+}
+
+#[tokio::test]
+async fn forwarding_headers_are_set_by_keygate_and_request_id_propagates() {
+    let env = setup_with("").await;
+    let resp = client()
+        .post(env.gw.at("/mcp"))
+        .bearer_auth(&env.token)
+        .header("x-forwarded-for", "6.6.6.6")
+        .header("forwarded", "for=6.6.6.6")
+        .header("x-forwarded-host", "evil.example.com")
+        .header("x-request-id", "req-abc-123")
+        .json(&serde_json::json!({"jsonrpc": "2.0", "id": 1, "method": "ping"}))
+        .send()
+        .await
+        .expect("request");
+    assert_eq!(resp.status(), 200);
+    assert_eq!(resp.headers()["x-request-id"], "req-abc-123");
+    let seen = env.upstream.last().expect("forwarded");
+    assert_eq!(seen.headers["x-forwarded-for"], "127.0.0.1");
+    assert_eq!(seen.headers["x-forwarded-proto"], "http");
+    let host = format!("127.0.0.1:{}", env.gw.port);
+    assert_eq!(seen.headers["x-forwarded-host"], host.as_str());
+    assert_eq!(
+        seen.headers["forwarded"],
+        format!("for=127.0.0.1;proto=http;host=\"{host}\"").as_str()
+    );
+    assert_eq!(seen.headers["x-request-id"], "req-abc-123");
+    // The upstream sees its own authority as Host.
+    assert_eq!(
+        seen.headers["host"],
+        env.upstream.url().trim_start_matches("http://")
+    );
+
+    // Without a client id, keygate makes one and returns it.
+    let resp = client()
+        .post(env.gw.at("/mcp"))
+        .bearer_auth(&env.token)
+        .json(&serde_json::json!({"jsonrpc": "2.0", "id": 1, "method": "ping"}))
+        .send()
+        .await
+        .expect("request");
+    let rid = resp.headers()["x-request-id"]
+        .to_str()
+        .expect("ascii")
+        .to_string();
+    assert_eq!(rid.len(), 36);
+    assert_eq!(
+        env.upstream.last().expect("seen").headers["x-request-id"],
+        rid.as_str()
+    );
+}
+
+#[tokio::test]
+async fn a_trusted_proxy_extends_the_chain() {
+    let env = setup_with("[server]\ntrusted_proxies = [\"127.0.0.0/8\"]\n").await;
+    let resp = client()
+        .post(env.gw.at("/mcp"))
+        .bearer_auth(&env.token)
+        .header("x-forwarded-for", "203.0.113.7")
+        .header("x-forwarded-proto", "https")
+        .json(&serde_json::json!({"jsonrpc": "2.0", "id": 1, "method": "ping"}))
+        .send()
+        .await
+        .expect("request");
+    assert_eq!(resp.status(), 200);
+    let seen = env.upstream.last().expect("forwarded");
+    assert_eq!(seen.headers["x-forwarded-for"], "203.0.113.7, 127.0.0.1");
+    assert_eq!(seen.headers["x-forwarded-proto"], "https");
+}
+
+#[tokio::test]
+async fn request_bodies_stream_through_intact() {
+    let env = setup_with("").await;
+    let body: Vec<u8> = (0..2_000_000u32).map(|i| (i % 251) as u8).collect();
+    let resp = client()
+        .post(env.gw.at("/echo-body"))
+        .bearer_auth(&env.token)
+        .body(body.clone())
+        .send()
+        .await
+        .expect("request");
+    assert_eq!(resp.status(), 200);
+    assert_eq!(resp.bytes().await.expect("body").as_ref(), body.as_slice());
+}
+
+#[tokio::test]
+async fn upstream_down_is_a_502_json() {
+    let key = SigningKey::rsa_a("kid-a");
+    let clerk = FakeClerk::start(vec![key.clone()]).await;
+    let dead = format!("http://127.0.0.1:{}", free_port());
+    let gw = Keygate::start(&clerk_config(&clerk.url(), clerk.secret_key(), ""), &dead).await;
+    gw.wait_ready().await;
+    let token = key.sign(
+        json!({"typ": "at+jwt"}),
+        &keys::access_token_claims(&clerk.url(), "user_1", Some(RESOURCE), "twenty:read"),
+    );
+    let resp = client()
+        .post(gw.at("/mcp"))
+        .bearer_auth(&token)
+        .json(&serde_json::json!({"jsonrpc": "2.0", "id": 1, "method": "ping"}))
+        .send()
+        .await
+        .expect("request");
+    assert_eq!(resp.status(), 502);
+    let body: Value = resp.json().await.expect("json");
+    assert_eq!(body["error"], "bad_gateway");
+}
+
+#[tokio::test]
+async fn a_slow_upstream_is_a_504_json_and_post_is_not_retried() {
+    let env = setup_with("[upstream]\nread_timeout_secs = 1\n").await;
+    let started = Instant::now();
+    let resp = client()
+        .post(env.gw.at("/slow?ms=3000"))
+        .bearer_auth(&env.token)
+        .json(&serde_json::json!({"jsonrpc": "2.0", "id": 1, "method": "ping"}))
+        .send()
+        .await
+        .expect("request");
+    assert_eq!(resp.status(), 504);
+    let body: Value = resp.json().await.expect("json");
+    assert_eq!(body["error"], "gateway_timeout");
+    assert!(started.elapsed() < Duration::from_secs(3));
+    // Give a retry the time it would need to show up, then count.
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let slow_posts = env
+        .upstream
+        .requests()
+        .iter()
+        .filter(|r| r.path == "/slow")
+        .count();
+    assert_eq!(slow_posts, 1, "a POST was retried");
+}
+
+#[tokio::test]
+async fn slow_clients_are_cut_off_at_the_header_deadline() {
+    let env = setup_with("[server]\nrequest_header_timeout_secs = 1\n").await;
+    let mut conn = tokio::net::TcpStream::connect(("127.0.0.1", env.gw.port))
+        .await
+        .expect("connect");
+    conn.write_all(b"GET /mcp HTTP/1.1\r\nHost: x\r\n")
+        .await
+        .expect("write");
+    // Keep dribbling a header byte by byte, well within Pingora's per-read timeout.
+    let mut closed = false;
+    for _ in 0..40 {
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        if conn.write_all(b"X").await.is_err() {
+            closed = true;
+            break;
+        }
+        let mut buf = [0u8; 64];
+        if let Ok(Ok(0)) = tokio::time::timeout(Duration::from_millis(1), conn.read(&mut buf)).await
+        {
+            closed = true;
+            break;
+        }
+    }
+    assert!(closed, "a client dribbling headers for 4 s was not cut off");
+    assert_eq!(env.upstream.count(), 0);
+}
+
+#[tokio::test]
+async fn h2c_clients_are_served() {
+    let env = setup_with("").await;
+    let h2 = reqwest::Client::builder()
+        .http2_prior_knowledge()
+        .build()
+        .expect("client");
+    let resp = h2
+        .post(env.gw.at("/mcp"))
+        .bearer_auth(&env.token)
+        .json(&json!({"jsonrpc": "2.0", "id": 3, "method": "ping"}))
+        .send()
+        .await
+        .expect("request");
+    assert_eq!(resp.version(), reqwest::Version::HTTP_2);
+    assert_eq!(resp.status(), 200);
+    let seen = env.upstream.last().expect("forwarded");
+    assert!(seen.headers.get("authorization").is_none());
+}
