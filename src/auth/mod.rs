@@ -13,6 +13,7 @@ pub mod jwks;
 pub mod jwt;
 
 use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime};
 
@@ -115,6 +116,17 @@ pub struct Authenticator {
     issuers: HashMap<String, Arc<JwtIssuer>>,
     clerk: Option<ClerkBackend>,
     verified: moka::sync::Cache<[u8; 32], Arc<Identity>>,
+    cache_hits: AtomicU64,
+    cache_misses: AtomicU64,
+}
+
+/// Counters of the verified-token cache.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct CacheStats {
+    /// Requests whose token was found verified and unexpired.
+    pub hits: u64,
+    /// Requests that had to verify their token.
+    pub misses: u64,
 }
 
 impl Authenticator {
@@ -193,6 +205,8 @@ impl Authenticator {
                 .max_capacity(settings.auth.verified_cache_max_entries)
                 .expire_after(IdentityExpiry)
                 .build(),
+            cache_hits: AtomicU64::new(0),
+            cache_misses: AtomicU64::new(0),
         }
     }
 
@@ -204,6 +218,14 @@ impl Authenticator {
     /// Every issuer's key cache (to load at startup, refresh, and report readiness).
     pub fn key_sets(&self) -> Vec<Arc<JwksCache>> {
         self.issuers.values().map(|i| i.jwks().clone()).collect()
+    }
+
+    /// Verified-token cache counters (opaque tokens have their own cache in `clerk`).
+    pub fn cache_stats(&self) -> CacheStats {
+        CacheStats {
+            hits: self.cache_hits.load(Ordering::Relaxed),
+            misses: self.cache_misses.load(Ordering::Relaxed),
+        }
     }
 
     /// Whether every issuer has usable keys.
@@ -222,8 +244,14 @@ impl Authenticator {
         }
         let hash: [u8; 32] = Sha256::digest(token.as_bytes()).into();
         let identity = match self.verified.get(&hash) {
-            Some(id) if id.expires_at.is_some_and(|e| e > SystemTime::now()) => id,
-            _ => self.verify_uncached(token, hash).await?,
+            Some(id) if id.expires_at.is_some_and(|e| e > SystemTime::now()) => {
+                self.cache_hits.fetch_add(1, Ordering::Relaxed);
+                id
+            }
+            _ => {
+                self.cache_misses.fetch_add(1, Ordering::Relaxed);
+                self.verify_uncached(token, hash).await?
+            }
         };
         if identity.kind == TokenKind::ClerkSession && !session_allowed {
             return Err(AuthError::WrongKind.into());

@@ -778,3 +778,29 @@ algorithms = ["ES256"]
         .expect("request");
     assert_eq!(resp.status(), 401);
 }
+
+#[tokio::test]
+async fn a_token_seen_before_skips_verification_until_it_expires() {
+    let env = setup().await;
+    let auth = &env.gw.handle.as_ref().expect("running").state.auth;
+    let token = access_token(&env);
+    let before = auth.cache_stats();
+    assert_eq!(call(&env, "/mcp", &token).await.status(), 200);
+    assert_eq!(call(&env, "/mcp", &token).await.status(), 200);
+    assert_eq!(call(&env, "/mcp", &token).await.status(), 200);
+    let after = auth.cache_stats();
+    assert_eq!(after.misses - before.misses, 1, "verified more than once");
+    assert_eq!(after.hits - before.hits, 2);
+
+    // A cached token is never accepted past its exp.
+    let mut claims = access_claims(&env, Some(RESOURCE));
+    claims["exp"] = json!(keys::now() + 2);
+    let short = env.key.sign(json!({"typ": "at+jwt"}), &claims);
+    assert_eq!(call(&env, "/mcp", &short).await.status(), 200);
+    tokio::time::sleep(Duration::from_millis(2100)).await;
+    // Still inside the 5 s leeway for a fresh verification, but the cache entry is gone and
+    // a re-verification is what decides.
+    let resp = call(&env, "/mcp", &short).await;
+    assert_eq!(auth.cache_stats().misses - before.misses, 3);
+    assert_eq!(resp.status(), 200);
+}

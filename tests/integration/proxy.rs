@@ -252,3 +252,75 @@ async fn h2c_clients_are_served() {
     let seen = env.upstream.last().expect("forwarded");
     assert!(seen.headers.get("authorization").is_none());
 }
+
+#[tokio::test]
+async fn websocket_upgrades_pass_through() {
+    let env = setup_with("").await;
+    let mut conn = tokio::net::TcpStream::connect(("127.0.0.1", env.gw.port))
+        .await
+        .expect("connect");
+    let req = format!(
+        "GET /ws HTTP/1.1\r\nHost: localhost\r\nAuthorization: Bearer {}\r\nConnection: Upgrade\r\nUpgrade: websocket\r\nSec-WebSocket-Version: 13\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n\r\n",
+        env.token
+    );
+    conn.write_all(req.as_bytes()).await.expect("write");
+    let mut head = Vec::new();
+    let mut byte = [0u8; 1];
+    while !head.ends_with(b"\r\n\r\n") {
+        let n = tokio::time::timeout(Duration::from_secs(5), conn.read(&mut byte))
+            .await
+            .expect("response in time")
+            .expect("read");
+        assert_eq!(n, 1, "connection closed during the handshake");
+        head.push(byte[0]);
+    }
+    let head = String::from_utf8_lossy(&head).to_lowercase();
+    assert!(head.starts_with("http/1.1 101"), "{head}");
+    assert!(
+        head.contains("sec-websocket-accept: s3pplmbitxaq9kygzzhzrbk+xoo="),
+        "{head}"
+    );
+    conn.write_all(b"ping-through-keygate")
+        .await
+        .expect("write");
+    let mut echoed = vec![0u8; 20];
+    tokio::time::timeout(Duration::from_secs(5), conn.read_exact(&mut echoed))
+        .await
+        .expect("echo in time")
+        .expect("read");
+    assert_eq!(&echoed, b"ping-through-keygate");
+    let seen = env.upstream.last().expect("upgrade forwarded");
+    assert!(seen.headers.get("authorization").is_none());
+}
+
+#[tokio::test]
+async fn tls_is_terminated_when_configured() {
+    let dir = env!("CARGO_MANIFEST_DIR");
+    let env = setup_with(&format!(
+        "[server.tls]\ncert_file = \"{dir}/tests/fixtures/tls.crt\"\nkey_file = \"{dir}/tests/fixtures/tls.key\"\n"
+    ))
+    .await;
+    let cert = reqwest::Certificate::from_pem(include_bytes!("../fixtures/tls-ca.crt"))
+        .expect("certificate");
+    let tls_client = reqwest::Client::builder()
+        .add_root_certificate(cert)
+        .build()
+        .expect("client");
+    let resp = tls_client
+        .post(format!("https://localhost:{}/mcp", env.gw.port))
+        .bearer_auth(&env.token)
+        .json(&json!({"jsonrpc": "2.0", "id": 1, "method": "ping"}))
+        .send()
+        .await
+        .expect("https request");
+    assert_eq!(resp.status(), 200);
+    let seen = env.upstream.last().expect("forwarded");
+    assert_eq!(seen.headers["x-forwarded-proto"], "https");
+    // Plain HTTP on the TLS port is not served.
+    assert!(client()
+        .get(env.gw.at("/health"))
+        .send()
+        .await
+        .map(|r| r.status() != 200)
+        .unwrap_or(true));
+}
