@@ -121,6 +121,21 @@ pub fn rewrite(
     Ok(())
 }
 
+/// Whether `path` is free of dot segments, raw or percent-encoded, and of encoded slashes.
+///
+/// Route decisions (which paths accept session tokens, which are local) are made on the path
+/// as sent; an upstream that normalises `/api/keys/../mcp` would otherwise see another route.
+pub fn path_is_normalized(path: &str) -> bool {
+    let lower = path.to_ascii_lowercase();
+    if lower.contains("%2f") || lower.contains("%5c") || path.contains('\\') {
+        return false;
+    }
+    !lower.split('/').any(|seg| {
+        let decoded = seg.replace("%2e", ".");
+        decoded == "." || decoded == ".."
+    })
+}
+
 /// A request id from the client is kept when it is short and plain; otherwise a new one.
 pub fn request_id(incoming: Option<&str>) -> String {
     match incoming {
@@ -140,6 +155,17 @@ pub fn request_id(incoming: Option<&str>) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn dot_segments_and_encoded_separators_are_not_normal() {
+        assert!(path_is_normalized("/mcp"));
+        assert!(path_is_normalized("/api/keys/v1.2/x..y"));
+        assert!(!path_is_normalized("/api/keys/../mcp"));
+        assert!(!path_is_normalized("/api/keys/%2e%2E/mcp"));
+        assert!(!path_is_normalized("/api/keys/./x"));
+        assert!(!path_is_normalized("/api%2Fkeys"));
+        assert!(!path_is_normalized("/api/keys/.."));
+    }
 
     #[test]
     fn request_ids_are_kept_only_when_safe() {

@@ -263,6 +263,11 @@ impl ProxyHttp for Gateway {
     async fn request_filter(&self, session: &mut Session, ctx: &mut RequestCtx) -> Result<bool> {
         let path = session.req_header().uri.path().to_string();
         let outcome = async {
+            if !headers::path_is_normalized(&path) {
+                return Err(GatewayError::BadRequest(
+                    "Request path must not contain dot segments or encoded separators",
+                ));
+            }
             if self.local_route(session, ctx, &path).await? {
                 return Ok(true);
             }
@@ -330,7 +335,8 @@ impl ProxyHttp for Gateway {
         if !up.preserve_host {
             upstream_request.insert_header(http::header::HOST, up.authority.as_str())?;
         }
-        if !up.base_path.is_empty() {
+        // Origin-form only: an absolute-form target never names another host upstream.
+        if !up.base_path.is_empty() || upstream_request.uri.authority().is_some() {
             let pq = upstream_request
                 .uri
                 .path_and_query()

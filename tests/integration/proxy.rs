@@ -324,3 +324,26 @@ async fn tls_is_terminated_when_configured() {
         .map(|r| r.status() != 200)
         .unwrap_or(true));
 }
+
+#[tokio::test]
+async fn dot_segments_cannot_smuggle_a_route() {
+    let env = setup_with("").await;
+    for target in ["/api/keys/../mcp", "/api/keys/%2E%2e/mcp", "/api%2fkeys"] {
+        let mut conn = tokio::net::TcpStream::connect(("127.0.0.1", env.gw.port))
+            .await
+            .expect("connect");
+        let req = format!(
+            "GET {target} HTTP/1.1\r\nHost: localhost\r\nAuthorization: Bearer {}\r\nConnection: close\r\n\r\n",
+            env.token
+        );
+        conn.write_all(req.as_bytes()).await.expect("write");
+        let mut resp = Vec::new();
+        tokio::time::timeout(Duration::from_secs(5), conn.read_to_end(&mut resp))
+            .await
+            .expect("answer in time")
+            .expect("read");
+        let resp = String::from_utf8_lossy(&resp);
+        assert!(resp.starts_with("HTTP/1.1 400"), "{target}: {resp}");
+    }
+    assert_eq!(env.upstream.count(), 0);
+}
