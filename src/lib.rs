@@ -6,6 +6,7 @@ pub mod auth;
 pub mod config;
 pub mod devtoken;
 pub mod error;
+pub mod keys;
 pub mod policy;
 pub mod proxy;
 pub mod telemetry;

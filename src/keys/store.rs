@@ -1,0 +1,125 @@
+//! The storage seam of the key vault: what a store must do, and the records it keeps.
+//!
+//! A store keeps opaque sealed bytes per owner; it never sees a plaintext key and never
+//! decides anything about crypto. Two implementations: `redis_store` (shared by replicas)
+//! and `embedded` (one process, on disk).
+
+use async_trait::async_trait;
+use serde::{Deserialize, Serialize};
+use thiserror::Error;
+
+/// Whose key a record is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum OwnerKind {
+    User,
+    Org,
+}
+
+/// The owner of one record: a user (`user_…`) or, for org-level keys, an org (`org_…`).
+#[derive(Debug, Clone, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub struct Owner {
+    pub kind: OwnerKind,
+    pub id: String,
+}
+
+impl Owner {
+    /// A user's slot.
+    pub fn user(id: impl Into<String>) -> Self {
+        Self {
+            kind: OwnerKind::User,
+            id: id.into(),
+        }
+    }
+
+    /// An org's slot.
+    pub fn org(id: impl Into<String>) -> Self {
+        Self {
+            kind: OwnerKind::Org,
+            id: id.into(),
+        }
+    }
+
+    /// The stable text form, `user:<id>` or `org:<id>`: storage key suffix and AEAD binding.
+    pub fn slot(&self) -> String {
+        match self.kind {
+            OwnerKind::User => format!("user:{}", self.id),
+            OwnerKind::Org => format!("org:{}", self.id),
+        }
+    }
+
+    /// Parse [`Owner::slot`] back.
+    pub fn from_slot(slot: &str) -> Option<Self> {
+        if let Some(id) = slot.strip_prefix("user:") {
+            Some(Self::user(id))
+        } else {
+            slot.strip_prefix("org:").map(Self::org)
+        }
+    }
+}
+
+/// A record as stored: the sealed API key plus metadata that is not secret.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct StoredRecord {
+    /// The envelope produced by `crypto::Keyring::seal` (version, key id, nonce, ciphertext).
+    pub sealed: Vec<u8>,
+    /// The user's upstream base URL, when they set one.
+    pub base_url: Option<String>,
+    /// Unix seconds of the last write.
+    pub updated_at: i64,
+}
+
+/// Why a store could not do what was asked.
+#[derive(Debug, Clone, Error)]
+pub enum StoreError {
+    /// Unreachable, timed out, or refused: try again later.
+    #[error("key store unavailable: {0}")]
+    Unavailable(String),
+    /// A record that cannot be read back (not ours, or damaged).
+    #[error("key store record is corrupt: {0}")]
+    Corrupt(String),
+}
+
+/// What every key store does.
+#[async_trait]
+pub trait KeyStore: Send + Sync + 'static {
+    /// The record for `owner`, if any.
+    async fn get(&self, owner: &Owner) -> Result<Option<StoredRecord>, StoreError>;
+    /// Write (create or replace) `owner`'s record; returns once the store acknowledged it.
+    async fn put(&self, owner: &Owner, record: &StoredRecord) -> Result<(), StoreError>;
+    /// Delete `owner`'s record; `true` when there was one.
+    async fn delete(&self, owner: &Owner) -> Result<bool, StoreError>;
+    /// Replace `owner`'s record only if its current `sealed` bytes equal `expected` (used by
+    /// rotation so a concurrent user write is never overwritten); `true` when replaced.
+    async fn replace_if(
+        &self,
+        owner: &Owner,
+        expected: &[u8],
+        record: &StoredRecord,
+    ) -> Result<bool, StoreError>;
+    /// Every owner that has a record.
+    async fn owners(&self) -> Result<Vec<Owner>, StoreError>;
+    /// Cheap liveness check, for readiness.
+    async fn ping(&self) -> Result<(), StoreError>;
+    /// Tell every replica sharing this store that `owner`'s record changed.
+    async fn publish_invalidation(&self, owner: &Owner) -> Result<(), StoreError>;
+    /// A stream of invalidations published by any replica (this one included). Stores that
+    /// are not shared return a receiver that only sees this process's own publications.
+    fn subscribe_invalidations(&self) -> tokio::sync::broadcast::Receiver<Owner>;
+    /// A short name for logs and metrics ("redis", "embedded").
+    fn name(&self) -> &'static str;
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn slots_round_trip() {
+        let u = Owner::user("user_1");
+        assert_eq!(u.slot(), "user:user_1");
+        assert_eq!(Owner::from_slot(&u.slot()), Some(u));
+        assert_eq!(Owner::from_slot("org:org_9"), Some(Owner::org("org_9")));
+        assert_eq!(Owner::from_slot("x:1"), None);
+    }
+}
