@@ -7,3 +7,4 @@ mod devmode;
 mod discovery;
 mod harness_selfcheck;
 mod proxy;
+mod stores;
