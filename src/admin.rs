@@ -36,10 +36,20 @@ impl ServeHttp for Admin {
                     .shutting_down
                     .load(std::sync::atomic::Ordering::Acquire);
                 let keys = self.state.auth.is_ready() || !self.state.settings.auth.enabled;
-                let ready = keys && !draining;
+                let store = match &self.state.vault {
+                    Some(vault) => tokio::time::timeout(
+                        std::time::Duration::from_secs(1),
+                        vault.store().ping(),
+                    )
+                    .await
+                    .is_ok_and(|r| r.is_ok()),
+                    None => true,
+                };
+                let ready = keys && store && !draining;
                 let body = serde_json::json!({
                     "ready": ready,
                     "signing_keys": keys,
+                    "key_store": store,
                     "draining": draining,
                 });
                 json(if ready { 200 } else { 503 }, body.to_string().into_bytes())

@@ -23,6 +23,10 @@ use crate::auth::discovery::{AuthServerMetadata, ResourceMetadata};
 use crate::auth::jwks::JwksCache;
 use crate::auth::Authenticator;
 use crate::config::Settings;
+use crate::keys::embedded::EmbeddedStore;
+use crate::keys::redis_store::{RedisSettings, RedisStore};
+use crate::keys::store::KeyStore;
+use crate::keys::vault::{UserKey, Vault};
 use crate::policy::cors::Cors;
 use crate::proxy::deadline::HeaderDeadline;
 use crate::proxy::{Gateway, GatewayState};
@@ -51,9 +55,52 @@ fn upstream_peer(settings: &Settings) -> HttpPeer {
     peer
 }
 
+/// The key store the settings name: Redis when `REDIS_URL` is set, else the embedded store.
+pub fn build_store(settings: &Settings) -> anyhow::Result<Arc<dyn KeyStore>> {
+    Ok(match &settings.redis {
+        Some(r) => Arc::new(
+            RedisStore::new(RedisSettings {
+                url: r.url.clone(),
+                cluster: r.cluster,
+                key_prefix: r.key_prefix.clone(),
+                connect_timeout: r.connect_timeout,
+                command_timeout: r.command_timeout,
+            })
+            .map_err(|e| anyhow::anyhow!("redis.url (REDIS_URL): {e}"))?,
+        ),
+        None => Arc::new(EmbeddedStore::open(&settings.keys.data_dir).map_err(|e| {
+            anyhow::anyhow!(
+                "keys.data_dir (KEYGATE_DATA_DIR) {}: {e}",
+                settings.keys.data_dir.display()
+            )
+        })?),
+    })
+}
+
+/// The vault, when enabled.
+pub fn build_vault(settings: &Settings) -> anyhow::Result<Option<Arc<Vault>>> {
+    if !settings.keys.enabled {
+        return Ok(None);
+    }
+    let keyring = crate::keys::keyring(&settings.keys).map_err(anyhow::Error::msg)?;
+    let store = build_store(settings)?;
+    Ok(Some(Arc::new(Vault::new(
+        store,
+        Arc::new(keyring),
+        &settings.keys,
+    ))))
+}
+
 /// Build the shared request-path state.
 pub fn build_state(settings: Settings) -> anyhow::Result<Arc<GatewayState>> {
     let client = http_client()?;
+    let vault = build_vault(&settings)?;
+    let fallback_key = settings.keys.fallback_api_key.clone().map(|k| {
+        Arc::new(UserKey {
+            api_key: k,
+            base_url: None,
+        })
+    });
     let auth = Authenticator::new(&settings, client.clone());
     let health = serde_json::json!({
         "status": "healthy",
@@ -67,6 +114,8 @@ pub fn build_state(settings: Settings) -> anyhow::Result<Arc<GatewayState>> {
         peer: upstream_peer(&settings),
         challenge_scope: settings.resource.scopes_supported.join(" "),
         health_body: Bytes::from(health.to_string()),
+        vault,
+        fallback_key,
         auth,
         settings,
     }))
@@ -75,6 +124,7 @@ pub fn build_state(settings: Settings) -> anyhow::Result<Arc<GatewayState>> {
 /// Loads every issuer's keys at startup and keeps them fresh; flags draining on shutdown.
 struct KeyRefresher {
     caches: Vec<Arc<JwksCache>>,
+    vault: Option<Arc<Vault>>,
     draining: Arc<AtomicBool>,
 }
 
@@ -90,6 +140,9 @@ impl BackgroundService for KeyRefresher {
                 }
                 cache.run_refresher().await;
             }));
+        }
+        if let Some(vault) = &self.vault {
+            tasks.push(tokio::spawn(vault.clone().follow_invalidations()));
         }
         let _ = shutdown.changed().await;
         self.draining.store(true, Ordering::Release);
@@ -155,6 +208,7 @@ pub fn build_server(state: Arc<GatewayState>) -> anyhow::Result<Server> {
         "key refresher",
         KeyRefresher {
             caches: state.auth.key_sets(),
+            vault: state.vault.clone(),
             draining,
         },
     ));

@@ -82,6 +82,17 @@ pub enum GatewayError {
     Unauthorized(AuthError),
     #[error("{0}")]
     BadRequest(&'static str),
+    /// A bad request whose description names the rule (never a secret).
+    #[error("{0}")]
+    Invalid(String),
+    #[error("request body too large")]
+    PayloadTooLarge,
+    /// The caller has no upstream key stored and there is no fallback key.
+    #[error("no API key configured")]
+    NoApiKey,
+    /// A stored key exists but cannot be decrypted: fail closed, never "no key".
+    #[error("stored API key cannot be decrypted")]
+    KeyDecrypt,
     #[error("origin not allowed")]
     OriginForbidden,
     #[error("not found")]
@@ -140,7 +151,10 @@ impl GatewayError {
     pub fn reason(&self) -> &'static str {
         match self {
             GatewayError::Unauthorized(a) => a.reason(),
-            GatewayError::BadRequest(_) => "bad_request",
+            GatewayError::BadRequest(_) | GatewayError::Invalid(_) => "bad_request",
+            GatewayError::PayloadTooLarge => "too_large",
+            GatewayError::NoApiKey => "no_api_key",
+            GatewayError::KeyDecrypt => "key_decrypt",
             GatewayError::OriginForbidden => "origin",
             GatewayError::NotFound => "not_found",
             GatewayError::MethodNotAllowed => "method",
@@ -172,6 +186,25 @@ impl GatewayError {
                 (401, json_body("unauthorized", &reason.to_string()))
             }
             GatewayError::BadRequest(msg) => (400, json_body("invalid_request", msg)),
+            GatewayError::Invalid(msg) => (400, json_body("invalid_request", msg)),
+            GatewayError::PayloadTooLarge => (
+                413,
+                json_body("invalid_request", "Request body is too large"),
+            ),
+            GatewayError::NoApiKey => (
+                400,
+                json_body(
+                    "No API key configured",
+                    "Please configure your Twenty API key first",
+                ),
+            ),
+            GatewayError::KeyDecrypt => (
+                500,
+                json_body(
+                    "internal_error",
+                    "Your stored API key could not be read; store it again",
+                ),
+            ),
             GatewayError::OriginForbidden => (
                 403,
                 json_body("forbidden", "Origin is not allowed to call this server"),

@@ -26,6 +26,11 @@ enum Command {
     Run,
     /// Validate the configuration and report every problem at once.
     CheckConfig,
+    /// Manage the key vault.
+    Keys {
+        #[command(subcommand)]
+        action: KeysAction,
+    },
     /// Print an access token signed with the [dev] key (offline development only).
     DevToken {
         /// The token's subject (user id).
@@ -43,6 +48,78 @@ enum Command {
     },
 }
 
+#[derive(Subcommand)]
+enum KeysAction {
+    /// Re-encrypt every stored key under the active API_KEY_ENCRYPTION_SECRET (safe while
+    /// keygate serves; keep the old secret in API_KEY_ENCRYPTION_SECRET_PREVIOUS until done).
+    Rotate,
+    /// Import the keys users stored in the Node Twenty MCP server.
+    Import {
+        /// JSON export of the Node server's records (user id -> record, or a list of users).
+        #[arg(long)]
+        file: PathBuf,
+        /// Environment variable holding the Node server's API_KEY_ENCRYPTION_SECRET.
+        #[arg(long, default_value = "API_KEY_ENCRYPTION_SECRET")]
+        node_secret_env: String,
+    },
+}
+
+fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
+    Ok(tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?)
+}
+
+fn keys_command(settings: &config::Settings, action: KeysAction) -> anyhow::Result<bool> {
+    let rt = runtime()?;
+    let vault = keygate::app::build_vault(settings)?
+        .ok_or_else(|| anyhow::anyhow!("the key vault is disabled (keys.enabled = false)"))?;
+    match action {
+        KeysAction::Rotate => {
+            let report = rt.block_on(vault.rotate())?;
+            println!(
+                "rotated {}, already current {}, changed meanwhile {}, failed {}",
+                report.rotated,
+                report.already_current,
+                report.changed_meanwhile,
+                report.failed.len()
+            );
+            for (owner, reason) in &report.failed {
+                eprintln!("keygate: {owner}: {reason}");
+            }
+            Ok(report.failed.is_empty())
+        }
+        KeysAction::Import {
+            file,
+            node_secret_env,
+        } => {
+            let secret = std::env::var(&node_secret_env)
+                .map_err(|_| anyhow::anyhow!("{node_secret_env} is not set"))?;
+            let raw = std::fs::read(&file)
+                .map_err(|e| anyhow::anyhow!("reading {}: {e}", file.display()))?;
+            let report = keygate::keys::import::read_node_export(&raw, &secret)?;
+            let mut imported = 0usize;
+            let mut failed = report.problems.len();
+            for problem in &report.problems {
+                eprintln!("keygate: {}: {}", problem.entry, problem.reason);
+            }
+            for record in report.records {
+                let owner = keygate::keys::store::Owner::user(record.user_id.clone());
+                let key = secrecy::SecretString::from(record.api_key.to_string());
+                match rt.block_on(vault.put(&owner, &key, record.base_url, record.updated_at)) {
+                    Ok(()) => imported += 1,
+                    Err(e) => {
+                        failed += 1;
+                        eprintln!("keygate: {}: {e}", record.user_id);
+                    }
+                }
+            }
+            println!("imported {imported}, failed {failed}");
+            Ok(failed == 0)
+        }
+    }
+}
+
 fn main() -> ExitCode {
     let cli = Cli::parse();
     let settings = match config::load(cli.config.as_deref(), &ProcessEnv) {
@@ -53,7 +130,21 @@ fn main() -> ExitCode {
         }
     };
     match cli.command.unwrap_or(Command::Run) {
+        Command::Keys { action } => match keys_command(&settings, action) {
+            Ok(true) => ExitCode::SUCCESS,
+            Ok(false) => ExitCode::FAILURE,
+            Err(e) => {
+                eprintln!("keygate: {e:#}");
+                ExitCode::FAILURE
+            }
+        },
         Command::CheckConfig => {
+            if settings.keys.enabled {
+                if let Err(e) = keygate::keys::keyring(&settings.keys) {
+                    eprintln!("keygate: 1 configuration problem(s):\n  - {e}");
+                    return ExitCode::from(2);
+                }
+            }
             println!(
                 "configuration ok: listen {} -> upstream {}, admin {}, auth {}",
                 settings.server.listen,

@@ -22,6 +22,8 @@ pub struct FileConfig {
     pub cors: CorsFile,
     pub log: LogFile,
     pub dev: Option<DevFile>,
+    pub keys: KeysFile,
+    pub redis: RedisFile,
 }
 
 /// `[server]`: listeners and connection handling.
@@ -76,6 +78,90 @@ pub struct UpstreamFile {
     pub idle_timeout_secs: u64,
     pub preserve_host: bool,
     pub verify_tls: bool,
+    pub inject: InjectFile,
+}
+
+/// `[upstream.inject]`: how the user's key and base URL reach the upstream.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct InjectFile {
+    pub api_key_query: Option<String>,
+    pub api_key_header: Option<String>,
+    pub api_key_template: String,
+    pub base_url_query: Option<String>,
+    pub base_url_header: Option<String>,
+}
+
+impl Default for InjectFile {
+    fn default() -> Self {
+        Self {
+            api_key_query: Some("apiKey".into()),
+            api_key_header: None,
+            api_key_template: "{key}".into(),
+            base_url_query: Some("baseUrl".into()),
+            base_url_header: None,
+        }
+    }
+}
+
+/// `[keys]`: the per-user key vault.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct KeysFile {
+    pub enabled: bool,
+    pub data_dir: String,
+    pub encryption_secret: Option<String>,
+    pub previous_encryption_secrets: Vec<String>,
+    pub org_keys: bool,
+    pub fallback_api_key: Option<String>,
+    pub default_base_url: Option<String>,
+    pub allowed_base_url_hosts: Vec<String>,
+    pub max_key_bytes: usize,
+    pub max_body_bytes: usize,
+    pub cache_ttl_secs: u64,
+    pub cache_max_entries: u64,
+}
+
+impl Default for KeysFile {
+    fn default() -> Self {
+        Self {
+            enabled: true,
+            data_dir: "data".into(),
+            encryption_secret: None,
+            previous_encryption_secrets: Vec::new(),
+            org_keys: false,
+            fallback_api_key: None,
+            default_base_url: None,
+            allowed_base_url_hosts: Vec::new(),
+            max_key_bytes: 4096,
+            max_body_bytes: 16 * 1024,
+            cache_ttl_secs: 300,
+            cache_max_entries: 100_000,
+        }
+    }
+}
+
+/// `[redis]`: the shared key store (when `url` is set).
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct RedisFile {
+    pub url: Option<String>,
+    pub cluster: bool,
+    pub key_prefix: String,
+    pub connect_timeout_ms: u64,
+    pub command_timeout_ms: u64,
+}
+
+impl Default for RedisFile {
+    fn default() -> Self {
+        Self {
+            url: None,
+            cluster: false,
+            key_prefix: "keygate:".into(),
+            connect_timeout_ms: 2000,
+            command_timeout_ms: 500,
+        }
+    }
 }
 
 impl Default for UpstreamFile {
@@ -88,6 +174,7 @@ impl Default for UpstreamFile {
             idle_timeout_secs: 60,
             preserve_host: false,
             verify_tls: true,
+            inject: InjectFile::default(),
         }
     }
 }
@@ -338,6 +425,29 @@ impl FileConfig {
         }
         if let Some(v) = env.var("MCP_SERVER_URL") {
             self.resource.url = v;
+        }
+        if let Some(v) = env.var("KEYGATE_DATA_DIR") {
+            self.keys.data_dir = v;
+        }
+        if let Some(v) = env.var("API_KEY_ENCRYPTION_SECRET") {
+            self.keys.encryption_secret = Some(v);
+        }
+        if let Some(v) = env.var("API_KEY_ENCRYPTION_SECRET_PREVIOUS") {
+            self.keys.previous_encryption_secrets = v
+                .split(',')
+                .map(str::trim)
+                .filter(|s| !s.is_empty())
+                .map(str::to_string)
+                .collect();
+        }
+        if let Some(v) = env.var("TWENTY_API_KEY") {
+            self.keys.fallback_api_key = Some(v);
+        }
+        if let Some(v) = env.var("TWENTY_BASE_URL") {
+            self.keys.default_base_url = Some(v);
+        }
+        if let Some(v) = env.var("REDIS_URL") {
+            self.redis.url = Some(v);
         }
         if let Some(v) = env.var("KEYGATE_LOG_FORMAT") {
             self.log.format = v;

@@ -67,6 +67,72 @@ pub struct Settings {
     pub cors: CorsSettings,
     pub log: LogSettings,
     pub dev: Option<DevSettings>,
+    pub keys: KeysSettings,
+    pub redis: Option<RedisConfig>,
+}
+
+/// Where a value goes in the upstream request.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum InjectTarget {
+    /// A query parameter of this name.
+    Query(String),
+    /// A header; `{key}` in the template is replaced by the value.
+    Header {
+        name: http::HeaderName,
+        template: String,
+    },
+}
+
+impl InjectTarget {
+    /// The query parameter name, when the target is one.
+    pub fn query_name(&self) -> Option<&str> {
+        match self {
+            InjectTarget::Query(q) => Some(q),
+            InjectTarget::Header { .. } => None,
+        }
+    }
+
+    /// The header name, when the target is one.
+    pub fn header_name(&self) -> Option<&http::HeaderName> {
+        match self {
+            InjectTarget::Header { name, .. } => Some(name),
+            InjectTarget::Query(_) => None,
+        }
+    }
+}
+
+/// How the user's key and base URL are injected into upstream requests.
+#[derive(Debug, Clone, Default)]
+pub struct InjectSettings {
+    pub api_key: Option<InjectTarget>,
+    pub base_url: Option<InjectTarget>,
+}
+
+/// The key vault.
+#[derive(Debug, Clone)]
+pub struct KeysSettings {
+    pub enabled: bool,
+    pub data_dir: PathBuf,
+    pub encryption_secret: Option<SecretString>,
+    pub previous_encryption_secrets: Vec<SecretString>,
+    pub org_keys: bool,
+    pub fallback_api_key: Option<SecretString>,
+    pub default_base_url: Option<String>,
+    pub allowed_base_url_hosts: Vec<String>,
+    pub max_key_bytes: usize,
+    pub max_body_bytes: usize,
+    pub cache_ttl: Duration,
+    pub cache_max_entries: u64,
+}
+
+/// The shared Redis key store.
+#[derive(Debug, Clone)]
+pub struct RedisConfig {
+    pub url: String,
+    pub cluster: bool,
+    pub key_prefix: String,
+    pub connect_timeout: Duration,
+    pub command_timeout: Duration,
 }
 
 #[derive(Debug, Clone)]
@@ -107,6 +173,7 @@ pub struct UpstreamSettings {
     pub idle_timeout: Duration,
     pub preserve_host: bool,
     pub verify_tls: bool,
+    pub inject: InjectSettings,
 }
 
 #[derive(Debug, Clone)]
@@ -301,9 +368,21 @@ fn parse_algorithms(field: &str, raw: &[String], problems: &mut Problems) -> Vec
     out
 }
 
+/// Headers keygate owns or the transport owns: never configurable as carriers.
+const RESERVED_HEADERS: [&str; 4] = ["cookie", "host", "content-length", "transfer-encoding"];
+
 fn parse_header_name(
     field: &str,
     raw: &Option<String>,
+    problems: &mut Problems,
+) -> Option<http::HeaderName> {
+    parse_header_name_allowing(field, raw, &[], problems)
+}
+
+fn parse_header_name_allowing(
+    field: &str,
+    raw: &Option<String>,
+    allowed: &[&str],
     problems: &mut Problems,
 ) -> Option<http::HeaderName> {
     let raw = raw.as_deref()?.trim();
@@ -312,11 +391,10 @@ fn parse_header_name(
     }
     match http::HeaderName::from_bytes(raw.as_bytes()) {
         Ok(h) => {
-            if matches!(
-                h.as_str(),
-                "authorization" | "cookie" | "host" | "content-length" | "transfer-encoding"
-            ) {
-                problems.push(field, format!("{raw:?} cannot carry identity"));
+            let reserved =
+                RESERVED_HEADERS.contains(&h.as_str()) || h == http::header::AUTHORIZATION;
+            if reserved && !allowed.contains(&h.as_str()) {
+                problems.push(field, format!("{raw:?} cannot be used here"));
                 return None;
             }
             Some(h)
@@ -325,6 +403,67 @@ fn parse_header_name(
             problems.push(field, format!("{raw:?} is not a valid header name"));
             None
         }
+    }
+}
+
+fn parse_target(
+    field: &str,
+    query: &Option<String>,
+    header: &Option<String>,
+    template: &str,
+    problems: &mut Problems,
+) -> Option<InjectTarget> {
+    let query = query.as_deref().map(str::trim).filter(|q| !q.is_empty());
+    let header = header.as_deref().map(str::trim).filter(|h| !h.is_empty());
+    match (query, header) {
+        (Some(_), Some(_)) => {
+            problems.push(field, "set a query parameter or a header, not both");
+            None
+        }
+        (Some(q), None) => {
+            if q.contains(['&', '=', '#', ' ']) {
+                problems.push(field, format!("{q:?} is not a plain query parameter name"));
+                return None;
+            }
+            Some(InjectTarget::Query(q.to_string()))
+        }
+        (None, Some(h)) => {
+            // Authorization is the usual home of an upstream API key.
+            let name = parse_header_name_allowing(
+                field,
+                &Some(h.to_string()),
+                &["authorization"],
+                problems,
+            )?;
+            if !template.contains("{key}") {
+                problems.push(field, "the template must contain {key}");
+                return None;
+            }
+            Some(InjectTarget::Header {
+                name,
+                template: template.to_string(),
+            })
+        }
+        (None, None) => None,
+    }
+}
+
+fn parse_inject(f: &file::InjectFile, problems: &mut Problems) -> InjectSettings {
+    InjectSettings {
+        api_key: parse_target(
+            "upstream.inject.api_key_*",
+            &f.api_key_query,
+            &f.api_key_header,
+            &f.api_key_template,
+            problems,
+        ),
+        base_url: parse_target(
+            "upstream.inject.base_url_*",
+            &f.base_url_query,
+            &f.base_url_header,
+            "{key}",
+            problems,
+        ),
     }
 }
 
@@ -443,8 +582,14 @@ fn validate(f: FileConfig, base: &Path, problems: &mut Problems) -> Option<Setti
                 idle_timeout: secs(f.upstream.idle_timeout_secs),
                 preserve_host: f.upstream.preserve_host,
                 verify_tls: f.upstream.verify_tls,
+                inject: InjectSettings::default(),
             })
         });
+    let inject = parse_inject(&f.upstream.inject, problems);
+    let upstream = upstream.map(|mut u| {
+        u.inject = inject;
+        u
+    });
 
     // [resource]
     let resource_url = if f.resource.url.is_empty() {
@@ -675,6 +820,80 @@ fn validate(f: FileConfig, base: &Path, problems: &mut Problems) -> Option<Setti
         }
     };
 
+    // [keys]
+    let k = &f.keys;
+    if k.enabled && k.encryption_secret.is_none() {
+        problems.push(
+            "keys.encryption_secret (API_KEY_ENCRYPTION_SECRET)",
+            "is required while the key vault is enabled (or set keys.enabled = false)",
+        );
+    }
+    let default_base_url = match &k.default_base_url {
+        Some(raw) => parse_http_url("keys.default_base_url (TWENTY_BASE_URL)", raw, problems)
+            .map(|u| u.as_str().trim_end_matches('/').to_string()),
+        None => None,
+    };
+    let mut allowed_base_url_hosts: Vec<String> = k
+        .allowed_base_url_hosts
+        .iter()
+        .map(|h| h.trim().to_ascii_lowercase())
+        .filter(|h| !h.is_empty())
+        .collect();
+    if allowed_base_url_hosts.is_empty() {
+        let base = default_base_url
+            .clone()
+            .unwrap_or_else(|| "https://api.twenty.com".to_string());
+        if let Some(host) = Url::parse(&base)
+            .ok()
+            .and_then(|u| u.host_str().map(str::to_string))
+        {
+            allowed_base_url_hosts.push(host.to_ascii_lowercase());
+        }
+    }
+    if k.max_key_bytes == 0 || k.max_key_bytes > 64 * 1024 {
+        problems.push("keys.max_key_bytes", "must be between 1 and 65536");
+    }
+    if k.max_body_bytes < 256 || k.max_body_bytes > 1024 * 1024 {
+        problems.push("keys.max_body_bytes", "must be between 256 and 1048576");
+    }
+    let keys = KeysSettings {
+        enabled: k.enabled,
+        data_dir: resolve_path(base, &k.data_dir),
+        encryption_secret: k.encryption_secret.clone().map(SecretString::from),
+        previous_encryption_secrets: k
+            .previous_encryption_secrets
+            .iter()
+            .cloned()
+            .map(SecretString::from)
+            .collect(),
+        org_keys: k.org_keys,
+        fallback_api_key: k.fallback_api_key.clone().map(SecretString::from),
+        default_base_url,
+        allowed_base_url_hosts,
+        max_key_bytes: k.max_key_bytes,
+        max_body_bytes: k.max_body_bytes,
+        cache_ttl: secs(k.cache_ttl_secs.max(1)),
+        cache_max_entries: k.cache_max_entries.max(1),
+    };
+    let redis = f.redis.url.as_ref().map(|url| {
+        if !(url.starts_with("redis://")
+            || url.starts_with("rediss://")
+            || url.starts_with("redis+unix://"))
+        {
+            problems.push(
+                "redis.url (REDIS_URL)",
+                "must start with redis:// or rediss://",
+            );
+        }
+        RedisConfig {
+            url: url.clone(),
+            cluster: f.redis.cluster,
+            key_prefix: f.redis.key_prefix.clone(),
+            connect_timeout: Duration::from_millis(f.redis.connect_timeout_ms.max(1)),
+            command_timeout: Duration::from_millis(f.redis.command_timeout_ms.max(1)),
+        }
+    });
+
     let dev = f.dev.as_ref().map(|d| DevSettings {
         issuer: d.issuer.clone(),
         signing_key_file: resolve_path(base, &d.signing_key_file),
@@ -732,6 +951,8 @@ fn validate(f: FileConfig, base: &Path, problems: &mut Problems) -> Option<Setti
             level: f.log.level.clone(),
         },
         dev,
+        keys,
+        redis,
     })
 }
 
@@ -739,6 +960,55 @@ fn validate(f: FileConfig, base: &Path, problems: &mut Problems) -> Option<Setti
 mod tests {
     use super::*;
     use std::collections::HashMap;
+
+    const SECRET: (&str, &str) = (
+        "API_KEY_ENCRYPTION_SECRET",
+        "00112233445566778899aabbccddeeff00112233445566778899aabbccddeeff",
+    );
+
+    #[test]
+    fn the_vault_needs_a_secret_and_reads_the_seed_variables() {
+        let problems = load(None, &env(&[("AUTH_ENABLED", "false")])).expect_err("no secret");
+        assert!(problems
+            .0
+            .iter()
+            .any(|p| p.field.contains("API_KEY_ENCRYPTION_SECRET")));
+        let s = load(
+            None,
+            &env(&[
+                ("AUTH_ENABLED", "false"),
+                SECRET,
+                ("TWENTY_BASE_URL", "https://crm.example.com/"),
+                ("TWENTY_API_KEY", "tw_fallback"),
+                ("REDIS_URL", "redis://127.0.0.1:6390"),
+                ("KEYGATE_DATA_DIR", "/var/lib/keygate"),
+            ]),
+        )
+        .expect("valid");
+        assert_eq!(
+            s.keys.default_base_url.as_deref(),
+            Some("https://crm.example.com")
+        );
+        assert_eq!(
+            s.keys.allowed_base_url_hosts,
+            vec!["crm.example.com".to_string()]
+        );
+        assert!(s.keys.fallback_api_key.is_some());
+        assert_eq!(
+            s.redis.map(|r| r.url).as_deref(),
+            Some("redis://127.0.0.1:6390")
+        );
+        assert_eq!(s.keys.data_dir, PathBuf::from("/var/lib/keygate"));
+        let default = load(None, &env(&[("AUTH_ENABLED", "false"), SECRET])).expect("valid");
+        assert_eq!(
+            default.keys.allowed_base_url_hosts,
+            vec!["api.twenty.com".to_string()]
+        );
+        assert_eq!(
+            default.upstream.inject.api_key,
+            Some(InjectTarget::Query("apiKey".into()))
+        );
+    }
 
     fn env(pairs: &[(&str, &str)]) -> HashMap<String, String> {
         pairs
@@ -796,6 +1066,7 @@ mod tests {
         let e = env(&[
             ("CLERK_PUBLISHABLE_KEY", &pk),
             ("KEYGATE_UPSTREAM", "http://127.0.0.1:3000"),
+            SECRET,
         ]);
         let s = load(None, &e).expect("valid");
         let c = s.clerk.expect("clerk");
@@ -807,6 +1078,7 @@ mod tests {
         let e = env(&[
             ("CLERK_PUBLISHABLE_KEY", &pk),
             ("CLERK_FRONTEND_API_URL", "http://127.0.0.1:4000"),
+            SECRET,
         ]);
         let c = load(None, &e).expect("valid").clerk.expect("clerk");
         assert_eq!(c.issuer, "http://127.0.0.1:4000");
@@ -816,7 +1088,7 @@ mod tests {
     fn auth_enabled_without_issuer_is_an_error_unless_disabled() {
         let problems = load(None, &env(&[])).expect_err("no issuer");
         assert!(problems.0.iter().any(|p| p.field == "auth"));
-        assert!(load(None, &env(&[("AUTH_ENABLED", "false")])).is_ok());
+        assert!(load(None, &env(&[("AUTH_ENABLED", "false"), SECRET])).is_ok());
     }
 
     #[test]

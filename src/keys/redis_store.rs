@@ -1,1 +1,978 @@
-//! (in progress)
+//! The shared key store: sealed records in Redis (one server or a Redis Cluster), plus the
+//! pub/sub channel replicas use to tell each other a record changed.
+//!
+//! It owns the connection life cycle — connecting lazily, bounding every command by a timeout,
+//! dropping a connection that failed or wedged and reconnecting on a later call — so keygate
+//! starts while Redis is down and recovers when Redis comes back, without a restart. It also
+//! owns the record's wire form (JSON, `sealed` in base64), which the embedded store reuses.
+//! It does not cache records, decide anything about crypto, or wait out an outage: callers get
+//! [`StoreError::Unavailable`] at once and decide. (The one retry it makes is for a connection
+//! found dead after idling — Redis restarted — where the command is repeated once on a fresh
+//! connection; every command here is safe to repeat.)
+//!
+//! Layout, with the default prefix `keygate:`:
+//! - `keygate:key:{user:<id>}` / `keygate:key:{org:<id>}` — one string per owner, the JSON
+//!   record. The slot in braces is the Redis Cluster hash tag.
+//! - channel `keygate:invalidate` — messages are owner slots (`user:<id>`).
+//!
+//! Runtimes: [`RedisStore::new`] does no I/O and spawns nothing, so it may be called outside a
+//! tokio runtime. Connections are made by the first async call, on that caller's runtime. The
+//! pub/sub listener is spawned by the first [`KeyStore::subscribe_invalidations`] call made
+//! inside a runtime (or, when that call came from outside one, by the next async call on the
+//! store), on that runtime; it is respawned if that runtime went away, and aborted when the
+//! store is dropped.
+
+use std::collections::BTreeSet;
+use std::future::Future;
+use std::str::FromStr;
+use std::sync::Mutex as StdMutex;
+use std::time::{Duration, Instant};
+
+use async_trait::async_trait;
+use base64::Engine;
+use futures::StreamExt;
+use redis::aio::{ConnectionLike, MultiplexedConnection, PubSubSink, PubSubStream};
+use redis::cluster::{ClusterClient, NodeAddress};
+use redis::cluster_async::ClusterConnection;
+use redis::cluster_routing::{MultipleNodeRoutingInfo, RoutingInfo, SingleNodeRoutingInfo};
+use redis::{
+    AsyncConnectionConfig, Cmd, ConnectionAddr, ConnectionInfo, IntoConnectionInfo, RedisError,
+    RedisFuture, RedisResult, Value,
+};
+use serde::{Deserialize, Serialize};
+use tokio::sync::{broadcast, Mutex};
+use tokio::task::JoinHandle;
+
+use super::store::{KeyStore, Owner, StoreError, StoredRecord};
+
+/// How long after a failed connection attempt calls fail fast instead of trying again.
+const RECONNECT_PAUSE: Duration = Duration::from_millis(250);
+/// First and longest wait between pub/sub reconnection attempts.
+const PUBSUB_BACKOFF_MIN: Duration = Duration::from_millis(100);
+const PUBSUB_BACKOFF_MAX: Duration = Duration::from_secs(2);
+/// How often the pub/sub connection is pinged, so a silently dead link is noticed.
+const PUBSUB_PING_EVERY: Duration = Duration::from_secs(5);
+/// Keys asked for per SCAN call.
+const SCAN_COUNT: usize = 500;
+/// Buffered invalidations per subscriber before it sees `Lagged`.
+const INVALIDATION_BUFFER: usize = 1024;
+
+/// Compare-and-swap on the `sealed` field. Base64 with padding is canonical, so comparing the
+/// encoded strings compares the bytes. Returns 1 replaced, 0 not (absent or different), -1 when
+/// the current value is not a record.
+const REPLACE_IF_LUA: &str = r#"
+local cur = redis.call('GET', KEYS[1])
+if not cur then return 0 end
+local ok, rec = pcall(cjson.decode, cur)
+if not ok or type(rec) ~= 'table' or type(rec.sealed) ~= 'string' then return -1 end
+if rec.sealed ~= ARGV[1] then return 0 end
+redis.call('SET', KEYS[1], ARGV[2])
+return 1
+"#;
+
+/// How to reach Redis and lay out keys in it. `Debug` hides credentials in the URL.
+#[derive(Clone)]
+pub struct RedisSettings {
+    /// `redis://[user:pass@]host:port[/db]`, `rediss://…` (TLS) or `redis+unix://…`; with
+    /// `cluster`, several comma-separated seed nodes, where items after the first may be bare
+    /// `host:port` and then take the first item's scheme and credentials.
+    pub url: String,
+    /// Talk to a Redis Cluster.
+    pub cluster: bool,
+    /// Prefix of every key and channel name (default `keygate:`).
+    pub key_prefix: String,
+    /// Bound on establishing a connection (a call that must connect first may take this plus
+    /// `command_timeout`).
+    pub connect_timeout: Duration,
+    /// Bound on each command once connected.
+    pub command_timeout: Duration,
+}
+
+impl std::fmt::Debug for RedisSettings {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("RedisSettings")
+            .field("url", &redact_url(&self.url))
+            .field("cluster", &self.cluster)
+            .field("key_prefix", &self.key_prefix)
+            .field("connect_timeout", &self.connect_timeout)
+            .field("command_timeout", &self.command_timeout)
+            .finish()
+    }
+}
+
+/// The [`KeyStore`] backed by Redis (single node or cluster).
+pub struct RedisStore {
+    target: Target,
+    /// `host:port` list for logs and errors; never contains credentials.
+    hosts: String,
+    prefix: String,
+    channel: String,
+    connect_timeout: Duration,
+    command_timeout: Duration,
+    slot: Mutex<Slot>,
+    pubsub_nodes: Vec<PubSubNode>,
+    cas: redis::Script,
+    invalidations: broadcast::Sender<Owner>,
+    listener: StdMutex<Option<JoinHandle<()>>>,
+}
+
+/// What commands go to.
+#[allow(clippy::large_enum_variant)] // one per store: boxing would buy nothing
+enum Target {
+    Single(redis::Client),
+    Cluster(ClusterClient),
+}
+
+/// A node the pub/sub listener may subscribe on, with its loggable address.
+#[derive(Clone)]
+struct PubSubNode {
+    client: redis::Client,
+    host: String,
+}
+
+/// The current command connection, if any, and why there is none.
+#[derive(Default)]
+struct Slot {
+    conn: Option<(u64, Conn)>,
+    generation: u64,
+    last_failure: Option<Instant>,
+    down: bool,
+}
+
+/// A live command connection; both kinds are cheap to clone and multiplexed.
+#[derive(Clone)]
+enum Conn {
+    Single(MultiplexedConnection),
+    Cluster(ClusterConnection),
+}
+
+impl ConnectionLike for Conn {
+    fn req_packed_command<'a>(&'a mut self, cmd: &'a Cmd) -> RedisFuture<'a, Value> {
+        match self {
+            Conn::Single(c) => c.req_packed_command(cmd),
+            Conn::Cluster(c) => c.req_packed_command(cmd),
+        }
+    }
+
+    fn req_packed_commands<'a>(
+        &'a mut self,
+        pipeline: &'a redis::Pipeline,
+        offset: usize,
+        count: usize,
+    ) -> RedisFuture<'a, Vec<Value>> {
+        match self {
+            Conn::Single(c) => c.req_packed_commands(pipeline, offset, count),
+            Conn::Cluster(c) => c.req_packed_commands(pipeline, offset, count),
+        }
+    }
+
+    fn get_db(&self) -> i64 {
+        match self {
+            Conn::Single(c) => c.get_db(),
+            Conn::Cluster(c) => c.get_db(),
+        }
+    }
+}
+
+impl RedisStore {
+    /// Validate the settings and build the store; connects nothing (see the module docs).
+    pub fn new(settings: RedisSettings) -> Result<Self, StoreError> {
+        let infos = parse_urls(&settings.url, settings.cluster)?;
+        let hosts = infos
+            .iter()
+            .map(|i| host_label(i.addr()))
+            .collect::<Vec<_>>()
+            .join(",");
+        let invalid = |e: RedisError| {
+            StoreError::Unavailable(format!("invalid redis settings for {hosts}: {e}"))
+        };
+        let mut pubsub_nodes = Vec::with_capacity(infos.len());
+        for info in &infos {
+            pubsub_nodes.push(PubSubNode {
+                client: redis::Client::open(info.clone()).map_err(invalid)?,
+                host: host_label(info.addr()),
+            });
+        }
+        let target = if settings.cluster {
+            ClusterClient::builder(infos)
+                .connection_timeout(settings.connect_timeout)
+                .response_timeout(settings.command_timeout)
+                .retries(3)
+                .build()
+                .map(Target::Cluster)
+                .map_err(invalid)?
+        } else {
+            match pubsub_nodes.first() {
+                Some(node) => Target::Single(node.client.clone()),
+                None => return Err(StoreError::Unavailable("redis url is empty".into())),
+            }
+        };
+        let (invalidations, _) = broadcast::channel(INVALIDATION_BUFFER);
+        Ok(Self {
+            target,
+            prefix: settings.key_prefix.clone(),
+            channel: format!("{}invalidate", settings.key_prefix),
+            hosts,
+            connect_timeout: settings.connect_timeout,
+            command_timeout: settings.command_timeout,
+            slot: Mutex::new(Slot::default()),
+            pubsub_nodes,
+            cas: redis::Script::new(REPLACE_IF_LUA),
+            invalidations,
+            listener: StdMutex::new(None),
+        })
+    }
+
+    /// The Redis key holding `owner`'s record.
+    fn key(&self, owner: &Owner) -> String {
+        format!("{}key:{{{}}}", self.prefix, owner.slot())
+    }
+
+    /// The owner a record key belongs to, if the key is one of ours.
+    fn owner_of_key(&self, key: &[u8]) -> Option<Owner> {
+        let key = std::str::from_utf8(key).ok()?;
+        let slot = key
+            .strip_prefix(self.prefix.as_str())?
+            .strip_prefix("key:{")?
+            .strip_suffix('}')?;
+        Owner::from_slot(slot)
+    }
+
+    /// The current connection, its generation, and whether it was just made; connects first
+    /// when there is none (bounded by `connect_timeout`). Fails fast for a short pause after a
+    /// failed attempt, so an outage costs callers nothing but an error.
+    async fn connection(&self) -> Result<(u64, Conn, bool), StoreError> {
+        let mut slot = self.slot.lock().await;
+        if let Some((generation, conn)) = &slot.conn {
+            return Ok((*generation, conn.clone(), false));
+        }
+        if slot
+            .last_failure
+            .is_some_and(|t| t.elapsed() < RECONNECT_PAUSE)
+        {
+            return Err(StoreError::Unavailable(format!(
+                "redis at {} is unreachable",
+                self.hosts
+            )));
+        }
+        match tokio::time::timeout(self.connect_timeout, self.connect()).await {
+            Ok(Ok(conn)) => {
+                slot.generation += 1;
+                let generation = slot.generation;
+                slot.conn = Some((generation, conn.clone()));
+                slot.last_failure = None;
+                if slot.down {
+                    slot.down = false;
+                    tracing::info!(store = "redis", hosts = %self.hosts, "redis reachable again");
+                }
+                Ok((generation, conn, true))
+            }
+            failed => {
+                let reason = match failed {
+                    Ok(Err(e)) => e.to_string(),
+                    _ => format!("connect timed out after {:?}", self.connect_timeout),
+                };
+                slot.last_failure = Some(Instant::now());
+                if !slot.down {
+                    slot.down = true;
+                    tracing::warn!(store = "redis", hosts = %self.hosts, %reason, "cannot connect to redis");
+                }
+                Err(StoreError::Unavailable(format!(
+                    "cannot connect to redis at {}: {reason}",
+                    self.hosts
+                )))
+            }
+        }
+    }
+
+    async fn connect(&self) -> RedisResult<Conn> {
+        match &self.target {
+            Target::Single(client) => {
+                let config = AsyncConnectionConfig::new()
+                    .set_connection_timeout(Some(self.connect_timeout))
+                    .set_response_timeout(Some(self.command_timeout));
+                client
+                    .get_multiplexed_async_connection_with_config(&config)
+                    .await
+                    .map(Conn::Single)
+            }
+            Target::Cluster(client) => client.get_async_connection().await.map(Conn::Cluster),
+        }
+    }
+
+    /// Forget connection `generation` (if still current) so the next call reconnects.
+    async fn discard(&self, generation: u64) {
+        let mut slot = self.slot.lock().await;
+        if slot.conn.as_ref().is_some_and(|(g, _)| *g == generation) {
+            slot.conn = None;
+            tracing::debug!(store = "redis", hosts = %self.hosts, "dropped redis connection");
+        }
+    }
+
+    /// Run one command on the current connection, bounded by `command_timeout`. A timeout or a
+    /// connection-level error drops the connection so a later call starts afresh. When a reused
+    /// connection turns out to have died while idle (Redis restarted), the command is tried once
+    /// more on a fresh one: every command here is safe to repeat.
+    async fn run<T, F, Fut>(&self, what: &'static str, f: F) -> Result<T, StoreError>
+    where
+        F: Fn(Conn) -> Fut,
+        Fut: Future<Output = RedisResult<T>>,
+    {
+        self.ensure_listener(false);
+        let (generation, conn, fresh) = self.connection().await?;
+        let outcome = tokio::time::timeout(self.command_timeout, f(conn)).await;
+        if let Ok(Err(e)) = &outcome {
+            if !fresh && e.is_connection_dropped() {
+                self.discard(generation).await;
+                let (generation, conn, _) = self.connection().await?;
+                let retried = tokio::time::timeout(self.command_timeout, f(conn)).await;
+                return self.settle(what, generation, retried).await;
+            }
+        }
+        self.settle(what, generation, outcome).await
+    }
+
+    /// Turn a command outcome into the store's answer, dropping the connection when it failed.
+    async fn settle<T>(
+        &self,
+        what: &'static str,
+        generation: u64,
+        outcome: Result<RedisResult<T>, tokio::time::error::Elapsed>,
+    ) -> Result<T, StoreError> {
+        match outcome {
+            Ok(Ok(v)) => Ok(v),
+            Ok(Err(e)) => {
+                if e.is_io_error() || e.is_unrecoverable_error() {
+                    self.discard(generation).await;
+                }
+                Err(self.map_error(what, &e))
+            }
+            Err(_) => {
+                self.discard(generation).await;
+                Err(StoreError::Unavailable(format!(
+                    "redis {what} timed out after {:?}",
+                    self.command_timeout
+                )))
+            }
+        }
+    }
+
+    fn map_error(&self, what: &str, e: &RedisError) -> StoreError {
+        if e.code() == Some("WRONGTYPE") {
+            StoreError::Corrupt(format!("redis {what}: the key holds a non-string value"))
+        } else {
+            StoreError::Unavailable(format!("redis {what} at {} failed: {e}", self.hosts))
+        }
+    }
+
+    /// Start the pub/sub listener if it is not running. `subscribing` is true when called from
+    /// `subscribe_invalidations`; otherwise it only starts when someone already subscribed.
+    fn ensure_listener(&self, subscribing: bool) {
+        if !subscribing && self.invalidations.receiver_count() == 0 {
+            return;
+        }
+        let Ok(runtime) = tokio::runtime::Handle::try_current() else {
+            return;
+        };
+        let mut listener = match self.listener.lock() {
+            Ok(l) => l,
+            Err(poisoned) => poisoned.into_inner(),
+        };
+        if listener.as_ref().is_some_and(|h| !h.is_finished()) {
+            return;
+        }
+        let listen = Listener {
+            nodes: self.pubsub_nodes.clone(),
+            channel: self.channel.clone(),
+            sender: self.invalidations.clone(),
+            connect_timeout: self.connect_timeout,
+            ping_timeout: self.command_timeout.max(Duration::from_secs(1)),
+        };
+        *listener = Some(runtime.spawn(listen.run()));
+    }
+
+    /// SCAN every key matching `pattern` on a single node.
+    async fn scan_single(&self, pattern: &str) -> Result<Vec<Vec<u8>>, StoreError> {
+        let mut keys = Vec::new();
+        let mut cursor: u64 = 0;
+        loop {
+            let mut cmd = redis::cmd("SCAN");
+            cmd.arg(cursor)
+                .arg("MATCH")
+                .arg(pattern)
+                .arg("COUNT")
+                .arg(SCAN_COUNT);
+            let cmd = &cmd;
+            let (next, page): (u64, Vec<Vec<u8>>) = self
+                .run("scan", |mut c| async move { cmd.query_async(&mut c).await })
+                .await?;
+            keys.extend(page);
+            if next == 0 {
+                return Ok(keys);
+            }
+            cursor = next;
+        }
+    }
+
+    /// SCAN every key matching `pattern` on every master of the cluster. Refuses to answer
+    /// with a partial list when a master with slots did not take part.
+    async fn scan_cluster(&self, pattern: &str) -> Result<Vec<Vec<u8>>, StoreError> {
+        let scan = |cursor: u64| {
+            let mut cmd = redis::cmd("SCAN");
+            cmd.arg(cursor)
+                .arg("MATCH")
+                .arg(pattern)
+                .arg("COUNT")
+                .arg(SCAN_COUNT);
+            cmd
+        };
+        let masters = self
+            .run("cluster nodes", |c| async move {
+                let Conn::Cluster(mut c) = c else {
+                    return Err(not_cluster());
+                };
+                c.route_command(
+                    redis::cmd("CLUSTER").arg("NODES").clone(),
+                    RoutingInfo::SingleNode(SingleNodeRoutingInfo::Random),
+                )
+                .await
+            })
+            .await
+            .map(|v| count_masters_with_slots(&v))?;
+        let first = &scan(0);
+        let fanned = self
+            .run("scan", |c| async move {
+                let Conn::Cluster(mut c) = c else {
+                    return Err(not_cluster());
+                };
+                c.route_command(
+                    first.clone(),
+                    RoutingInfo::MultiNode((MultipleNodeRoutingInfo::AllMasters, None)),
+                )
+                .await
+            })
+            .await?;
+        let Value::Map(per_node) = fanned else {
+            return Err(StoreError::Unavailable(
+                "redis cluster scan: unexpected reply shape".into(),
+            ));
+        };
+        if per_node.len() < masters {
+            return Err(StoreError::Unavailable(format!(
+                "redis cluster scan reached {} of {masters} masters",
+                per_node.len()
+            )));
+        }
+        let mut keys = Vec::new();
+        for (node, reply) in per_node {
+            let node: String = redis::from_redis_value(node).map_err(|e| {
+                StoreError::Unavailable(format!("redis cluster scan: bad node name: {e}"))
+            })?;
+            let (mut cursor, page) = scan_page(reply)?;
+            keys.extend(page);
+            let address = NodeAddress::from_str(&node).map_err(|e| {
+                StoreError::Unavailable(format!("redis cluster scan: bad node address: {e}"))
+            })?;
+            while cursor != 0 {
+                let cmd = &scan(cursor);
+                let routing = &RoutingInfo::SingleNode(SingleNodeRoutingInfo::ByAddress {
+                    host: address.host().to_string(),
+                    port: address.port(),
+                });
+                let reply = self
+                    .run("scan", |c| async move {
+                        let Conn::Cluster(mut c) = c else {
+                            return Err(not_cluster());
+                        };
+                        c.route_command(cmd.clone(), routing.clone()).await
+                    })
+                    .await?;
+                let (next, page) = scan_page(reply)?;
+                keys.extend(page);
+                cursor = next;
+            }
+        }
+        Ok(keys)
+    }
+}
+
+impl Drop for RedisStore {
+    fn drop(&mut self) {
+        let listener = match self.listener.get_mut() {
+            Ok(l) => l,
+            Err(poisoned) => poisoned.into_inner(),
+        };
+        if let Some(handle) = listener.take() {
+            handle.abort();
+        }
+    }
+}
+
+#[async_trait]
+impl KeyStore for RedisStore {
+    async fn get(&self, owner: &Owner) -> Result<Option<StoredRecord>, StoreError> {
+        let key = &self.key(owner);
+        let raw: Option<Vec<u8>> = self
+            .run("get", |mut c| async move {
+                redis::cmd("GET").arg(key).query_async(&mut c).await
+            })
+            .await?;
+        raw.map(|bytes| decode_record(&owner.slot(), &bytes))
+            .transpose()
+    }
+
+    async fn put(&self, owner: &Owner, record: &StoredRecord) -> Result<(), StoreError> {
+        let key = &self.key(owner);
+        let value = &encode_record(record)?;
+        self.run("set", |mut c| async move {
+            redis::cmd("SET")
+                .arg(key)
+                .arg(value)
+                .query_async::<()>(&mut c)
+                .await
+        })
+        .await
+    }
+
+    async fn delete(&self, owner: &Owner) -> Result<bool, StoreError> {
+        let key = &self.key(owner);
+        let removed: i64 = self
+            .run("del", |mut c| async move {
+                redis::cmd("DEL").arg(key).query_async(&mut c).await
+            })
+            .await?;
+        Ok(removed > 0)
+    }
+
+    async fn replace_if(
+        &self,
+        owner: &Owner,
+        expected: &[u8],
+        record: &StoredRecord,
+    ) -> Result<bool, StoreError> {
+        let key = self.key(owner);
+        let key = &key;
+        let expected = &base64::engine::general_purpose::STANDARD.encode(expected);
+        let value = &encode_record(record)?;
+        let outcome: i64 = self
+            .run("replace_if", |mut c| async move {
+                self.cas
+                    .key(key)
+                    .arg(expected)
+                    .arg(value)
+                    .invoke_async(&mut c)
+                    .await
+            })
+            .await?;
+        match outcome {
+            1 => Ok(true),
+            0 => Ok(false),
+            _ => Err(StoreError::Corrupt(format!(
+                "record for {} is not valid JSON",
+                owner.slot()
+            ))),
+        }
+    }
+
+    async fn owners(&self) -> Result<Vec<Owner>, StoreError> {
+        let pattern = format!("{}key:*", escape_glob(&self.prefix));
+        let keys = match &self.target {
+            Target::Single(_) => self.scan_single(&pattern).await?,
+            Target::Cluster(_) => self.scan_cluster(&pattern).await?,
+        };
+        let mut owners = BTreeSet::new();
+        for key in keys {
+            match self.owner_of_key(&key) {
+                Some(owner) => {
+                    owners.insert(owner.slot());
+                }
+                None => tracing::warn!(
+                    store = "redis",
+                    key = %String::from_utf8_lossy(&key),
+                    "ignoring a key that names no owner"
+                ),
+            }
+        }
+        Ok(owners
+            .iter()
+            .filter_map(|slot| Owner::from_slot(slot))
+            .collect())
+    }
+
+    async fn ping(&self) -> Result<(), StoreError> {
+        self.run("ping", |mut c| async move {
+            redis::cmd("PING").query_async::<()>(&mut c).await
+        })
+        .await
+    }
+
+    async fn publish_invalidation(&self, owner: &Owner) -> Result<(), StoreError> {
+        let channel = &self.channel;
+        let slot = &owner.slot();
+        self.run("publish", |mut c| async move {
+            redis::cmd("PUBLISH")
+                .arg(channel)
+                .arg(slot)
+                .query_async::<()>(&mut c)
+                .await
+        })
+        .await
+    }
+
+    fn subscribe_invalidations(&self) -> broadcast::Receiver<Owner> {
+        let receiver = self.invalidations.subscribe();
+        self.ensure_listener(true);
+        receiver
+    }
+
+    fn name(&self) -> &'static str {
+        "redis"
+    }
+}
+
+/// The pub/sub listener: holds one subscription, reconnecting with backoff, and forwards each
+/// received slot to the store's broadcast channel.
+struct Listener {
+    nodes: Vec<PubSubNode>,
+    channel: String,
+    sender: broadcast::Sender<Owner>,
+    connect_timeout: Duration,
+    ping_timeout: Duration,
+}
+
+impl Listener {
+    async fn run(self) {
+        let mut backoff = PUBSUB_BACKOFF_MIN;
+        let mut attempt = 0usize;
+        let mut logged_down = false;
+        loop {
+            let Some(node) = self.nodes.get(attempt % self.nodes.len().max(1)) else {
+                return;
+            };
+            attempt = attempt.wrapping_add(1);
+            match self.subscribe(node).await {
+                Ok((sink, stream)) => {
+                    tracing::info!(store = "redis", host = %node.host, "subscribed to key invalidations");
+                    backoff = PUBSUB_BACKOFF_MIN;
+                    logged_down = false;
+                    let reason = self.pump(sink, stream).await;
+                    tracing::warn!(store = "redis", host = %node.host, %reason, "invalidation subscription lost; reconnecting");
+                }
+                Err(reason) => {
+                    if !logged_down {
+                        logged_down = true;
+                        tracing::warn!(store = "redis", host = %node.host, %reason, "cannot subscribe to key invalidations; retrying");
+                    }
+                }
+            }
+            tokio::time::sleep(backoff).await;
+            backoff = (backoff * 2).min(PUBSUB_BACKOFF_MAX);
+        }
+    }
+
+    async fn subscribe(&self, node: &PubSubNode) -> Result<(PubSubSink, PubSubStream), String> {
+        let attempt = async {
+            let mut pubsub = node.client.get_async_pubsub().await?;
+            pubsub.subscribe(&self.channel).await?;
+            Ok::<_, RedisError>(pubsub.split())
+        };
+        match tokio::time::timeout(self.connect_timeout, attempt).await {
+            Ok(Ok(pair)) => Ok(pair),
+            Ok(Err(e)) => Err(e.to_string()),
+            Err(_) => Err(format!("timed out after {:?}", self.connect_timeout)),
+        }
+    }
+
+    /// Forward messages until the connection ends; returns why it ended.
+    async fn pump(&self, mut sink: PubSubSink, mut stream: PubSubStream) -> String {
+        let mut ping = tokio::time::interval(PUBSUB_PING_EVERY);
+        ping.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        ping.tick().await;
+        loop {
+            tokio::select! {
+                msg = stream.next() => {
+                    let Some(msg) = msg else {
+                        return "connection closed".into();
+                    };
+                    let owner = msg
+                        .get_payload::<String>()
+                        .ok()
+                        .and_then(|slot| Owner::from_slot(&slot));
+                    match owner {
+                        // No receivers is fine: nobody caches yet.
+                        Some(owner) => { let _ = self.sender.send(owner); }
+                        None => tracing::debug!(store = "redis", "ignoring a malformed invalidation"),
+                    }
+                }
+                _ = ping.tick() => {
+                    match tokio::time::timeout(self.ping_timeout, sink.ping::<Value>()).await {
+                        Ok(Ok(_)) => {}
+                        Ok(Err(e)) => return format!("ping failed: {e}"),
+                        Err(_) => return "ping timed out".into(),
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// The record as stored: JSON with `sealed` in standard base64.
+#[derive(Serialize, Deserialize)]
+struct WireRecord {
+    sealed: String,
+    #[serde(default)]
+    base_url: Option<String>,
+    updated_at: i64,
+}
+
+/// Encode a record in the JSON form both stores keep.
+pub(crate) fn encode_record(record: &StoredRecord) -> Result<Vec<u8>, StoreError> {
+    let wire = WireRecord {
+        sealed: base64::engine::general_purpose::STANDARD.encode(&record.sealed),
+        base_url: record.base_url.clone(),
+        updated_at: record.updated_at,
+    };
+    serde_json::to_vec(&wire).map_err(|e| StoreError::Corrupt(format!("cannot encode record: {e}")))
+}
+
+/// Decode [`encode_record`]'s form; anything else is [`StoreError::Corrupt`]. The error never
+/// quotes the stored bytes.
+pub(crate) fn decode_record(slot: &str, bytes: &[u8]) -> Result<StoredRecord, StoreError> {
+    let wire: WireRecord = serde_json::from_slice(bytes).map_err(|e| {
+        StoreError::Corrupt(format!(
+            "record for {slot} is not a valid record (line {}, column {})",
+            e.line(),
+            e.column()
+        ))
+    })?;
+    let sealed = base64::engine::general_purpose::STANDARD
+        .decode(wire.sealed.as_bytes())
+        .map_err(|_| StoreError::Corrupt(format!("record for {slot}: sealed is not base64")))?;
+    Ok(StoredRecord {
+        sealed,
+        base_url: wire.base_url,
+        updated_at: wire.updated_at,
+    })
+}
+
+/// Split and parse the configured URL(s) into connection infos, never echoing credentials.
+fn parse_urls(url: &str, cluster: bool) -> Result<Vec<ConnectionInfo>, StoreError> {
+    let items: Vec<&str> = url
+        .split(',')
+        .map(str::trim)
+        .filter(|s| !s.is_empty())
+        .collect();
+    let Some(first) = items.first() else {
+        return Err(StoreError::Unavailable("redis url is empty".into()));
+    };
+    if items.len() > 1 && !cluster {
+        return Err(StoreError::Unavailable(
+            "redis url lists several nodes but cluster mode is off".into(),
+        ));
+    }
+    let Some(scheme_end) = first.find("://") else {
+        return Err(StoreError::Unavailable(
+            "redis url must start with redis://, rediss:// or redis+unix://".into(),
+        ));
+    };
+    // The first item's scheme and credentials, for bare `host:port` seeds after it.
+    let authority_start = scheme_end + 3;
+    let authority_end = first[authority_start..]
+        .find(['/', '?', '#'])
+        .map_or(first.len(), |i| authority_start + i);
+    let inherited = match first[authority_start..authority_end].rfind('@') {
+        Some(at) => &first[..authority_start + at + 1],
+        None => &first[..authority_start],
+    };
+    let mut infos = Vec::with_capacity(items.len());
+    for (index, item) in items.iter().enumerate() {
+        let full = if item.contains("://") {
+            (*item).to_string()
+        } else {
+            format!("{inherited}{item}")
+        };
+        let info = full.as_str().into_connection_info().map_err(|e| {
+            StoreError::Unavailable(format!("redis url (node {}) is invalid: {e}", index + 1))
+        })?;
+        infos.push(info);
+    }
+    Ok(infos)
+}
+
+/// The URL(s) with any `user:password@` replaced by `***@`.
+fn redact_url(url: &str) -> String {
+    url.split(',')
+        .map(|item| {
+            let Some(scheme_end) = item.find("://") else {
+                return item.to_string();
+            };
+            let start = scheme_end + 3;
+            let end = item[start..]
+                .find(['/', '?', '#'])
+                .map_or(item.len(), |i| start + i);
+            match item[start..end].rfind('@') {
+                Some(at) => format!("{}***@{}", &item[..start], &item[start + at + 1..]),
+                None => item.to_string(),
+            }
+        })
+        .collect::<Vec<_>>()
+        .join(",")
+}
+
+/// `host:port` (or the socket path) of an address, for logs.
+fn host_label(addr: &ConnectionAddr) -> String {
+    addr.to_string()
+}
+
+/// Escape Redis glob metacharacters so the prefix matches literally.
+fn escape_glob(s: &str) -> String {
+    let mut out = String::with_capacity(s.len());
+    for c in s.chars() {
+        if matches!(c, '*' | '?' | '[' | ']' | '\\') {
+            out.push('\\');
+        }
+        out.push(c);
+    }
+    out
+}
+
+fn not_cluster() -> RedisError {
+    RedisError::from((redis::ErrorKind::Client, "not a cluster connection"))
+}
+
+/// `(next cursor, keys)` from one SCAN reply.
+fn scan_page(reply: Value) -> Result<(u64, Vec<Vec<u8>>), StoreError> {
+    if let Value::ServerError(e) = reply {
+        return Err(StoreError::Unavailable(format!(
+            "redis cluster scan failed on a node: {}",
+            e.details().unwrap_or("server error")
+        )));
+    }
+    redis::from_redis_value::<(u64, Vec<Vec<u8>>)>(reply)
+        .map_err(|e| StoreError::Unavailable(format!("redis scan: unexpected reply: {e}")))
+}
+
+/// Masters that own slots, from a `CLUSTER NODES` reply.
+fn count_masters_with_slots(reply: &Value) -> usize {
+    let text = match reply {
+        Value::BulkString(b) => String::from_utf8_lossy(b).into_owned(),
+        Value::VerbatimString { text, .. } => text.clone(),
+        Value::SimpleString(s) => s.clone(),
+        _ => return 0,
+    };
+    // Fields: id addr flags master-id ping pong epoch link-state slot…; a master owning
+    // slots has at least one slot field.
+    text.lines()
+        .map(|line| line.split_whitespace().collect::<Vec<_>>())
+        .filter(|f| f.len() > 8 && f[2].split(',').any(|flag| flag == "master"))
+        .count()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn settings(url: &str, cluster: bool) -> RedisSettings {
+        RedisSettings {
+            url: url.into(),
+            cluster,
+            key_prefix: "keygate:".into(),
+            connect_timeout: Duration::from_millis(200),
+            command_timeout: Duration::from_millis(200),
+        }
+    }
+
+    #[test]
+    fn keys_use_the_slot_as_hash_tag_and_parse_back() {
+        let store = RedisStore::new(settings("redis://127.0.0.1:1", false)).unwrap();
+        let owner = Owner::user("user_1");
+        let key = store.key(&owner);
+        assert_eq!(key, "keygate:key:{user:user_1}");
+        assert_eq!(store.owner_of_key(key.as_bytes()), Some(owner));
+        assert_eq!(store.owner_of_key(b"keygate:other"), None);
+        assert_eq!(store.owner_of_key(b"other:key:{user:x}"), None);
+    }
+
+    #[test]
+    fn new_validates_urls_without_connecting_or_leaking_passwords() {
+        assert!(RedisStore::new(settings("redis://:hunter2@127.0.0.1:1/0", false)).is_ok());
+        assert!(RedisStore::new(settings("rediss://127.0.0.1:1", false)).is_ok());
+        for bad in [
+            "",
+            "127.0.0.1:6379",
+            "http://:hunter2@h:1",
+            "redis://:hunter2@h:notaport",
+        ] {
+            let Err(e) = RedisStore::new(settings(bad, false)) else {
+                panic!("accepted {bad:?}");
+            };
+            assert!(!e.to_string().contains("hunter2"), "{e}");
+        }
+        let err = RedisStore::new(settings("redis://a:1,redis://b:2", false));
+        assert!(err.is_err(), "several nodes need cluster mode");
+    }
+
+    #[test]
+    fn cluster_seeds_inherit_scheme_and_credentials() {
+        let infos = parse_urls("rediss://u:p@a:7000, b:7001,redis://c:7002", true).unwrap();
+        let hosts: Vec<String> = infos.iter().map(|i| i.addr().to_string()).collect();
+        assert_eq!(hosts, ["a:7000", "b:7001", "c:7002"]);
+        assert!(matches!(infos[1].addr(), ConnectionAddr::TcpTls { .. }));
+        assert_eq!(infos[1].redis_settings().password(), Some("p"));
+        assert!(matches!(infos[2].addr(), ConnectionAddr::Tcp(..)));
+        let store = RedisStore::new(settings("redis://:p@a:7000,b:7001", true)).unwrap();
+        assert_eq!(store.hosts, "a:7000,b:7001");
+    }
+
+    #[test]
+    fn records_round_trip_and_garbage_is_corrupt() {
+        let record = StoredRecord {
+            sealed: vec![0, 1, 2, 255],
+            base_url: Some("https://crm.example.com".into()),
+            updated_at: 42,
+        };
+        let bytes = encode_record(&record).unwrap();
+        let json: serde_json::Value = serde_json::from_slice(&bytes).unwrap();
+        assert_eq!(json["sealed"], "AAEC/w==");
+        assert_eq!(decode_record("user:u", &bytes).unwrap(), record);
+        for garbage in [
+            &b"not json"[..],
+            br#"{"sealed":"***","updated_at":1}"#,
+            b"[]",
+        ] {
+            assert!(matches!(
+                decode_record("user:u", garbage),
+                Err(StoreError::Corrupt(_))
+            ));
+        }
+    }
+
+    #[test]
+    fn debug_of_settings_hides_credentials() {
+        let s = settings("redis://user:hunter2@a:1/0,rediss://:hunter2@b:2", true);
+        let shown = format!("{s:?}");
+        assert!(!shown.contains("hunter2"), "{shown}");
+        assert!(
+            shown.contains("redis://***@a:1/0,rediss://***@b:2"),
+            "{shown}"
+        );
+    }
+
+    #[test]
+    fn glob_metacharacters_in_the_prefix_are_escaped() {
+        assert_eq!(escape_glob("a*b?[c]\\"), "a\\*b\\?\\[c\\]\\\\");
+        assert_eq!(escape_glob("keygate:"), "keygate:");
+    }
+
+    #[test]
+    fn cluster_nodes_reply_counts_masters_with_slots() {
+        let reply = Value::BulkString(
+            b"id1 127.0.0.1:7000@17000 myself,master - 0 0 1 connected 0-5460\n\
+              id2 127.0.0.1:7001@17001 master - 0 0 2 connected 5461-10922\n\
+              id3 127.0.0.1:7002@17002 slave id1 0 0 1 connected\n\
+              id4 127.0.0.1:7003@17003 master - 0 0 3 connected\n"
+                .to_vec(),
+        );
+        assert_eq!(count_masters_with_slots(&reply), 2);
+    }
+}

@@ -13,6 +13,7 @@
 
 pub mod deadline;
 pub mod headers;
+pub mod inject;
 pub mod respond;
 
 use std::net::IpAddr;
@@ -29,7 +30,10 @@ use pingora::upstreams::peer::HttpPeer;
 use crate::auth::discovery::{AsDocument, AuthServerMetadata, ResourceMetadata};
 use crate::auth::{bearer_token, Authenticator, Identity};
 use crate::config::Settings;
-use crate::error::GatewayError;
+use crate::error::{AuthError, GatewayError};
+use crate::keys::api as keys_api;
+use crate::keys::store::Owner;
+use crate::keys::vault::{UserKey, Vault, VaultError};
 use crate::policy::cors::Cors;
 
 /// Everything the request path reads, built once at startup.
@@ -43,6 +47,30 @@ pub struct GatewayState {
     /// `scope="…"` for challenges.
     pub challenge_scope: String,
     pub health_body: Bytes,
+    /// The key vault, when enabled.
+    pub vault: Option<Arc<Vault>>,
+    /// `TWENTY_API_KEY`: injected for callers with no key of their own.
+    pub fallback_key: Option<Arc<UserKey>>,
+}
+
+impl GatewayState {
+    /// Whose slot an identity's key lives in.
+    pub fn owner(&self, identity: &Identity) -> Owner {
+        match (&identity.org, self.settings.keys.org_keys) {
+            (Some(org), true) => Owner::org(org.id.clone()),
+            _ => Owner::user(identity.subject.clone()),
+        }
+    }
+}
+
+fn vault_error(e: VaultError) -> GatewayError {
+    match e {
+        VaultError::Store(_) => GatewayError::Unavailable {
+            what: "key store",
+            retry_after: std::time::Duration::from_secs(5),
+        },
+        VaultError::Decrypt => GatewayError::KeyDecrypt,
+    }
 }
 
 /// Which kind of route a request is on.
@@ -74,6 +102,8 @@ pub struct RequestCtx {
     pub cors_origin: Option<String>,
     /// Why keygate refused the request, for the access log.
     pub denied: Option<&'static str>,
+    /// The upstream key to inject.
+    pub user_key: Option<Arc<UserKey>>,
 }
 
 /// The Pingora proxy app.
@@ -218,9 +248,88 @@ impl Gateway {
         Ok(())
     }
 
+    /// `/api/keys`: the signed-in caller's own key.
+    async fn keys_api(
+        &self,
+        session: &mut Session,
+        ctx: &mut RequestCtx,
+        vault: &Vault,
+    ) -> Result<(), GatewayError> {
+        ctx.route = Route::Local;
+        let identity = ctx.identity.clone().ok_or(AuthError::Missing)?;
+        let owner = self.state.owner(&identity);
+        let method = session.req_header().method.clone();
+        let body = if method == http::Method::GET || method == http::Method::HEAD {
+            let meta = vault.metadata(&owner).await.map_err(vault_error)?;
+            keys_api::metadata_body(meta.as_ref())
+        } else if method == http::Method::POST {
+            let raw = read_body(session, self.state.settings.keys.max_body_bytes).await?;
+            let new = keys_api::parse_post(&raw, &self.state.settings.keys)?;
+            vault
+                .put(&owner, &new.api_key, new.base_url, None)
+                .await
+                .map_err(vault_error)?;
+            tracing::info!(target: "keygate::audit", event = "key_stored", owner = %owner.slot(), request_id = %ctx.request_id, client_ip = ?ctx.client_ip);
+            keys_api::STORED.to_string()
+        } else if method == http::Method::DELETE {
+            let existed = vault.delete(&owner).await.map_err(vault_error)?;
+            tracing::info!(target: "keygate::audit", event = "key_deleted", owner = %owner.slot(), existed, request_id = %ctx.request_id, client_ip = ?ctx.client_ip);
+            keys_api::DELETED.to_string()
+        } else {
+            return Err(GatewayError::MethodNotAllowed);
+        };
+        respond::json(
+            session,
+            ctx,
+            200,
+            Bytes::from(body),
+            &[("cache-control", "no-store")],
+        )
+        .await;
+        Ok(())
+    }
+
+    /// The key to inject: the caller's own, else the fallback, else a 400.
+    async fn resolve_key(
+        &self,
+        ctx: &RequestCtx,
+        vault: &Vault,
+    ) -> Result<Arc<UserKey>, GatewayError> {
+        if let Some(identity) = &ctx.identity {
+            if let Some(key) = vault
+                .lookup(&self.state.owner(identity))
+                .await
+                .map_err(vault_error)?
+            {
+                return Ok(key);
+            }
+        }
+        self.state
+            .fallback_key
+            .clone()
+            .ok_or(GatewayError::NoApiKey)
+    }
+
     async fn deny(&self, session: &mut Session, ctx: &mut RequestCtx, err: GatewayError) {
         ctx.denied = Some(err.reason());
         respond::error(session, ctx, &self.state, &err).await;
+    }
+}
+
+/// Read a request body of at most `max` bytes (413 beyond).
+async fn read_body(session: &mut Session, max: usize) -> Result<Vec<u8>, GatewayError> {
+    let mut body = Vec::new();
+    loop {
+        match session.read_request_body().await {
+            Ok(Some(chunk)) => {
+                if body.len() + chunk.len() > max {
+                    return Err(GatewayError::PayloadTooLarge);
+                }
+                body.extend_from_slice(&chunk);
+            }
+            Ok(None) => return Ok(body),
+            Err(_) => return Err(GatewayError::BadRequest("Could not read the request body")),
+        }
     }
 }
 
@@ -237,6 +346,7 @@ impl ProxyHttp for Gateway {
             identity: None,
             cors_origin: None,
             denied: None,
+            user_key: None,
         }
     }
 
@@ -275,6 +385,13 @@ impl ProxyHttp for Gateway {
                 return Ok(true);
             }
             self.authenticate(session, ctx, &path).await?;
+            if let Some(vault) = self.state.vault.clone() {
+                if path == "/api/keys" {
+                    self.keys_api(session, ctx, &vault).await?;
+                    return Ok(true);
+                }
+                ctx.user_key = Some(self.resolve_key(ctx, &vault).await?);
+            }
             Ok::<bool, GatewayError>(false)
         }
         .await;
@@ -347,7 +464,19 @@ impl ProxyHttp for Gateway {
                 .map_err(|e| Error::because(ErrorType::InvalidHTTPHeader, "upstream path", e))?;
             upstream_request.set_uri(uri);
         }
+        inject::apply(
+            upstream_request,
+            &up.inject,
+            ctx.user_key.as_deref(),
+            s.settings.keys.default_base_url.as_deref(),
+        )?;
         Ok(())
+    }
+
+    fn request_summary(&self, session: &Session, _ctx: &RequestCtx) -> String {
+        // Never the query string: it may carry keys.
+        let req = session.req_header();
+        format!("{} {}", req.method, req.uri.path())
     }
 
     async fn response_filter(

@@ -699,7 +699,12 @@ async fn require_auth_false_lets_anonymous_through_but_not_bad_tokens() {
 #[tokio::test]
 async fn auth_disabled_passes_everything_and_hides_discovery() {
     let upstream = Upstream::start().await;
-    let gw = Keygate::start_with_env("", &upstream.url(), &[("AUTH_ENABLED", "false")]).await;
+    let gw = Keygate::start_with_env(
+        crate::common::NO_VAULT,
+        &upstream.url(),
+        &[("AUTH_ENABLED", "false")],
+    )
+    .await;
     let resp = client()
         .post(gw.at("/mcp"))
         .json(&serde_json::json!({"jsonrpc": "2.0", "id": 1, "method": "ping"}))
@@ -735,6 +740,8 @@ async fn any_oidc_issuer_through_discovery() {
     let upstream = Upstream::start().await;
     let toml = format!(
         r#"
+[keys]
+enabled = false
 [resource]
 url = "{RESOURCE}"
 [[issuers]]

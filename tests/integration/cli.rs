@@ -13,6 +13,9 @@ fn keygate() -> Command {
         "CLERK_SECRET_KEY",
         "CLERK_DOMAIN",
         "MCP_SERVER_URL",
+        "API_KEY_ENCRYPTION_SECRET",
+        "REDIS_URL",
+        "TWENTY_API_KEY",
     ] {
         c.env_remove(var);
     }
@@ -61,6 +64,10 @@ fn the_dev_config_is_valid_offline() {
     let out = keygate()
         .args(["--config", "config/keygate.example.toml", "check-config"])
         .env("CLERK_SECRET_KEY", "sk_test_x")
+        .env(
+            "API_KEY_ENCRYPTION_SECRET",
+            "0f1e2d3c4b5a69788796a5b4c3d2e1f00112233445566778899aabbccddeef0f",
+        )
         .output()
         .expect("run keygate");
     assert!(

@@ -37,8 +37,22 @@ async fn dev_token_is_accepted_by_the_dev_config() {
             "\"dev/",
             &format!("\"{}/config/dev/", env!("CARGO_MANIFEST_DIR")),
         );
+    let data = std::env::temp_dir().join(format!("keygate-dev-{}", crate::common::free_port()));
+    let toml = toml.replace(
+        &format!("{}/config/dev/data", env!("CARGO_MANIFEST_DIR")),
+        &data.display().to_string(),
+    );
     let gw = Keygate::start(&toml, &upstream.url()).await;
     gw.wait_ready().await;
+    // The newcomer's path: store a key, then call the MCP route with it injected.
+    let stored = client()
+        .post(gw.at("/api/keys"))
+        .bearer_auth(&token)
+        .json(&serde_json::json!({"apiKey": "tw_dev_key"}))
+        .send()
+        .await
+        .expect("request");
+    assert_eq!(stored.status(), 200);
     let resp = client()
         .post(gw.at("/mcp"))
         .bearer_auth(&token)
@@ -49,6 +63,7 @@ async fn dev_token_is_accepted_by_the_dev_config() {
     assert_eq!(resp.status(), 200);
     let seen = upstream.last().expect("forwarded");
     assert_eq!(seen.headers["x-keygate-user"], "user_dev");
+    assert_eq!(seen.query.as_deref(), Some("apiKey=tw_dev_key"));
     let anon = client()
         .post(gw.at("/mcp"))
         .json(&serde_json::json!({"jsonrpc": "2.0", "id": 1, "method": "ping"}))

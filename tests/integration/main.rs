@@ -8,3 +8,4 @@ mod discovery;
 mod harness_selfcheck;
 mod proxy;
 mod stores;
+mod vault;

@@ -4,6 +4,7 @@
 
 pub mod clerk;
 pub mod keys;
+pub mod redis;
 pub mod upstream;
 
 use std::collections::HashMap;
@@ -153,10 +154,19 @@ user = "X-Keygate-User"
 org = "X-Keygate-Org"
 scopes = "X-Keygate-Scopes"
 token_kind = "X-Keygate-Token-Kind"
+{vault}
 {extra}
-"#
+"#,
+        vault = if extra.contains("[keys]") {
+            ""
+        } else {
+            NO_VAULT
+        }
     )
 }
+
+/// Config lines that turn the key vault off, for tests about other things.
+pub const NO_VAULT: &str = "[keys]\nenabled = false\n";
 
 /// The audience Clerk OAuth tokens must carry for the test resource.
 pub const RESOURCE: &str = "https://mcp.example.com/mcp";

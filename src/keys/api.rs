@@ -1,0 +1,197 @@
+//! The `/api/keys` shapes, kept compatible with the Node Twenty MCP server: parse and check a
+//! `POST` body, render `GET` metadata and the success messages. The proxy calls these; the
+//! vault does the storing. The stored key is never echoed.
+
+use secrecy::SecretString;
+use serde::Deserialize;
+use url::Url;
+
+use super::vault::KeyMetadata;
+use crate::config::KeysSettings;
+use crate::error::GatewayError;
+
+/// `POST /api/keys` success body.
+pub const STORED: &str = r#"{"success":true,"message":"API key stored successfully"}"#;
+/// `DELETE /api/keys` success body.
+pub const DELETED: &str = r#"{"success":true,"message":"API key deleted successfully"}"#;
+
+#[derive(Deserialize)]
+#[serde(rename_all = "camelCase")]
+struct PostBody {
+    api_key: Option<serde_json::Value>,
+    base_url: Option<serde_json::Value>,
+}
+
+/// A checked `POST /api/keys` body.
+pub struct NewKey {
+    pub api_key: SecretString,
+    pub base_url: Option<String>,
+}
+
+/// Check a `POST` body: JSON, an `apiKey` string within the length limit, and a `baseUrl`
+/// whose host is on the allowlist.
+pub fn parse_post(body: &[u8], settings: &KeysSettings) -> Result<NewKey, GatewayError> {
+    let parsed: PostBody =
+        serde_json::from_slice(body).map_err(|_| GatewayError::BadRequest("Invalid JSON body"))?;
+    let api_key = match parsed.api_key {
+        Some(serde_json::Value::String(s)) => s,
+        Some(serde_json::Value::Null) | None => {
+            return Err(GatewayError::BadRequest("API key is required"))
+        }
+        Some(_) => return Err(GatewayError::BadRequest("API key must be a string")),
+    };
+    let api_key = api_key.trim().to_string();
+    if api_key.is_empty() {
+        return Err(GatewayError::BadRequest("API key is required"));
+    }
+    if api_key.len() > settings.max_key_bytes {
+        return Err(GatewayError::BadRequest("API key is too long"));
+    }
+    if api_key.bytes().any(|b| b.is_ascii_control() || b == b' ') {
+        return Err(GatewayError::BadRequest(
+            "API key must not contain spaces or control characters",
+        ));
+    }
+    let base_url = match parsed.base_url {
+        None | Some(serde_json::Value::Null) => None,
+        Some(serde_json::Value::String(s)) if s.trim().is_empty() => None,
+        Some(serde_json::Value::String(s)) => Some(check_base_url(s.trim(), settings)?),
+        Some(_) => return Err(GatewayError::BadRequest("baseUrl must be a string")),
+    };
+    Ok(NewKey {
+        api_key: SecretString::from(api_key),
+        base_url,
+    })
+}
+
+fn check_base_url(raw: &str, settings: &KeysSettings) -> Result<String, GatewayError> {
+    let url = Url::parse(raw).map_err(|_| GatewayError::BadRequest("baseUrl is not a URL"))?;
+    let host = url.host_str().map(str::to_ascii_lowercase);
+    let allowed = host
+        .as_deref()
+        .is_some_and(|h| settings.allowed_base_url_hosts.iter().any(|a| a == h));
+    if !allowed {
+        return Err(GatewayError::Invalid(format!(
+            "baseUrl host is not allowed; allowed hosts: {}",
+            settings.allowed_base_url_hosts.join(", ")
+        )));
+    }
+    let loopback = matches!(host.as_deref(), Some("localhost" | "127.0.0.1" | "[::1]"));
+    if url.scheme() != "https" && !(url.scheme() == "http" && loopback) {
+        return Err(GatewayError::BadRequest("baseUrl must use https"));
+    }
+    if !url.username().is_empty() || url.password().is_some() {
+        return Err(GatewayError::BadRequest(
+            "baseUrl must not carry credentials",
+        ));
+    }
+    if url.query().is_some() || url.fragment().is_some() {
+        return Err(GatewayError::BadRequest(
+            "baseUrl must not carry a query or fragment",
+        ));
+    }
+    Ok(url.as_str().trim_end_matches('/').to_string())
+}
+
+fn rfc3339(secs: i64) -> Option<String> {
+    let t = time::OffsetDateTime::from_unix_timestamp(secs).ok()?;
+    t.format(&time::format_description::well_known::Rfc3339)
+        .ok()
+}
+
+/// `GET /api/keys` body.
+pub fn metadata_body(meta: Option<&KeyMetadata>) -> String {
+    let mut doc = serde_json::json!({ "hasKey": meta.is_some() });
+    if let Some(m) = meta {
+        if let Some(t) = rfc3339(m.updated_at) {
+            doc["updatedAt"] = serde_json::json!(t);
+        }
+        if let Some(b) = &m.base_url {
+            doc["baseUrl"] = serde_json::json!(b);
+        }
+    }
+    doc.to_string()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use secrecy::ExposeSecret;
+    use std::time::Duration;
+
+    fn settings() -> KeysSettings {
+        KeysSettings {
+            enabled: true,
+            data_dir: "data".into(),
+            encryption_secret: None,
+            previous_encryption_secrets: Vec::new(),
+            org_keys: false,
+            fallback_api_key: None,
+            default_base_url: None,
+            allowed_base_url_hosts: vec!["api.twenty.com".into(), "localhost".into()],
+            max_key_bytes: 64,
+            max_body_bytes: 1024,
+            cache_ttl: Duration::from_secs(60),
+            cache_max_entries: 10,
+        }
+    }
+
+    fn reason(body: &str) -> String {
+        match parse_post(body.as_bytes(), &settings()) {
+            Ok(_) => "ok".into(),
+            Err(e) => e.to_string(),
+        }
+    }
+
+    #[test]
+    fn post_bodies_are_checked() {
+        let ok = parse_post(
+            br#"{"apiKey":" tw_1 ","baseUrl":"https://api.twenty.com/"}"#,
+            &settings(),
+        )
+        .expect("valid");
+        assert_eq!(ok.api_key.expose_secret(), "tw_1");
+        assert_eq!(ok.base_url.as_deref(), Some("https://api.twenty.com"));
+        assert_eq!(reason("{"), "Invalid JSON body");
+        assert_eq!(reason("{}"), "API key is required");
+        assert_eq!(reason(r#"{"apiKey":""}"#), "API key is required");
+        assert_eq!(reason(r#"{"apiKey":5}"#), "API key must be a string");
+        assert_eq!(
+            reason(&format!(r#"{{"apiKey":"{}"}}"#, "k".repeat(65))),
+            "API key is too long"
+        );
+        assert_eq!(
+            reason(r#"{"apiKey":"a b"}"#),
+            "API key must not contain spaces or control characters"
+        );
+        assert!(
+            reason(r#"{"apiKey":"k","baseUrl":"https://evil.example.com"}"#)
+                .starts_with("baseUrl host is not allowed")
+        );
+        assert_eq!(
+            reason(r#"{"apiKey":"k","baseUrl":"http://api.twenty.com"}"#),
+            "baseUrl must use https"
+        );
+        assert_eq!(
+            reason(r#"{"apiKey":"k","baseUrl":"http://localhost:3001"}"#),
+            "ok"
+        );
+        assert_eq!(
+            reason(r#"{"apiKey":"k","baseUrl":"https://u:p@api.twenty.com"}"#),
+            "baseUrl must not carry credentials"
+        );
+    }
+
+    #[test]
+    fn metadata_renders_rfc3339() {
+        assert_eq!(metadata_body(None), r#"{"hasKey":false}"#);
+        let body = metadata_body(Some(&KeyMetadata {
+            updated_at: 1_700_000_000,
+            base_url: Some("https://api.twenty.com".into()),
+        }));
+        let v: serde_json::Value = serde_json::from_str(&body).expect("json");
+        assert_eq!(v["hasKey"], true);
+        assert_eq!(v["updatedAt"], "2023-11-14T22:13:20Z");
+        assert_eq!(v["baseUrl"], "https://api.twenty.com");
+    }
+}
