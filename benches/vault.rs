@@ -1,10 +1,19 @@
 //! The key-at-rest hot path: opening a user's sealed 64-byte API key (every proxied request
-//! whose key is not cached) and sealing one (every `POST /api/keys` and rotation).
+//! whose key is not cached), sealing one (every `POST /api/keys` and rotation), and the
+//! cached lookup every other proxied request takes.
 
 use std::hint::black_box;
 
 use criterion::{criterion_group, criterion_main, Criterion, Throughput};
+use std::sync::Arc;
+use std::time::Duration;
+
+use keygate::config::KeysSettings;
 use keygate::keys::crypto::Keyring;
+use keygate::keys::embedded::EmbeddedStore;
+use keygate::keys::store::Owner;
+use keygate::keys::vault::Vault;
+use secrecy::SecretString;
 
 const SECRET: &str = "3c9f1a7e5b2d4c6e8a0f1b3d5c7e9a2b4d6f8a1c3e5b7d9f0a2c4e6b8d1f3a5c";
 const SLOT: &str = "user:user_2bench0000000000000000000";
@@ -49,5 +58,44 @@ fn seal(c: &mut Criterion) {
     group.finish();
 }
 
-criterion_group!(benches, open, seal);
+fn cached_lookup(c: &mut Criterion) {
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .expect("runtime");
+    let dir = std::env::temp_dir().join(format!("keygate-bench-vault-{}", std::process::id()));
+    let store = Arc::new(EmbeddedStore::open(&dir).expect("store"));
+    let settings = KeysSettings {
+        enabled: true,
+        keyring: None,
+        data_dir: dir.clone(),
+        encryption_secret: None,
+        previous_encryption_secrets: Vec::new(),
+        org_keys: false,
+        fallback_api_key: None,
+        default_base_url: None,
+        allowed_base_url_hosts: Vec::new(),
+        max_key_bytes: 4096,
+        max_body_bytes: 16384,
+        cache_ttl: Duration::from_secs(3600),
+        cache_max_entries: 100_000,
+    };
+    let vault = Vault::new(store, Arc::new(keyring()), &settings);
+    let owner = Owner::user("user_bench");
+    let key = SecretString::from(String::from_utf8(api_key()).expect("ascii"));
+    rt.block_on(vault.put(&owner, &key, None, None))
+        .expect("put");
+    rt.block_on(vault.lookup(&owner)).expect("warm");
+    let mut group = c.benchmark_group("vault");
+    group.bench_function("cached_lookup", |b| {
+        b.iter(|| {
+            rt.block_on(vault.lookup(black_box(&owner)))
+                .expect("lookup")
+        })
+    });
+    group.finish();
+    let _ = std::fs::remove_dir_all(dir);
+}
+
+criterion_group!(benches, open, seal, cached_lookup);
 criterion_main!(benches);

@@ -84,11 +84,7 @@ pub fn build_vault(settings: &Settings) -> anyhow::Result<Option<Arc<Vault>>> {
     }
     let keyring = crate::keys::keyring(&settings.keys).map_err(anyhow::Error::msg)?;
     let store = build_store(settings)?;
-    Ok(Some(Arc::new(Vault::new(
-        store,
-        Arc::new(keyring),
-        &settings.keys,
-    ))))
+    Ok(Some(Arc::new(Vault::new(store, keyring, &settings.keys))))
 }
 
 /// Build the shared request-path state.

@@ -139,12 +139,6 @@ fn main() -> ExitCode {
             }
         },
         Command::CheckConfig => {
-            if settings.keys.enabled {
-                if let Err(e) = keygate::keys::keyring(&settings.keys) {
-                    eprintln!("keygate: 1 configuration problem(s):\n  - {e}");
-                    return ExitCode::from(2);
-                }
-            }
             println!(
                 "configuration ok: listen {} -> upstream {}, admin {}, auth {}",
                 settings.server.listen,

@@ -112,6 +112,8 @@ pub struct InjectSettings {
 #[derive(Debug, Clone)]
 pub struct KeysSettings {
     pub enabled: bool,
+    /// Built from the secrets during validation (a weak secret is a config problem).
+    pub keyring: Option<std::sync::Arc<crate::keys::crypto::Keyring>>,
     pub data_dir: PathBuf,
     pub encryption_secret: Option<SecretString>,
     pub previous_encryption_secrets: Vec<SecretString>,
@@ -856,8 +858,29 @@ fn validate(f: FileConfig, base: &Path, problems: &mut Problems) -> Option<Setti
     if k.max_body_bytes < 256 || k.max_body_bytes > 1024 * 1024 {
         problems.push("keys.max_body_bytes", "must be between 256 and 1048576");
     }
+    let keyring = match (&k.encryption_secret, k.enabled) {
+        (Some(active), true) => {
+            let previous: Vec<&str> = k
+                .previous_encryption_secrets
+                .iter()
+                .map(String::as_str)
+                .collect();
+            match crate::keys::crypto::Keyring::from_secrets(active, &previous) {
+                Ok(ring) => Some(std::sync::Arc::new(ring)),
+                Err(e) => {
+                    problems.push(
+                        "keys.encryption_secret (API_KEY_ENCRYPTION_SECRET)",
+                        e.to_string(),
+                    );
+                    None
+                }
+            }
+        }
+        _ => None,
+    };
     let keys = KeysSettings {
         enabled: k.enabled,
+        keyring,
         data_dir: resolve_path(base, &k.data_dir),
         encryption_secret: k.encryption_secret.clone().map(SecretString::from),
         previous_encryption_secrets: k

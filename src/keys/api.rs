@@ -122,6 +122,7 @@ mod tests {
     fn settings() -> KeysSettings {
         KeysSettings {
             enabled: true,
+            keyring: None,
             data_dir: "data".into(),
             encryption_secret: None,
             previous_encryption_secrets: Vec::new(),

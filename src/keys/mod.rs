@@ -11,20 +11,14 @@ pub mod redis_store;
 pub mod store;
 pub mod vault;
 
-use secrecy::ExposeSecret;
+use std::sync::Arc;
 
 use crate::config::KeysSettings;
 
-/// Build the keyring from `API_KEY_ENCRYPTION_SECRET` and the retired secrets.
-pub fn keyring(settings: &KeysSettings) -> Result<crypto::Keyring, String> {
-    let active = settings.encryption_secret.as_ref().ok_or_else(|| {
-        "keys.encryption_secret (API_KEY_ENCRYPTION_SECRET) is not set".to_string()
-    })?;
-    let previous: Vec<&str> = settings
-        .previous_encryption_secrets
-        .iter()
-        .map(|s| s.expose_secret())
-        .collect();
-    crypto::Keyring::from_secrets(active.expose_secret(), &previous)
-        .map_err(|e| format!("keys.encryption_secret (API_KEY_ENCRYPTION_SECRET): {e}"))
+/// The keyring built (and checked) when the configuration was validated.
+pub fn keyring(settings: &KeysSettings) -> Result<Arc<crypto::Keyring>, String> {
+    settings
+        .keyring
+        .clone()
+        .ok_or_else(|| "keys.encryption_secret (API_KEY_ENCRYPTION_SECRET) is not set".to_string())
 }

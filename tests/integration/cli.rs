@@ -31,6 +31,7 @@ fn check_config_reports_every_problem_and_no_secret() {
         .env("AUTH_ENABLED", "perhaps")
         .env("CLERK_PUBLISHABLE_KEY", "pk_live_!!!")
         .env("CLERK_SECRET_KEY", "sk_live_supersecretvalue")
+        .env("API_KEY_ENCRYPTION_SECRET", "weak-secret-value")
         .output()
         .expect("run keygate");
     assert_eq!(out.status.code(), Some(2));
@@ -40,13 +41,13 @@ fn check_config_reports_every_problem_and_no_secret() {
         "KEYGATE_UPSTREAM",
         "AUTH_ENABLED",
         "CLERK_PUBLISHABLE_KEY",
+        "API_KEY_ENCRYPTION_SECRET",
     ] {
         assert!(stderr.contains(name), "{name} not reported:\n{stderr}");
     }
-    assert!(
-        !stderr.contains("supersecretvalue"),
-        "secret printed:\n{stderr}"
-    );
+    for secret in ["supersecretvalue", "weak-secret-value"] {
+        assert!(!stderr.contains(secret), "secret printed:\n{stderr}");
+    }
     assert!(!stderr.contains("panicked"), "{stderr}");
 }
 
