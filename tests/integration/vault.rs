@@ -659,3 +659,36 @@ async fn import_of_node_server_records() {
     assert_eq!(meta["updatedAt"], "2025-06-01T10:00:00Z");
     assert_eq!(mcp(&gw, &env.access("user_bad"), "").await.status(), 400);
 }
+
+#[tokio::test]
+async fn org_keys_are_shared_by_the_org_when_configured() {
+    let env = Env::new().await;
+    let gw = env.embedded("org_keys = true\n").await;
+    // Session tokens from the fake carry the org `org_keygateTestOrg`.
+    assert_eq!(
+        put_key(
+            &gw,
+            &env.session("user_admin"),
+            json!({"apiKey": "tw_org_key"})
+        )
+        .await
+        .status(),
+        200
+    );
+    let colleague = env.key.sign(
+        json!({"typ": "JWT"}),
+        &keys::clerk_session_claims(&env.clerk.url(), "user_colleague", "sess_2"),
+    );
+    let meta: Value = client()
+        .get(gw.at("/api/keys"))
+        .bearer_auth(&colleague)
+        .send()
+        .await
+        .expect("request")
+        .json()
+        .await
+        .expect("json");
+    assert_eq!(meta["hasKey"], true, "the org's key is not shared");
+    // An access token without org context keeps to the user's own slot: no key there.
+    assert_eq!(mcp(&gw, &env.access("user_admin"), "").await.status(), 400);
+}
