@@ -8,31 +8,12 @@ use serde_json::{json, Value};
 use crate::common::clerk::{FakeClerk, OpaqueSpec};
 use crate::common::keys::{self, SigningKey};
 use crate::common::upstream::Upstream;
-use crate::common::{clerk_config, client, Keygate, RESOURCE};
+use crate::common::{clerk_config, client, rpc, Keygate, Stack, RESOURCE};
 
-struct Env {
-    clerk: FakeClerk,
-    upstream: Upstream,
-    gw: Keygate,
-    key: SigningKey,
-}
+type Env = Stack;
 
 async fn setup_with(extra: &str) -> Env {
-    let key = SigningKey::rsa_a("kid-a");
-    let clerk = FakeClerk::start(vec![key.clone()]).await;
-    let upstream = Upstream::start().await;
-    let gw = Keygate::start(
-        &clerk_config(&clerk.url(), clerk.secret_key(), extra),
-        &upstream.url(),
-    )
-    .await;
-    gw.wait_ready().await;
-    Env {
-        clerk,
-        upstream,
-        gw,
-        key,
-    }
+    Stack::start(extra).await
 }
 
 async fn setup() -> Env {
@@ -41,6 +22,11 @@ async fn setup() -> Env {
 
 fn access_claims(env: &Env, aud: Option<&str>) -> Value {
     keys::access_token_claims(&env.clerk.url(), "user_123", aud, "twenty:read")
+}
+
+/// Sign `claims` as a Clerk OAuth access token.
+fn at_jwt(env: &Env, claims: &Value) -> String {
+    env.key.sign(json!({"typ": "at+jwt"}), claims)
 }
 
 fn access_token(env: &Env) -> String {
@@ -178,23 +164,18 @@ async fn expired_and_not_yet_valid_tokens_are_rejected() {
     claims["exp"] = json!(now - 30);
     claims["iat"] = json!(now - 90);
     claims["nbf"] = json!(now - 90);
-    let body = assert_rejected(&env, &env.key.sign(json!({"typ": "at+jwt"}), &claims)).await;
+    let body = assert_rejected(&env, &at_jwt(&env, &claims)).await;
     assert_eq!(body["error_description"], "token has expired");
 
     let mut claims = access_claims(&env, Some(RESOURCE));
     claims["nbf"] = json!(now + 60);
-    let body = assert_rejected(&env, &env.key.sign(json!({"typ": "at+jwt"}), &claims)).await;
+    let body = assert_rejected(&env, &at_jwt(&env, &claims)).await;
     assert_eq!(body["error_description"], "token is not yet valid");
 
     // Within the 5 s leeway an nbf a moment ahead (clock skew) is accepted.
     let mut claims = access_claims(&env, Some(RESOURCE));
     claims["nbf"] = json!(now + 2);
-    let ok = call(
-        &env,
-        "/mcp",
-        &env.key.sign(json!({"typ": "at+jwt"}), &claims),
-    )
-    .await;
+    let ok = call(&env, "/mcp", &at_jwt(&env, &claims)).await;
     assert_eq!(ok.status(), 200);
 }
 
@@ -203,10 +184,10 @@ async fn exp_is_required_and_must_be_a_number() {
     let env = setup().await;
     let mut claims = access_claims(&env, Some(RESOURCE));
     claims.as_object_mut().expect("object").remove("exp");
-    assert_rejected(&env, &env.key.sign(json!({"typ": "at+jwt"}), &claims)).await;
+    assert_rejected(&env, &at_jwt(&env, &claims)).await;
     let mut claims = access_claims(&env, Some(RESOURCE));
     claims["exp"] = json!((keys::now() - 1000).to_string());
-    assert_rejected(&env, &env.key.sign(json!({"typ": "at+jwt"}), &claims)).await;
+    assert_rejected(&env, &at_jwt(&env, &claims)).await;
 }
 
 #[tokio::test]
@@ -214,12 +195,12 @@ async fn wrong_issuer_is_rejected() {
     let env = setup().await;
     let mut claims = access_claims(&env, Some(RESOURCE));
     claims["iss"] = json!("https://evil.example.com");
-    let body = assert_rejected(&env, &env.key.sign(json!({"typ": "at+jwt"}), &claims)).await;
+    let body = assert_rejected(&env, &at_jwt(&env, &claims)).await;
     assert_eq!(body["error_description"], "token issuer is not trusted");
     // Same host, different string: iss must match exactly.
     let mut claims = access_claims(&env, Some(RESOURCE));
     claims["iss"] = json!(format!("{}/", env.clerk.url()));
-    assert_rejected(&env, &env.key.sign(json!({"typ": "at+jwt"}), &claims)).await;
+    assert_rejected(&env, &at_jwt(&env, &claims)).await;
 }
 
 #[tokio::test]
@@ -240,12 +221,7 @@ async fn access_token_audience_must_name_this_resource() {
     assert_rejected(&env, &token).await;
     let mut claims = access_claims(&env, None);
     claims["aud"] = json!(["https://other.example.com", RESOURCE]);
-    let ok = call(
-        &env,
-        "/mcp",
-        &env.key.sign(json!({"typ": "at+jwt"}), &claims),
-    )
-    .await;
+    let ok = call(&env, "/mcp", &at_jwt(&env, &claims)).await;
     assert_eq!(ok.status(), 200);
 }
 
@@ -254,7 +230,7 @@ async fn sub_is_required() {
     let env = setup().await;
     let mut claims = access_claims(&env, Some(RESOURCE));
     claims.as_object_mut().expect("object").remove("sub");
-    assert_rejected(&env, &env.key.sign(json!({"typ": "at+jwt"}), &claims)).await;
+    assert_rejected(&env, &at_jwt(&env, &claims)).await;
 }
 
 #[tokio::test]
@@ -420,12 +396,7 @@ async fn jwks_outage_with_warm_keys_keeps_verifying() {
     // A token never seen before (not in the verified cache) still verifies with cached keys.
     let mut claims = access_claims(&env, Some(RESOURCE));
     claims["jti"] = json!("fresh-during-outage");
-    let resp = call(
-        &env,
-        "/mcp",
-        &env.key.sign(json!({"typ": "at+jwt"}), &claims),
-    )
-    .await;
+    let resp = call(&env, "/mcp", &at_jwt(&env, &claims)).await;
     assert_eq!(resp.status(), 200);
 }
 
@@ -450,26 +421,14 @@ async fn jwks_outage_with_cold_cache_fails_closed_and_not_ready() {
         json!({"typ": "at+jwt"}),
         &keys::access_token_claims(&clerk.url(), "user_1", Some(RESOURCE), "twenty:read"),
     );
-    let resp = client()
-        .post(gw.at("/mcp"))
-        .bearer_auth(&token)
-        .json(&serde_json::json!({"jsonrpc": "2.0", "id": 1, "method": "ping"}))
-        .send()
-        .await
-        .expect("request");
+    let resp = rpc(gw.at("/mcp"), Some(&token)).await;
     assert_eq!(resp.status(), 503);
     assert!(resp.headers().contains_key("retry-after"));
     assert_eq!(upstream.count(), 0);
     // When the IdP comes back, keygate recovers without a restart.
     clerk.set_down(false);
     gw.wait_ready().await;
-    let resp = client()
-        .post(gw.at("/mcp"))
-        .bearer_auth(&token)
-        .json(&serde_json::json!({"jsonrpc": "2.0", "id": 1, "method": "ping"}))
-        .send()
-        .await
-        .expect("request");
+    let resp = rpc(gw.at("/mcp"), Some(&token)).await;
     assert_eq!(resp.status(), 200);
 }
 
@@ -480,12 +439,7 @@ async fn keys_older_than_max_stale_fail_closed() {
     tokio::time::sleep(Duration::from_millis(1500)).await;
     let mut claims = access_claims(&env, Some(RESOURCE));
     claims["jti"] = json!("after-stale");
-    let resp = call(
-        &env,
-        "/mcp",
-        &env.key.sign(json!({"typ": "at+jwt"}), &claims),
-    )
-    .await;
+    let resp = call(&env, "/mcp", &at_jwt(&env, &claims)).await;
     assert_eq!(resp.status(), 503);
 }
 
@@ -629,13 +583,7 @@ async fn disabled_opaque_kinds_are_refused_without_calling_clerk() {
     )
     .await;
     gw.wait_ready().await;
-    let resp = client()
-        .post(gw.at("/mcp"))
-        .bearer_auth("mt_anything")
-        .json(&serde_json::json!({"jsonrpc": "2.0", "id": 1, "method": "ping"}))
-        .send()
-        .await
-        .expect("request");
+    let resp = rpc(gw.at("/mcp"), Some("mt_anything")).await;
     assert_eq!(resp.status(), 401);
     assert_eq!(env.clerk.verify_calls(), 0);
 }
@@ -686,13 +634,7 @@ async fn require_auth_false_lets_anonymous_through_but_not_bad_tokens() {
     assert_eq!(anon.status(), 200);
     let seen = upstream.last().expect("forwarded");
     assert!(seen.headers.get("x-keygate-user").is_none());
-    let bad = client()
-        .post(gw.at("/mcp"))
-        .bearer_auth("not-a-token")
-        .json(&serde_json::json!({"jsonrpc": "2.0", "id": 1, "method": "ping"}))
-        .send()
-        .await
-        .expect("request");
+    let bad = rpc(gw.at("/mcp"), Some("not-a-token")).await;
     assert_eq!(bad.status(), 401);
 }
 
@@ -705,12 +647,7 @@ async fn auth_disabled_passes_everything_and_hides_discovery() {
         &[("AUTH_ENABLED", "false")],
     )
     .await;
-    let resp = client()
-        .post(gw.at("/mcp"))
-        .json(&serde_json::json!({"jsonrpc": "2.0", "id": 1, "method": "ping"}))
-        .send()
-        .await
-        .expect("request");
+    let resp = rpc(gw.at("/mcp"), None).await;
     assert_eq!(resp.status(), 200);
     let prm = client()
         .get(gw.at("/.well-known/oauth-protected-resource"))
@@ -755,13 +692,7 @@ algorithms = ["ES256"]
     gw.wait_ready().await;
     let claims = keys::access_token_claims(&idp.url(), "auth0|123", Some("api://twenty"), "read");
     let token = key.sign(json!({"typ": "JWT"}), &claims);
-    let resp = client()
-        .post(gw.at("/mcp"))
-        .bearer_auth(&token)
-        .json(&serde_json::json!({"jsonrpc": "2.0", "id": 1, "method": "ping"}))
-        .send()
-        .await
-        .expect("request");
+    let resp = rpc(gw.at("/mcp"), Some(&token)).await;
     assert_eq!(resp.status(), 200);
     // The same issuer's token for another audience is refused.
     let claims = keys::access_token_claims(&idp.url(), "auth0|123", Some("api://other"), "read");
@@ -802,7 +733,7 @@ async fn a_token_seen_before_skips_verification_until_it_expires() {
     // A cached token is never accepted past its exp.
     let mut claims = access_claims(&env, Some(RESOURCE));
     claims["exp"] = json!(keys::now() + 2);
-    let short = env.key.sign(json!({"typ": "at+jwt"}), &claims);
+    let short = at_jwt(&env, &claims);
     assert_eq!(call(&env, "/mcp", &short).await.status(), 200);
     tokio::time::sleep(Duration::from_millis(2100)).await;
     // Still inside the 5 s leeway for a fresh verification, but the cache entry is gone and

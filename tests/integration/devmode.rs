@@ -4,7 +4,7 @@
 use std::process::Command;
 
 use crate::common::upstream::Upstream;
-use crate::common::{client, Keygate};
+use crate::common::{client, rpc, Keygate};
 
 #[tokio::test]
 async fn dev_token_is_accepted_by_the_dev_config() {
@@ -53,22 +53,11 @@ async fn dev_token_is_accepted_by_the_dev_config() {
         .await
         .expect("request");
     assert_eq!(stored.status(), 200);
-    let resp = client()
-        .post(gw.at("/mcp"))
-        .bearer_auth(&token)
-        .json(&serde_json::json!({"jsonrpc": "2.0", "id": 1, "method": "ping"}))
-        .send()
-        .await
-        .expect("request");
+    let resp = rpc(gw.at("/mcp"), Some(&token)).await;
     assert_eq!(resp.status(), 200);
     let seen = upstream.last().expect("forwarded");
     assert_eq!(seen.headers["x-keygate-user"], "user_dev");
     assert_eq!(seen.query.as_deref(), Some("apiKey=tw_dev_key"));
-    let anon = client()
-        .post(gw.at("/mcp"))
-        .json(&serde_json::json!({"jsonrpc": "2.0", "id": 1, "method": "ping"}))
-        .send()
-        .await
-        .expect("request");
+    let anon = rpc(gw.at("/mcp"), None).await;
     assert_eq!(anon.status(), 401);
 }

@@ -4,20 +4,12 @@
 use serde_json::{json, Value};
 
 use crate::common::clerk::FakeClerk;
-use crate::common::keys::SigningKey;
 use crate::common::upstream::Upstream;
-use crate::common::{clerk_config, client, Keygate, RESOURCE};
+use crate::common::{client, Keygate, Stack, RESOURCE};
 
 async fn setup(extra: &str) -> (FakeClerk, Upstream, Keygate) {
-    let clerk = FakeClerk::start(vec![SigningKey::rsa_a("kid-a")]).await;
-    let upstream = Upstream::start().await;
-    let gw = Keygate::start(
-        &clerk_config(&clerk.url(), clerk.secret_key(), extra),
-        &upstream.url(),
-    )
-    .await;
-    gw.wait_ready().await;
-    (clerk, upstream, gw)
+    let stack = Stack::start(extra).await;
+    (stack.clerk, stack.upstream, stack.gw)
 }
 
 #[tokio::test]

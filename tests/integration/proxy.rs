@@ -9,7 +9,7 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use crate::common::clerk::FakeClerk;
 use crate::common::keys::{self, SigningKey};
 use crate::common::upstream::Upstream;
-use crate::common::{clerk_config, client, free_port, Keygate, RESOURCE};
+use crate::common::{clerk_config, client, free_port, rpc, Keygate, Stack, RESOURCE};
 
 struct Env {
     _clerk: FakeClerk,
@@ -19,24 +19,12 @@ struct Env {
 }
 
 async fn setup_with(extra: &str) -> Env {
-    let key = SigningKey::rsa_a("kid-a");
-    let clerk = FakeClerk::start(vec![key.clone()]).await;
-    let upstream = Upstream::start().await;
-    let gw = Keygate::start(
-        &clerk_config(&clerk.url(), clerk.secret_key(), extra),
-        &upstream.url(),
-    )
-    .await;
-    gw.wait_ready().await;
-    let token = key.sign(
-        json!({"typ": "at+jwt"}),
-        &keys::access_token_claims(&clerk.url(), "user_1", Some(RESOURCE), "twenty:read"),
-    );
+    let stack = Stack::start(extra).await;
     Env {
-        _clerk: clerk,
-        upstream,
-        gw,
-        token,
+        token: stack.access_token("user_1"),
+        _clerk: stack.clerk,
+        upstream: stack.upstream,
+        gw: stack.gw,
     }
 }
 
@@ -105,13 +93,7 @@ async fn forwarding_headers_are_set_by_keygate_and_request_id_propagates() {
     );
 
     // Without a client id, keygate makes one and returns it.
-    let resp = client()
-        .post(env.gw.at("/mcp"))
-        .bearer_auth(&env.token)
-        .json(&serde_json::json!({"jsonrpc": "2.0", "id": 1, "method": "ping"}))
-        .send()
-        .await
-        .expect("request");
+    let resp = rpc(env.gw.at("/mcp"), Some(&env.token)).await;
     let rid = resp.headers()["x-request-id"]
         .to_str()
         .expect("ascii")
@@ -167,13 +149,7 @@ async fn upstream_down_is_a_502_json() {
         json!({"typ": "at+jwt"}),
         &keys::access_token_claims(&clerk.url(), "user_1", Some(RESOURCE), "twenty:read"),
     );
-    let resp = client()
-        .post(gw.at("/mcp"))
-        .bearer_auth(&token)
-        .json(&serde_json::json!({"jsonrpc": "2.0", "id": 1, "method": "ping"}))
-        .send()
-        .await
-        .expect("request");
+    let resp = rpc(gw.at("/mcp"), Some(&token)).await;
     assert_eq!(resp.status(), 502);
     let body: Value = resp.json().await.expect("json");
     assert_eq!(body["error"], "bad_gateway");
@@ -183,13 +159,7 @@ async fn upstream_down_is_a_502_json() {
 async fn a_slow_upstream_is_a_504_json_and_post_is_not_retried() {
     let env = setup_with("[upstream]\nread_timeout_secs = 1\n").await;
     let started = Instant::now();
-    let resp = client()
-        .post(env.gw.at("/slow?ms=3000"))
-        .bearer_auth(&env.token)
-        .json(&serde_json::json!({"jsonrpc": "2.0", "id": 1, "method": "ping"}))
-        .send()
-        .await
-        .expect("request");
+    let resp = rpc(env.gw.at("/slow?ms=3000"), Some(&env.token)).await;
     assert_eq!(resp.status(), 504);
     let body: Value = resp.json().await.expect("json");
     assert_eq!(body["error"], "gateway_timeout");

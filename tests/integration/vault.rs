@@ -93,6 +93,12 @@ async fn put_key(gw: &Keygate, token: &str, body: Value) -> reqwest::Response {
         .expect("request")
 }
 
+/// Store `api_key` as `user`'s key through `/api/keys`, asserting success.
+async fn store_key(gw: &Keygate, env: &Env, user: &str, api_key: &str) {
+    let resp = put_key(gw, &env.session(user), json!({ "apiKey": api_key })).await;
+    assert_eq!(resp.status(), 200, "storing {user}'s key");
+}
+
 async fn mcp(gw: &Keygate, token: &str, query: &str) -> reqwest::Response {
     client()
         .post(gw.at(&format!("/mcp{query}")))
@@ -314,18 +320,8 @@ async fn a_ciphertext_copied_to_another_user_fails_closed() {
     let redis = RedisServer::start();
     let gw = env.redis(&redis, &[]).await;
     gw.wait_ready().await;
-    assert_eq!(
-        put_key(&gw, &env.session("user_a"), json!({"apiKey": "tw_a"}))
-            .await
-            .status(),
-        200
-    );
-    assert_eq!(
-        put_key(&gw, &env.session("user_b"), json!({"apiKey": "tw_b"}))
-            .await
-            .status(),
-        200
-    );
+    store_key(&gw, &env, "user_a", "tw_a").await;
+    store_key(&gw, &env, "user_b", "tw_b").await;
     // An attacker with write access to Redis moves A's sealed key into B's slot.
     let raw = redis::Client::open(redis.url().as_str()).expect("client");
     let mut conn = raw
@@ -406,18 +402,8 @@ async fn redis_outage_cached_keys_work_uncached_get_503_then_recovery() {
     let mut redis = RedisServer::start();
     let gw = env.redis(&redis, &[]).await;
     gw.wait_ready().await;
-    assert_eq!(
-        put_key(&gw, &env.session("user_c"), json!({"apiKey": "tw_c"}))
-            .await
-            .status(),
-        200
-    );
-    assert_eq!(
-        put_key(&gw, &env.session("user_d"), json!({"apiKey": "tw_d"}))
-            .await
-            .status(),
-        200
-    );
+    store_key(&gw, &env, "user_c", "tw_c").await;
+    store_key(&gw, &env, "user_d", "tw_d").await;
     // Let the invalidations of our own writes arrive before caching a read.
     tokio::time::sleep(Duration::from_millis(300)).await;
     let cached = env.access("user_c");
@@ -480,12 +466,7 @@ async fn keygate_starts_while_redis_is_down() {
     assert_eq!(body["key_store"], false);
     redis.restart();
     gw.wait_ready().await;
-    assert_eq!(
-        put_key(&gw, &env.session("user_e"), json!({"apiKey": "tw_e"}))
-            .await
-            .status(),
-        200
-    );
+    store_key(&gw, &env, "user_e", "tw_e").await;
 }
 
 fn keygate_cli(config: &str, args: &[&str], env: &[(&str, &str)]) -> std::process::Output {

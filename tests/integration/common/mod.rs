@@ -170,3 +170,52 @@ pub const NO_VAULT: &str = "[keys]\nenabled = false\n";
 
 /// The audience Clerk OAuth tokens must carry for the test resource.
 pub const RESOURCE: &str = "https://mcp.example.com/mcp";
+
+/// The usual setup: a fake Clerk signing with `kid-a`, a recording upstream, and a ready
+/// keygate in front of it configured by [`clerk_config`] plus `extra`.
+pub struct Stack {
+    pub clerk: clerk::FakeClerk,
+    pub upstream: upstream::Upstream,
+    pub gw: Keygate,
+    pub key: keys::SigningKey,
+}
+
+impl Stack {
+    /// Start everything and wait until keygate is ready.
+    pub async fn start(extra: &str) -> Stack {
+        let key = keys::SigningKey::rsa_a("kid-a");
+        let clerk = clerk::FakeClerk::start(vec![key.clone()]).await;
+        let upstream = upstream::Upstream::start().await;
+        let gw = Keygate::start(
+            &clerk_config(&clerk.url(), clerk.secret_key(), extra),
+            &upstream.url(),
+        )
+        .await;
+        gw.wait_ready().await;
+        Stack {
+            clerk,
+            upstream,
+            gw,
+            key,
+        }
+    }
+
+    /// A valid Clerk OAuth access token for `sub`, issued for the test resource.
+    pub fn access_token(&self, sub: &str) -> String {
+        self.key.sign(
+            serde_json::json!({"typ": "at+jwt"}),
+            &keys::access_token_claims(&self.clerk.url(), sub, Some(RESOURCE), "twenty:read"),
+        )
+    }
+}
+
+/// POST a JSON-RPC `ping` to `url`, with `token` as bearer when given.
+pub async fn rpc(url: String, token: Option<&str>) -> reqwest::Response {
+    let mut req = client()
+        .post(url)
+        .json(&serde_json::json!({"jsonrpc": "2.0", "id": 1, "method": "ping"}));
+    if let Some(t) = token {
+        req = req.bearer_auth(t);
+    }
+    req.send().await.expect("request")
+}
