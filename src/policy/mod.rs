@@ -1,4 +1,7 @@
-//! Request policy that is not about who the caller is: for now, browser origins (CORS).
-//! Rate limits and scope rules will live here too, one file per policy.
+//! Request policy that is not about who the caller is: browser origins (CORS), rate limits,
+//! MCP method/tool scope rules and org rules, MCP session binding. One file per policy.
 
 pub mod cors;
+pub mod mcp;
+pub mod ratelimit;
+pub mod sessions;

@@ -7,5 +7,6 @@ mod devmode;
 mod discovery;
 mod harness_selfcheck;
 mod proxy;
+mod ratelimit;
 mod stores;
 mod vault;
