@@ -22,13 +22,19 @@ use crate::admin::Admin;
 use crate::auth::discovery::{AuthServerMetadata, ResourceMetadata};
 use crate::auth::jwks::JwksCache;
 use crate::auth::Authenticator;
+use crate::config::RedisFailure;
 use crate::config::Settings;
 use crate::keys::embedded::EmbeddedStore;
-use crate::keys::redis_store::{RedisSettings, RedisStore};
+use crate::keys::redis_store::{RedisConn, RedisSettings, RedisStore};
 use crate::keys::store::KeyStore;
 use crate::keys::vault::{UserKey, Vault};
 use crate::policy::cors::Cors;
+use crate::policy::ratelimit::{
+    FallbackLimiter, LocalLimiter, OnRedisError, Quota, RateLimiter, RedisLimiter,
+};
+use crate::policy::sessions::{LocalBindings, RedisBindings, SessionBindings};
 use crate::proxy::deadline::HeaderDeadline;
+use crate::proxy::CompiledRateRule;
 use crate::proxy::{Gateway, GatewayState};
 
 /// The HTTP client for JWKS, discovery and Clerk's Backend API, built once.
@@ -55,19 +61,72 @@ fn upstream_peer(settings: &Settings) -> HttpPeer {
     peer
 }
 
+fn redis_settings(settings: &Settings) -> Option<RedisSettings> {
+    settings.redis.as_ref().map(|r| RedisSettings {
+        url: r.url.clone(),
+        cluster: r.cluster,
+        key_prefix: r.key_prefix.clone(),
+        connect_timeout: r.connect_timeout,
+        command_timeout: r.command_timeout,
+    })
+}
+
+/// The compiled rules and the limiter they share (none when no rule is configured).
+type RateLimits = (Vec<CompiledRateRule>, Option<Arc<dyn RateLimiter>>);
+
+/// Rate-limit rules with quotas and tool matchers, and the limiter the settings name.
+fn build_rate_limits(
+    settings: &Settings,
+    conn: Option<&Arc<RedisConn>>,
+) -> anyhow::Result<RateLimits> {
+    let rl = &settings.rate_limits;
+    if !rl.enabled || rl.rules.is_empty() {
+        return Ok((Vec::new(), None));
+    }
+    let mut compiled = Vec::new();
+    for rule in &rl.rules {
+        let quota = Quota::new(rule.requests, rule.period, rule.burst)
+            .map_err(|e| anyhow::anyhow!("rate_limits rule {:?}: {e}", rule.name))?;
+        let tools = if rule.tools.is_empty() {
+            None
+        } else {
+            let mut set = globset::GlobSetBuilder::new();
+            for t in &rule.tools {
+                set.add(globset::Glob::new(t)?);
+            }
+            Some(set.build()?)
+        };
+        compiled.push(CompiledRateRule {
+            rule: rule.clone(),
+            quota,
+            tools,
+        });
+    }
+    let local = LocalLimiter::new(100_000);
+    let limiter: Arc<dyn RateLimiter> = match (rl.use_redis, conn) {
+        (true, Some(conn)) => {
+            let on_error = match rl.on_redis_error {
+                RedisFailure::Local => OnRedisError::Local,
+                RedisFailure::Allow => OnRedisError::Allow,
+                RedisFailure::Deny => OnRedisError::Deny,
+            };
+            Arc::new(FallbackLimiter::new(
+                RedisLimiter::new(conn.clone()),
+                on_error,
+                local,
+            ))
+        }
+        _ => Arc::new(local),
+    };
+    Ok((compiled, Some(limiter)))
+}
+
 /// The key store the settings name: Redis when `REDIS_URL` is set, else the embedded store.
 pub fn build_store(settings: &Settings) -> anyhow::Result<Arc<dyn KeyStore>> {
-    Ok(match &settings.redis {
-        Some(r) => Arc::new(
-            RedisStore::new(RedisSettings {
-                url: r.url.clone(),
-                cluster: r.cluster,
-                key_prefix: r.key_prefix.clone(),
-                connect_timeout: r.connect_timeout,
-                command_timeout: r.command_timeout,
-            })
-            .map_err(|e| anyhow::anyhow!("redis.url (REDIS_URL): {e}"))?,
-        ),
+    Ok(match redis_settings(settings) {
+        Some(r) => {
+            Arc::new(RedisStore::new(r).map_err(|e| anyhow::anyhow!("redis.url (REDIS_URL): {e}"))?)
+        }
         None => Arc::new(EmbeddedStore::open(&settings.keys.data_dir).map_err(|e| {
             anyhow::anyhow!(
                 "keys.data_dir (KEYGATE_DATA_DIR) {}: {e}",
@@ -91,6 +150,24 @@ pub fn build_vault(settings: &Settings) -> anyhow::Result<Option<Arc<Vault>>> {
 pub fn build_state(settings: Settings) -> anyhow::Result<Arc<GatewayState>> {
     let client = http_client()?;
     let vault = build_vault(&settings)?;
+    let conn = match redis_settings(&settings) {
+        Some(r) => {
+            Some(Arc::new(RedisConn::new(&r).map_err(|e| {
+                anyhow::anyhow!("redis.url (REDIS_URL): {e}")
+            })?))
+        }
+        None => None,
+    };
+    let (rate_rules, limiter) = build_rate_limits(&settings, conn.as_ref())?;
+    let ttl = settings.policy.session_ttl;
+    let sessions: Option<Arc<dyn SessionBindings>> = if settings.policy.bind_sessions {
+        Some(match &conn {
+            Some(c) => Arc::new(RedisBindings::new(c.clone(), ttl)),
+            None => Arc::new(LocalBindings::new(ttl, 100_000)),
+        })
+    } else {
+        None
+    };
     let fallback_key = settings.keys.fallback_api_key.clone().map(|k| {
         Arc::new(UserKey {
             api_key: k,
@@ -112,6 +189,9 @@ pub fn build_state(settings: Settings) -> anyhow::Result<Arc<GatewayState>> {
         health_body: Bytes::from(health.to_string()),
         vault,
         fallback_key,
+        rate_rules,
+        limiter,
+        sessions,
         auth,
         settings,
     }))

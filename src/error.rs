@@ -95,6 +95,21 @@ pub enum GatewayError {
     KeyDecrypt,
     #[error("origin not allowed")]
     OriginForbidden,
+    /// The token lacks scopes the request needs; carries every scope needed.
+    #[error("insufficient scope")]
+    InsufficientScope(Vec<String>),
+    /// Policy refuses this caller (org rules); the text names the rule.
+    #[error("{0}")]
+    Forbidden(String),
+    /// An MCP session id presented by someone other than the user who opened it.
+    #[error("session not found")]
+    SessionNotFound,
+    /// Over a rate limit.
+    #[error("rate limited")]
+    RateLimited {
+        retry_after: Duration,
+        headers: Vec<(&'static str, String)>,
+    },
     #[error("not found")]
     NotFound,
     #[error("method not allowed")]
@@ -156,6 +171,10 @@ impl GatewayError {
             GatewayError::NoApiKey => "no_api_key",
             GatewayError::KeyDecrypt => "key_decrypt",
             GatewayError::OriginForbidden => "origin",
+            GatewayError::InsufficientScope(_) => "insufficient_scope",
+            GatewayError::Forbidden(_) => "forbidden",
+            GatewayError::SessionNotFound => "session_not_found",
+            GatewayError::RateLimited { .. } => "rate_limited",
             GatewayError::NotFound => "not_found",
             GatewayError::MethodNotAllowed => "method",
             GatewayError::Unavailable { .. } => "unavailable",
@@ -209,6 +228,34 @@ impl GatewayError {
                 403,
                 json_body("forbidden", "Origin is not allowed to call this server"),
             ),
+            GatewayError::InsufficientScope(scopes) => {
+                let scope = scopes.join(" ");
+                headers.push((
+                    "www-authenticate",
+                    format!(
+                        "Bearer error=\"insufficient_scope\", scope={}, resource_metadata={}",
+                        quoted(&scope),
+                        quoted(challenge.resource_metadata)
+                    ),
+                ));
+                (
+                    403,
+                    json_body(
+                        "insufficient_scope",
+                        &format!("This request needs the scopes: {scope}"),
+                    ),
+                )
+            }
+            GatewayError::Forbidden(reason) => (403, json_body("forbidden", reason)),
+            GatewayError::SessionNotFound => (404, json_body("not_found", "Session not found")),
+            GatewayError::RateLimited {
+                retry_after,
+                headers: extra,
+            } => {
+                headers.push(("retry-after", retry_after.as_secs().max(1).to_string()));
+                headers.extend(extra.iter().cloned());
+                (429, json_body("rate_limited", "Too many requests"))
+            }
             GatewayError::NotFound => (404, json_body("not_found", "Not found")),
             GatewayError::MethodNotAllowed => {
                 (405, json_body("method_not_allowed", "Method not allowed"))
@@ -278,6 +325,18 @@ mod tests {
         let body: serde_json::Value = serde_json::from_str(&r.body).expect("json");
         assert_eq!(body["error"], "unauthorized");
         assert_eq!(body["error_description"], "token has expired");
+    }
+
+    #[test]
+    fn insufficient_scope_challenge_names_every_needed_scope() {
+        let r = GatewayError::InsufficientScope(vec!["twenty:read".into(), "twenty:write".into()])
+            .response(&CH);
+        assert_eq!(r.status, 403);
+        let (_, v) = &r.headers[0];
+        assert_eq!(
+            v,
+            "Bearer error=\"insufficient_scope\", scope=\"twenty:read twenty:write\", resource_metadata=\"https://mcp.example.com/.well-known/oauth-protected-resource/mcp\""
+        );
     }
 
     #[test]

@@ -24,6 +24,97 @@ pub struct FileConfig {
     pub dev: Option<DevFile>,
     pub keys: KeysFile,
     pub redis: RedisFile,
+    pub policy: PolicyFile,
+    pub rate_limits: RateLimitsFile,
+}
+
+/// `[policy]`: MCP transport checks and authorization rules.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct PolicyFile {
+    pub max_body_bytes: u64,
+    pub inspect_max_bytes: usize,
+    pub protocol_versions: Vec<String>,
+    pub bind_sessions: bool,
+    pub session_ttl_secs: u64,
+    pub mcp_paths: Vec<String>,
+    /// `"twenty"`: the built-in rules for the Twenty MCP server; `"none"`: only `scopes`.
+    pub default_scopes: String,
+    pub scopes: Vec<crate::policy::mcp::ScopeRuleConfig>,
+    pub org: crate::policy::mcp::OrgRulesConfig,
+}
+
+impl Default for PolicyFile {
+    fn default() -> Self {
+        Self {
+            max_body_bytes: 4 * 1024 * 1024,
+            inspect_max_bytes: 64 * 1024,
+            protocol_versions: vec![
+                "2024-11-05".into(),
+                "2025-03-26".into(),
+                "2025-06-18".into(),
+                "2025-11-25".into(),
+                "2026-07-28".into(),
+            ],
+            bind_sessions: true,
+            session_ttl_secs: 86_400,
+            mcp_paths: vec!["/mcp".into()],
+            default_scopes: "none".into(),
+            scopes: Vec::new(),
+            org: crate::policy::mcp::OrgRulesConfig::default(),
+        }
+    }
+}
+
+/// `[rate_limits]`: budgets per user, org and client IP.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct RateLimitsFile {
+    pub enabled: bool,
+    /// "auto" (Redis when configured), "local" or "redis".
+    pub backend: String,
+    /// When Redis fails: "local", "allow" or "deny".
+    pub on_redis_error: String,
+    pub rules: Vec<RateRuleFile>,
+}
+
+impl Default for RateLimitsFile {
+    fn default() -> Self {
+        Self {
+            enabled: true,
+            backend: "auto".into(),
+            on_redis_error: "local".into(),
+            rules: Vec::new(),
+        }
+    }
+}
+
+/// `[[rate_limits.rules]]`: one budget.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RateRuleFile {
+    /// Optional name, shown in the `RateLimit-Policy` header.
+    #[serde(default)]
+    pub name: Option<String>,
+    /// "user", "org" or "ip".
+    pub per: String,
+    pub requests: u32,
+    pub period_secs: u64,
+    #[serde(default)]
+    pub burst: Option<u32>,
+    /// Path prefixes the rule applies to; empty = every route it can key on.
+    #[serde(default)]
+    pub paths: Vec<String>,
+    /// Tool-name globs: the rule then only counts `tools/call` of matching tools.
+    #[serde(default)]
+    pub tools: Vec<String>,
+    /// Units one matching request spends.
+    #[serde(default = "one")]
+    pub cost: u32,
+}
+
+fn one() -> u32 {
+    1
 }
 
 /// `[server]`: listeners and connection handling.

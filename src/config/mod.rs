@@ -69,6 +69,73 @@ pub struct Settings {
     pub dev: Option<DevSettings>,
     pub keys: KeysSettings,
     pub redis: Option<RedisConfig>,
+    pub policy: PolicySettings,
+    pub rate_limits: RateLimitSettings,
+}
+
+/// MCP transport checks and authorization rules.
+#[derive(Debug, Clone)]
+pub struct PolicySettings {
+    pub max_body_bytes: u64,
+    pub inspect_max_bytes: usize,
+    /// Accepted `MCP-Protocol-Version` values; empty = any.
+    pub protocol_versions: Vec<String>,
+    pub bind_sessions: bool,
+    pub session_ttl: Duration,
+    /// Paths whose POST bodies are JSON-RPC to inspect.
+    pub mcp_paths: Vec<String>,
+    /// Configured rules, then the built-in Twenty rules when `default_scopes = "twenty"`.
+    pub scope_rules: crate::policy::mcp::ScopeRules,
+    pub org: crate::policy::mcp::OrgRulesConfig,
+}
+
+/// What a rate-limit rule counts by.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RateKey {
+    User,
+    Org,
+    Ip,
+}
+
+impl RateKey {
+    /// The label used in limiter keys.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            RateKey::User => "user",
+            RateKey::Org => "org",
+            RateKey::Ip => "ip",
+        }
+    }
+}
+
+/// One validated rate-limit rule.
+#[derive(Debug, Clone)]
+pub struct RateRule {
+    pub name: String,
+    pub per: RateKey,
+    pub requests: u32,
+    pub period: Duration,
+    pub burst: u32,
+    pub paths: Vec<String>,
+    pub tools: Vec<String>,
+    pub cost: u32,
+}
+
+/// What to do with rate limits when Redis fails.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RedisFailure {
+    Local,
+    Allow,
+    Deny,
+}
+
+/// Rate limiting.
+#[derive(Debug, Clone)]
+pub struct RateLimitSettings {
+    pub enabled: bool,
+    pub use_redis: bool,
+    pub on_redis_error: RedisFailure,
+    pub rules: Vec<RateRule>,
 }
 
 /// Where a value goes in the upstream request.
@@ -917,6 +984,144 @@ fn validate(f: FileConfig, base: &Path, problems: &mut Problems) -> Option<Setti
         }
     });
 
+    // [policy]
+    let p = &f.policy;
+    if p.inspect_max_bytes == 0 || p.inspect_max_bytes > 64 * 1024 {
+        problems.push(
+            "policy.inspect_max_bytes",
+            "must be between 1 and 65536 (bodies are held in memory to inspect)",
+        );
+    }
+    let twenty_default_scopes = match p.default_scopes.as_str() {
+        "twenty" => true,
+        "none" => false,
+        other => {
+            problems.push(
+                "policy.default_scopes",
+                format!("{other:?} must be \"twenty\" or \"none\""),
+            );
+            false
+        }
+    };
+    for (i, rule) in p.scopes.iter().enumerate() {
+        if rule.scopes.is_empty() {
+            problems.push(
+                format!("policy.scopes[{i}].scopes"),
+                "list at least one scope",
+            );
+        }
+    }
+    let mut rules = p.scopes.clone();
+    if twenty_default_scopes {
+        rules.extend(crate::policy::mcp::ScopeRules::twenty_default_config());
+    }
+    let scope_rules = match crate::policy::mcp::ScopeRules::compile(&rules) {
+        Ok(r) => r,
+        Err(e) => {
+            problems.push("policy.scopes", e);
+            crate::policy::mcp::ScopeRules::twenty_default()
+        }
+    };
+    let policy = PolicySettings {
+        max_body_bytes: p.max_body_bytes,
+        inspect_max_bytes: p.inspect_max_bytes.min(64 * 1024),
+        protocol_versions: p.protocol_versions.clone(),
+        bind_sessions: p.bind_sessions,
+        session_ttl: secs(p.session_ttl_secs.max(60)),
+        mcp_paths: p.mcp_paths.clone(),
+        scope_rules,
+        org: p.org.clone(),
+    };
+
+    // [rate_limits]
+    let r = &f.rate_limits;
+    let use_redis = match r.backend.as_str() {
+        "auto" => f.redis.url.is_some(),
+        "local" => false,
+        "redis" => {
+            if f.redis.url.is_none() {
+                problems.push(
+                    "rate_limits.backend",
+                    "is \"redis\" but redis.url (REDIS_URL) is not set",
+                );
+            }
+            true
+        }
+        other => {
+            problems.push(
+                "rate_limits.backend",
+                format!("{other:?} must be \"auto\", \"local\" or \"redis\""),
+            );
+            false
+        }
+    };
+    let on_redis_error = match r.on_redis_error.as_str() {
+        "local" => RedisFailure::Local,
+        "allow" => RedisFailure::Allow,
+        "deny" => RedisFailure::Deny,
+        other => {
+            problems.push(
+                "rate_limits.on_redis_error",
+                format!("{other:?} must be \"local\", \"allow\" or \"deny\""),
+            );
+            RedisFailure::Local
+        }
+    };
+    let mut rate_rules = Vec::new();
+    for (i, rule) in r.rules.iter().enumerate() {
+        let field = format!("rate_limits.rules[{i}]");
+        let per = match rule.per.as_str() {
+            "user" => RateKey::User,
+            "org" => RateKey::Org,
+            "ip" => RateKey::Ip,
+            other => {
+                problems.push(
+                    format!("{field}.per"),
+                    format!("{other:?} must be \"user\", \"org\" or \"ip\""),
+                );
+                continue;
+            }
+        };
+        if rule.requests == 0 || rule.period_secs == 0 {
+            problems.push(&field, "requests and period_secs must be at least 1");
+            continue;
+        }
+        let burst = rule.burst.unwrap_or(rule.requests).max(1);
+        if rule.cost == 0 || rule.cost > burst {
+            problems.push(
+                format!("{field}.cost"),
+                "must be between 1 and the rule's burst",
+            );
+        }
+        for t in &rule.tools {
+            if globset::Glob::new(t).is_err() {
+                problems.push(
+                    format!("{field}.tools"),
+                    format!("{t:?} is not a valid glob"),
+                );
+            }
+        }
+        rate_rules.push(RateRule {
+            name: rule
+                .name
+                .clone()
+                .unwrap_or_else(|| format!("{}-{i}", per.as_str())),
+            per,
+            requests: rule.requests,
+            period: secs(rule.period_secs),
+            burst,
+            paths: rule.paths.clone(),
+            tools: rule.tools.clone(),
+            cost: rule.cost,
+        });
+    }
+    let rate_limits = RateLimitSettings {
+        enabled: r.enabled,
+        use_redis,
+        on_redis_error,
+        rules: rate_rules,
+    };
+
     let dev = f.dev.as_ref().map(|d| DevSettings {
         issuer: d.issuer.clone(),
         signing_key_file: resolve_path(base, &d.signing_key_file),
@@ -976,6 +1181,8 @@ fn validate(f: FileConfig, base: &Path, problems: &mut Problems) -> Option<Setti
         dev,
         keys,
         redis,
+        policy,
+        rate_limits,
     })
 }
 

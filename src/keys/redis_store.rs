@@ -1,26 +1,28 @@
 //! The shared key store: sealed records in Redis (one server or a Redis Cluster), plus the
-//! pub/sub channel replicas use to tell each other a record changed.
+//! pub/sub channel replicas use to tell each other a record changed; and [`RedisConn`], the
+//! connection everything in keygate that talks to Redis goes through.
 //!
-//! It owns the connection life cycle — connecting lazily, bounding every command by a timeout,
-//! dropping a connection that failed or wedged and reconnecting on a later call — so keygate
-//! starts while Redis is down and recovers when Redis comes back, without a restart. It also
-//! owns the record's wire form (JSON, `sealed` in base64), which the embedded store reuses.
-//! It does not cache records, decide anything about crypto, or wait out an outage: callers get
-//! [`StoreError::Unavailable`] at once and decide. (The one retry it makes is for a connection
-//! found dead after idling — Redis restarted — where the command is repeated once on a fresh
-//! connection; every command here is safe to repeat.)
+//! [`RedisConn`] owns the connection life cycle — connecting lazily, bounding every command by a
+//! timeout, dropping a connection that failed or wedged and reconnecting on a later call — so
+//! keygate starts while Redis is down and recovers when Redis comes back, without a restart.
+//! The store owns the record's wire form (JSON, `sealed` in base64), which the embedded store
+//! reuses. Neither caches records, decides anything about crypto, or waits out an outage:
+//! callers get [`StoreError::Unavailable`] (or [`RedisConnError::Unavailable`]) at once and
+//! decide. (The one retry made is for a connection found dead after idling — Redis restarted —
+//! where the command is repeated once on a fresh connection; only commands that are safe to
+//! repeat may go through [`RedisConn`].)
 //!
 //! Layout, with the default prefix `keygate:`:
 //! - `keygate:key:{user:<id>}` / `keygate:key:{org:<id>}` — one string per owner, the JSON
 //!   record. The slot in braces is the Redis Cluster hash tag.
 //! - channel `keygate:invalidate` — messages are owner slots (`user:<id>`).
 //!
-//! Runtimes: [`RedisStore::new`] does no I/O and spawns nothing, so it may be called outside a
-//! tokio runtime. Connections are made by the first async call, on that caller's runtime. The
-//! pub/sub listener is spawned by the first [`KeyStore::subscribe_invalidations`] call made
-//! inside a runtime (or, when that call came from outside one, by the next async call on the
-//! store), on that runtime; it is respawned if that runtime went away, and aborted when the
-//! store is dropped.
+//! Runtimes: [`RedisStore::new`] and [`RedisConn::new`] do no I/O and spawn nothing, so they may
+//! be called outside a tokio runtime. Connections are made by the first async call, on that
+//! caller's runtime. The pub/sub listener is spawned by the first
+//! [`KeyStore::subscribe_invalidations`] call made inside a runtime (or, when that call came
+//! from outside one, by the next async call on the store), on that runtime; it is respawned if
+//! that runtime went away, and aborted when the store is dropped.
 
 use std::collections::BTreeSet;
 use std::future::Future;
@@ -36,8 +38,8 @@ use redis::cluster::{ClusterClient, NodeAddress};
 use redis::cluster_async::ClusterConnection;
 use redis::cluster_routing::{MultipleNodeRoutingInfo, RoutingInfo, SingleNodeRoutingInfo};
 use redis::{
-    AsyncConnectionConfig, Cmd, ConnectionAddr, ConnectionInfo, IntoConnectionInfo, RedisError,
-    RedisFuture, RedisResult, Value,
+    AsyncConnectionConfig, Cmd, ConnectionAddr, ConnectionInfo, FromRedisValue, IntoConnectionInfo,
+    RedisError, RedisFuture, RedisResult, ScriptInvocation, Value,
 };
 use serde::{Deserialize, Serialize};
 use tokio::sync::{broadcast, Mutex};
@@ -100,32 +102,65 @@ impl std::fmt::Debug for RedisSettings {
     }
 }
 
-/// The [`KeyStore`] backed by Redis (single node or cluster).
-pub struct RedisStore {
+/// Why a call through a [`RedisConn`] failed. Messages never contain credentials.
+#[derive(Debug, Clone, thiserror::Error)]
+pub enum RedisConnError {
+    /// The settings cannot work: a malformed URL, several nodes without cluster mode.
+    #[error("{0}")]
+    Invalid(String),
+    /// Unreachable, timed out, or refused: try again later.
+    #[error("{0}")]
+    Unavailable(String),
+    /// Redis refused the command because the key holds a value of another type.
+    #[error("{0}")]
+    WrongType(String),
+}
+
+impl From<RedisConnError> for StoreError {
+    fn from(e: RedisConnError) -> Self {
+        match e {
+            RedisConnError::Invalid(m) | RedisConnError::Unavailable(m) => {
+                StoreError::Unavailable(m)
+            }
+            RedisConnError::WrongType(m) => StoreError::Corrupt(m),
+        }
+    }
+}
+
+/// A lazily made, self-healing connection to Redis (single node or cluster); see the module
+/// docs. Cheap to share behind an `Arc`: commands are multiplexed on one connection.
+pub struct RedisConn {
     target: Target,
+    /// The configured (seed) nodes; the pub/sub listener subscribes on one of them.
+    nodes: Vec<Node>,
     /// `host:port` list for logs and errors; never contains credentials.
     hosts: String,
     prefix: String,
-    channel: String,
     connect_timeout: Duration,
     command_timeout: Duration,
     slot: Mutex<Slot>,
-    pubsub_nodes: Vec<PubSubNode>,
+}
+
+/// The [`KeyStore`] backed by Redis (single node or cluster).
+pub struct RedisStore {
+    conn: RedisConn,
+    prefix: String,
+    channel: String,
     cas: redis::Script,
     invalidations: broadcast::Sender<Owner>,
     listener: StdMutex<Option<JoinHandle<()>>>,
 }
 
 /// What commands go to.
-#[allow(clippy::large_enum_variant)] // one per store: boxing would buy nothing
+#[allow(clippy::large_enum_variant)] // one per connection: boxing would buy nothing
 enum Target {
     Single(redis::Client),
     Cluster(ClusterClient),
 }
 
-/// A node the pub/sub listener may subscribe on, with its loggable address.
+/// A configured node, with its loggable address.
 #[derive(Clone)]
-struct PubSubNode {
+struct Node {
     client: redis::Client,
     host: String,
 }
@@ -133,24 +168,27 @@ struct PubSubNode {
 /// The current command connection, if any, and why there is none.
 #[derive(Default)]
 struct Slot {
-    conn: Option<(u64, Conn)>,
+    conn: Option<(u64, Connection)>,
     generation: u64,
     last_failure: Option<Instant>,
     down: bool,
 }
 
-/// A live command connection; both kinds are cheap to clone and multiplexed.
+/// A live command connection, as handed to [`RedisConn::run`]'s closure; both kinds are cheap
+/// to clone and multiplexed.
 #[derive(Clone)]
-enum Conn {
+pub enum Connection {
+    /// One Redis server.
     Single(MultiplexedConnection),
+    /// A Redis Cluster (commands are routed by key slot).
     Cluster(ClusterConnection),
 }
 
-impl ConnectionLike for Conn {
+impl ConnectionLike for Connection {
     fn req_packed_command<'a>(&'a mut self, cmd: &'a Cmd) -> RedisFuture<'a, Value> {
         match self {
-            Conn::Single(c) => c.req_packed_command(cmd),
-            Conn::Cluster(c) => c.req_packed_command(cmd),
+            Connection::Single(c) => c.req_packed_command(cmd),
+            Connection::Cluster(c) => c.req_packed_command(cmd),
         }
     }
 
@@ -161,22 +199,22 @@ impl ConnectionLike for Conn {
         count: usize,
     ) -> RedisFuture<'a, Vec<Value>> {
         match self {
-            Conn::Single(c) => c.req_packed_commands(pipeline, offset, count),
-            Conn::Cluster(c) => c.req_packed_commands(pipeline, offset, count),
+            Connection::Single(c) => c.req_packed_commands(pipeline, offset, count),
+            Connection::Cluster(c) => c.req_packed_commands(pipeline, offset, count),
         }
     }
 
     fn get_db(&self) -> i64 {
         match self {
-            Conn::Single(c) => c.get_db(),
-            Conn::Cluster(c) => c.get_db(),
+            Connection::Single(c) => c.get_db(),
+            Connection::Cluster(c) => c.get_db(),
         }
     }
 }
 
-impl RedisStore {
-    /// Validate the settings and build the store; connects nothing (see the module docs).
-    pub fn new(settings: RedisSettings) -> Result<Self, StoreError> {
+impl RedisConn {
+    /// Validate the settings and build the connection; connects nothing (see the module docs).
+    pub fn new(settings: &RedisSettings) -> Result<Self, RedisConnError> {
         let infos = parse_urls(&settings.url, settings.cluster)?;
         let hosts = infos
             .iter()
@@ -184,11 +222,11 @@ impl RedisStore {
             .collect::<Vec<_>>()
             .join(",");
         let invalid = |e: RedisError| {
-            StoreError::Unavailable(format!("invalid redis settings for {hosts}: {e}"))
+            RedisConnError::Invalid(format!("invalid redis settings for {hosts}: {e}"))
         };
-        let mut pubsub_nodes = Vec::with_capacity(infos.len());
+        let mut nodes = Vec::with_capacity(infos.len());
         for info in &infos {
-            pubsub_nodes.push(PubSubNode {
+            nodes.push(Node {
                 client: redis::Client::open(info.clone()).map_err(invalid)?,
                 host: host_label(info.addr()),
             });
@@ -202,46 +240,89 @@ impl RedisStore {
                 .map(Target::Cluster)
                 .map_err(invalid)?
         } else {
-            match pubsub_nodes.first() {
+            match nodes.first() {
                 Some(node) => Target::Single(node.client.clone()),
-                None => return Err(StoreError::Unavailable("redis url is empty".into())),
+                None => return Err(RedisConnError::Invalid("redis url is empty".into())),
             }
         };
-        let (invalidations, _) = broadcast::channel(INVALIDATION_BUFFER);
         Ok(Self {
             target,
-            prefix: settings.key_prefix.clone(),
-            channel: format!("{}invalidate", settings.key_prefix),
+            nodes,
             hosts,
+            prefix: settings.key_prefix.clone(),
             connect_timeout: settings.connect_timeout,
             command_timeout: settings.command_timeout,
             slot: Mutex::new(Slot::default()),
-            pubsub_nodes,
-            cas: redis::Script::new(REPLACE_IF_LUA),
-            invalidations,
-            listener: StdMutex::new(None),
         })
     }
 
-    /// The Redis key holding `owner`'s record.
-    fn key(&self, owner: &Owner) -> String {
-        format!("{}key:{{{}}}", self.prefix, owner.slot())
+    /// The configured `host:port` list (no credentials), for logs and errors.
+    pub fn hosts(&self) -> &str {
+        &self.hosts
     }
 
-    /// The owner a record key belongs to, if the key is one of ours.
-    fn owner_of_key(&self, key: &[u8]) -> Option<Owner> {
-        let key = std::str::from_utf8(key).ok()?;
-        let slot = key
-            .strip_prefix(self.prefix.as_str())?
-            .strip_prefix("key:{")?
-            .strip_suffix('}')?;
-        Owner::from_slot(slot)
+    /// The configured prefix of every key and channel name.
+    pub fn key_prefix(&self) -> &str {
+        &self.prefix
+    }
+
+    /// Whether this talks to a Redis Cluster.
+    pub fn is_cluster(&self) -> bool {
+        matches!(self.target, Target::Cluster(_))
+    }
+
+    /// Run one command (see [`RedisConn::run`]); `what` names it in errors.
+    pub async fn query<T>(&self, what: &'static str, cmd: &Cmd) -> Result<T, RedisConnError>
+    where
+        T: FromRedisValue + Send,
+    {
+        self.run(what, |mut c| async move { cmd.query_async(&mut c).await })
+            .await
+    }
+
+    /// Run one script invocation (EVALSHA, loading the script when Redis lost it; see
+    /// [`RedisConn::run`]); `what` names it in errors.
+    pub async fn invoke<T>(
+        &self,
+        what: &'static str,
+        script: &ScriptInvocation<'_>,
+    ) -> Result<T, RedisConnError>
+    where
+        T: FromRedisValue + Send,
+    {
+        self.run(
+            what,
+            |mut c| async move { script.invoke_async(&mut c).await },
+        )
+        .await
+    }
+
+    /// Run `f` on the current connection (connecting first when there is none), bounded by
+    /// `command_timeout`. A timeout or a connection-level error drops the connection so a
+    /// later call starts afresh. When a reused connection turns out to have died while idle
+    /// (Redis restarted), `f` is run once more on a fresh one: it must be safe to repeat.
+    pub async fn run<T, F, Fut>(&self, what: &'static str, f: F) -> Result<T, RedisConnError>
+    where
+        F: Fn(Connection) -> Fut,
+        Fut: Future<Output = RedisResult<T>>,
+    {
+        let (generation, conn, fresh) = self.connection().await?;
+        let outcome = tokio::time::timeout(self.command_timeout, f(conn)).await;
+        if let Ok(Err(e)) = &outcome {
+            if !fresh && e.is_connection_dropped() {
+                self.discard(generation).await;
+                let (generation, conn, _) = self.connection().await?;
+                let retried = tokio::time::timeout(self.command_timeout, f(conn)).await;
+                return self.settle(what, generation, retried).await;
+            }
+        }
+        self.settle(what, generation, outcome).await
     }
 
     /// The current connection, its generation, and whether it was just made; connects first
     /// when there is none (bounded by `connect_timeout`). Fails fast for a short pause after a
     /// failed attempt, so an outage costs callers nothing but an error.
-    async fn connection(&self) -> Result<(u64, Conn, bool), StoreError> {
+    async fn connection(&self) -> Result<(u64, Connection, bool), RedisConnError> {
         let mut slot = self.slot.lock().await;
         if let Some((generation, conn)) = &slot.conn {
             return Ok((*generation, conn.clone(), false));
@@ -250,7 +331,7 @@ impl RedisStore {
             .last_failure
             .is_some_and(|t| t.elapsed() < RECONNECT_PAUSE)
         {
-            return Err(StoreError::Unavailable(format!(
+            return Err(RedisConnError::Unavailable(format!(
                 "redis at {} is unreachable",
                 self.hosts
             )));
@@ -277,7 +358,7 @@ impl RedisStore {
                     slot.down = true;
                     tracing::warn!(store = "redis", hosts = %self.hosts, %reason, "cannot connect to redis");
                 }
-                Err(StoreError::Unavailable(format!(
+                Err(RedisConnError::Unavailable(format!(
                     "cannot connect to redis at {}: {reason}",
                     self.hosts
                 )))
@@ -285,7 +366,7 @@ impl RedisStore {
         }
     }
 
-    async fn connect(&self) -> RedisResult<Conn> {
+    async fn connect(&self) -> RedisResult<Connection> {
         match &self.target {
             Target::Single(client) => {
                 let config = AsyncConnectionConfig::new()
@@ -294,9 +375,9 @@ impl RedisStore {
                 client
                     .get_multiplexed_async_connection_with_config(&config)
                     .await
-                    .map(Conn::Single)
+                    .map(Connection::Single)
             }
-            Target::Cluster(client) => client.get_async_connection().await.map(Conn::Cluster),
+            Target::Cluster(client) => client.get_async_connection().await.map(Connection::Cluster),
         }
     }
 
@@ -309,36 +390,13 @@ impl RedisStore {
         }
     }
 
-    /// Run one command on the current connection, bounded by `command_timeout`. A timeout or a
-    /// connection-level error drops the connection so a later call starts afresh. When a reused
-    /// connection turns out to have died while idle (Redis restarted), the command is tried once
-    /// more on a fresh one: every command here is safe to repeat.
-    async fn run<T, F, Fut>(&self, what: &'static str, f: F) -> Result<T, StoreError>
-    where
-        F: Fn(Conn) -> Fut,
-        Fut: Future<Output = RedisResult<T>>,
-    {
-        self.ensure_listener(false);
-        let (generation, conn, fresh) = self.connection().await?;
-        let outcome = tokio::time::timeout(self.command_timeout, f(conn)).await;
-        if let Ok(Err(e)) = &outcome {
-            if !fresh && e.is_connection_dropped() {
-                self.discard(generation).await;
-                let (generation, conn, _) = self.connection().await?;
-                let retried = tokio::time::timeout(self.command_timeout, f(conn)).await;
-                return self.settle(what, generation, retried).await;
-            }
-        }
-        self.settle(what, generation, outcome).await
-    }
-
-    /// Turn a command outcome into the store's answer, dropping the connection when it failed.
+    /// Turn a command outcome into an answer, dropping the connection when it failed.
     async fn settle<T>(
         &self,
         what: &'static str,
         generation: u64,
         outcome: Result<RedisResult<T>, tokio::time::error::Elapsed>,
-    ) -> Result<T, StoreError> {
+    ) -> Result<T, RedisConnError> {
         match outcome {
             Ok(Ok(v)) => Ok(v),
             Ok(Err(e)) => {
@@ -349,7 +407,7 @@ impl RedisStore {
             }
             Err(_) => {
                 self.discard(generation).await;
-                Err(StoreError::Unavailable(format!(
+                Err(RedisConnError::Unavailable(format!(
                     "redis {what} timed out after {:?}",
                     self.command_timeout
                 )))
@@ -357,12 +415,54 @@ impl RedisStore {
         }
     }
 
-    fn map_error(&self, what: &str, e: &RedisError) -> StoreError {
+    fn map_error(&self, what: &str, e: &RedisError) -> RedisConnError {
         if e.code() == Some("WRONGTYPE") {
-            StoreError::Corrupt(format!("redis {what}: the key holds a non-string value"))
+            RedisConnError::WrongType(format!("redis {what}: the key holds a non-string value"))
         } else {
-            StoreError::Unavailable(format!("redis {what} at {} failed: {e}", self.hosts))
+            RedisConnError::Unavailable(format!("redis {what} at {} failed: {e}", self.hosts))
         }
+    }
+}
+
+impl RedisStore {
+    /// Validate the settings and build the store; connects nothing (see the module docs).
+    pub fn new(settings: RedisSettings) -> Result<Self, StoreError> {
+        let conn = RedisConn::new(&settings)?;
+        let (invalidations, _) = broadcast::channel(INVALIDATION_BUFFER);
+        Ok(Self {
+            conn,
+            prefix: settings.key_prefix.clone(),
+            channel: format!("{}invalidate", settings.key_prefix),
+            cas: redis::Script::new(REPLACE_IF_LUA),
+            invalidations,
+            listener: StdMutex::new(None),
+        })
+    }
+
+    /// The Redis key holding `owner`'s record.
+    fn key(&self, owner: &Owner) -> String {
+        format!("{}key:{{{}}}", self.prefix, owner.slot())
+    }
+
+    /// The owner a record key belongs to, if the key is one of ours.
+    fn owner_of_key(&self, key: &[u8]) -> Option<Owner> {
+        let key = std::str::from_utf8(key).ok()?;
+        let slot = key
+            .strip_prefix(self.prefix.as_str())?
+            .strip_prefix("key:{")?
+            .strip_suffix('}')?;
+        Owner::from_slot(slot)
+    }
+
+    /// Run one command through the connection (every command here is safe to repeat), making
+    /// sure the pub/sub listener runs when someone subscribed.
+    async fn run<T, F, Fut>(&self, what: &'static str, f: F) -> Result<T, StoreError>
+    where
+        F: Fn(Connection) -> Fut,
+        Fut: Future<Output = RedisResult<T>>,
+    {
+        self.ensure_listener(false);
+        Ok(self.conn.run(what, f).await?)
     }
 
     /// Start the pub/sub listener if it is not running. `subscribing` is true when called from
@@ -382,11 +482,11 @@ impl RedisStore {
             return;
         }
         let listen = Listener {
-            nodes: self.pubsub_nodes.clone(),
+            nodes: self.conn.nodes.clone(),
             channel: self.channel.clone(),
             sender: self.invalidations.clone(),
-            connect_timeout: self.connect_timeout,
-            ping_timeout: self.command_timeout.max(Duration::from_secs(1)),
+            connect_timeout: self.conn.connect_timeout,
+            ping_timeout: self.conn.command_timeout.max(Duration::from_secs(1)),
         };
         *listener = Some(runtime.spawn(listen.run()));
     }
@@ -428,7 +528,7 @@ impl RedisStore {
         };
         let masters = self
             .run("cluster nodes", |c| async move {
-                let Conn::Cluster(mut c) = c else {
+                let Connection::Cluster(mut c) = c else {
                     return Err(not_cluster());
                 };
                 c.route_command(
@@ -442,7 +542,7 @@ impl RedisStore {
         let first = &scan(0);
         let fanned = self
             .run("scan", |c| async move {
-                let Conn::Cluster(mut c) = c else {
+                let Connection::Cluster(mut c) = c else {
                     return Err(not_cluster());
                 };
                 c.route_command(
@@ -481,7 +581,7 @@ impl RedisStore {
                 });
                 let reply = self
                     .run("scan", |c| async move {
-                        let Conn::Cluster(mut c) = c else {
+                        let Connection::Cluster(mut c) = c else {
                             return Err(not_cluster());
                         };
                         c.route_command(cmd.clone(), routing.clone()).await
@@ -576,9 +676,10 @@ impl KeyStore for RedisStore {
 
     async fn owners(&self) -> Result<Vec<Owner>, StoreError> {
         let pattern = format!("{}key:*", escape_glob(&self.prefix));
-        let keys = match &self.target {
-            Target::Single(_) => self.scan_single(&pattern).await?,
-            Target::Cluster(_) => self.scan_cluster(&pattern).await?,
+        let keys = if self.conn.is_cluster() {
+            self.scan_cluster(&pattern).await?
+        } else {
+            self.scan_single(&pattern).await?
         };
         let mut owners = BTreeSet::new();
         for key in keys {
@@ -633,7 +734,7 @@ impl KeyStore for RedisStore {
 /// The pub/sub listener: holds one subscription, reconnecting with backoff, and forwards each
 /// received slot to the store's broadcast channel.
 struct Listener {
-    nodes: Vec<PubSubNode>,
+    nodes: Vec<Node>,
     channel: String,
     sender: broadcast::Sender<Owner>,
     connect_timeout: Duration,
@@ -670,7 +771,7 @@ impl Listener {
         }
     }
 
-    async fn subscribe(&self, node: &PubSubNode) -> Result<(PubSubSink, PubSubStream), String> {
+    async fn subscribe(&self, node: &Node) -> Result<(PubSubSink, PubSubStream), String> {
         let attempt = async {
             let mut pubsub = node.client.get_async_pubsub().await?;
             pubsub.subscribe(&self.channel).await?;
@@ -756,22 +857,22 @@ pub(crate) fn decode_record(slot: &str, bytes: &[u8]) -> Result<StoredRecord, St
 }
 
 /// Split and parse the configured URL(s) into connection infos, never echoing credentials.
-fn parse_urls(url: &str, cluster: bool) -> Result<Vec<ConnectionInfo>, StoreError> {
+fn parse_urls(url: &str, cluster: bool) -> Result<Vec<ConnectionInfo>, RedisConnError> {
     let items: Vec<&str> = url
         .split(',')
         .map(str::trim)
         .filter(|s| !s.is_empty())
         .collect();
     let Some(first) = items.first() else {
-        return Err(StoreError::Unavailable("redis url is empty".into()));
+        return Err(RedisConnError::Invalid("redis url is empty".into()));
     };
     if items.len() > 1 && !cluster {
-        return Err(StoreError::Unavailable(
+        return Err(RedisConnError::Invalid(
             "redis url lists several nodes but cluster mode is off".into(),
         ));
     }
     let Some(scheme_end) = first.find("://") else {
-        return Err(StoreError::Unavailable(
+        return Err(RedisConnError::Invalid(
             "redis url must start with redis://, rediss:// or redis+unix://".into(),
         ));
     };
@@ -792,7 +893,7 @@ fn parse_urls(url: &str, cluster: bool) -> Result<Vec<ConnectionInfo>, StoreErro
             format!("{inherited}{item}")
         };
         let info = full.as_str().into_connection_info().map_err(|e| {
-            StoreError::Unavailable(format!("redis url (node {}) is invalid: {e}", index + 1))
+            RedisConnError::Invalid(format!("redis url (node {}) is invalid: {e}", index + 1))
         })?;
         infos.push(info);
     }
@@ -921,7 +1022,7 @@ mod tests {
         assert_eq!(infos[1].redis_settings().password(), Some("p"));
         assert!(matches!(infos[2].addr(), ConnectionAddr::Tcp(..)));
         let store = RedisStore::new(settings("redis://:p@a:7000,b:7001", true)).unwrap();
-        assert_eq!(store.hosts, "a:7000,b:7001");
+        assert_eq!(store.conn.hosts(), "a:7000,b:7001");
     }
 
     #[test]

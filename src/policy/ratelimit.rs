@@ -1,1 +1,887 @@
-//! (in progress)
+//! Rate limits: the GCRA arithmetic, three [`RateLimiter`]s (in-process, shared through Redis,
+//! and Redis with a fallback for outages) and the IETF `RateLimit` / `RateLimit-Policy`
+//! response headers.
+//!
+//! It owns how a budget is spent and reported. It does not decide which requests count against
+//! which budget, build the key (callers name one budget per key, rule included), or write the
+//! 429 response — that is the proxy's flow and `respond`.
+//!
+//! # GCRA (the same in Rust and in the Lua script)
+//!
+//! A [`Quota`] of `requests` per `period` with bursts of `burst`:
+//!
+//! - emission interval `T = period / requests` (whole microseconds, rounded up, at least 1 µs);
+//! - tolerance `τ = T × burst`;
+//! - per key, one number: the theoretical arrival time `TAT` (µs), the moment the bucket would
+//!   be full again. A missing key, or a `TAT` in the past, means a full bucket: `TAT = now`.
+//!
+//! A check spending `cost` units at time `now`:
+//!
+//! ```text
+//! tat     = max(stored TAT, now)
+//! new_tat = tat + T × cost
+//! allowed = cost <= burst  and  new_tat − now <= τ
+//! allowed: store new_tat, expiring at new_tat (then it is a full bucket anyway)
+//!          remaining = ⌊(τ − (new_tat − now)) / T⌋    reset = new_tat − now
+//! denied:  nothing stored
+//!          remaining = ⌊max(τ − (tat − now), 0) / T⌋  reset = tat − now
+//!          retry_after = new_tat − τ − now   (none when cost > burst: waiting cannot help)
+//! ```
+//!
+//! So `burst` back-to-back requests pass, the next one waits `T`, and the long-run rate is
+//! `requests / period`. All values are integers of microseconds; the Lua script does the same
+//! in doubles, exact below 2^53 µs (epoch time is ~2^51), which is why [`Quota`] caps `τ` at
+//! 2^48 µs (about 8.9 years).
+//!
+//! [`RedisLimiter`] runs that in one script ([`GCRA_LUA`]) on the Redis server, with the
+//! server's `TIME` (never a replica's clock), on the key `{prefix}rl:{<key>}` — the budget key
+//! in braces is the Redis Cluster hash tag — so every replica sharing the Redis spends one
+//! budget. [`LocalLimiter`] keeps `TAT`s in a bounded in-process cache whose entries expire at
+//! their `TAT`. [`FallbackLimiter`] asks Redis first and, when Redis fails, applies the local
+//! limit (per replica, so N replicas allow up to N times the budget during an outage), allows,
+//! or denies, as configured.
+//!
+//! # Headers
+//!
+//! [`headers`] follows draft-ietf-httpapi-ratelimit-headers-11 (May 2026), structured-field
+//! form: `RateLimit-Policy: "<name>";q=<requests>;w=<period secs>` and
+//! `RateLimit: "<name>";r=<remaining>;t=<reset secs>` (seconds rounded up; `w` at least 1).
+
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use async_trait::async_trait;
+use moka::ops::compute::Op;
+use moka::sync::Cache;
+use moka::Expiry;
+
+use crate::keys::redis_store::RedisConn;
+
+/// Keys the local limiter tracks at most, unless told otherwise.
+pub const DEFAULT_LOCAL_MAX_KEYS: u64 = 100_000;
+/// The largest tolerance (`T × burst`) a quota may have, in microseconds.
+const MAX_TOLERANCE_US: u64 = 1 << 48;
+/// `Retry-After` suggested when [`OnRedisError::Deny`] refuses a request during an outage.
+const RETRY_WHILE_UNAVAILABLE: Duration = Duration::from_secs(1);
+
+/// GCRA for one key, on the Redis server's clock (see the module docs; same formulas).
+/// `KEYS[1]`: the bucket. `ARGV`: T (µs), burst, cost.
+/// Returns {allowed (1|0), remaining, reset (µs), retry_after (µs; -1 when none)}.
+pub const GCRA_LUA: &str = r#"
+if redis.replicate_commands then redis.replicate_commands() end
+local interval = tonumber(ARGV[1])
+local burst = tonumber(ARGV[2])
+local cost = tonumber(ARGV[3])
+local tolerance = interval * burst
+local clock = redis.call('TIME')
+local now = tonumber(clock[1]) * 1000000 + tonumber(clock[2])
+local tat = now
+local stored = redis.call('GET', KEYS[1])
+if stored then tat = math.max(tonumber(stored) or now, now) end
+local function left(used) return math.floor(math.max(tolerance - used, 0) / interval) end
+local used = tat - now
+if cost > burst then return {0, left(used), used, -1} end
+local ahead = tat + interval * cost - now
+if ahead > tolerance then return {0, left(used), used, ahead - tolerance} end
+if ahead > 0 then
+  redis.call('SET', KEYS[1], string.format('%.0f', now + ahead), 'PX', math.ceil(ahead / 1000))
+end
+return {1, left(ahead), ahead, -1}
+"#;
+
+/// A limit: `requests` per `period`, with bursts of up to `burst` at once (burst >= 1).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Quota {
+    /// Units granted per `period`, in the long run.
+    pub requests: u32,
+    /// The window `requests` refers to.
+    pub period: Duration,
+    /// Units that may be spent at once from a full bucket.
+    pub burst: u32,
+}
+
+impl Quota {
+    /// A checked quota.
+    pub fn new(requests: u32, period: Duration, burst: u32) -> Result<Self, LimiterError> {
+        let quota = Self {
+            requests,
+            period,
+            burst,
+        };
+        quota.interval_us()?;
+        Ok(quota)
+    }
+
+    /// The emission interval `T = period / requests` (see the module docs).
+    pub fn emission_interval(&self) -> Result<Duration, LimiterError> {
+        self.interval_us().map(Duration::from_micros)
+    }
+
+    /// `T` in microseconds, after checking the quota is usable.
+    fn interval_us(&self) -> Result<u64, LimiterError> {
+        if self.requests == 0 || self.burst == 0 || self.period.is_zero() {
+            return Err(LimiterError::InvalidQuota(format!(
+                "requests ({}), period ({:?}) and burst ({}) must all be positive",
+                self.requests, self.period, self.burst
+            )));
+        }
+        let requests = u128::from(self.requests);
+        let interval = self.period.as_micros().div_ceil(requests).max(1);
+        let fits = u64::try_from(interval)
+            .ok()
+            .filter(|t| t.saturating_mul(u64::from(self.burst)) <= MAX_TOLERANCE_US);
+        fits.ok_or_else(|| {
+            LimiterError::InvalidQuota(format!(
+                "period / requests × burst ({:?} / {} × {}) is too long",
+                self.period, self.requests, self.burst
+            ))
+        })
+    }
+}
+
+/// The outcome of one check.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Decision {
+    /// Whether the units were spent.
+    pub allowed: bool,
+    /// The bucket size (the quota's burst).
+    pub limit: u32,
+    /// Units that could still be spent right now.
+    pub remaining: u32,
+    /// Time until the bucket is full again.
+    pub reset: Duration,
+    /// When denied, how long until the same request would pass; `None` when allowed, or when
+    /// waiting cannot help (a cost above the burst).
+    pub retry_after: Option<Duration>,
+}
+
+impl Decision {
+    /// `retry_after` in whole seconds, rounded up, for a `Retry-After` header.
+    pub fn retry_after_secs(&self) -> Option<u64> {
+        self.retry_after.map(ceil_secs)
+    }
+}
+
+/// Why a limiter could not decide.
+#[derive(Debug, Clone, thiserror::Error)]
+pub enum LimiterError {
+    /// The shared store is unreachable, timed out, or failed.
+    #[error("rate limiter unavailable: {0}")]
+    Unavailable(String),
+    /// The quota cannot be enforced (zero requests, period or burst, or far too long).
+    #[error("invalid rate limit quota: {0}")]
+    InvalidQuota(String),
+}
+
+/// Something that spends budgets.
+#[async_trait]
+pub trait RateLimiter: Send + Sync + 'static {
+    /// Spend `cost` units of `key`'s budget under `quota` (cost >= 1; a cost above burst is
+    /// always denied).
+    async fn check(&self, key: &str, quota: &Quota, cost: u32) -> Result<Decision, LimiterError>;
+    /// A short name for logs and metrics.
+    fn name(&self) -> &'static str;
+}
+
+/// One GCRA step (see the module docs), in microseconds. Returns the decision and, when
+/// allowed and the bucket is not full, the new `TAT` to store.
+fn gcra(
+    stored_tat: Option<u64>,
+    now: u64,
+    interval: u64,
+    burst: u32,
+    cost: u32,
+) -> (Decision, Option<u64>) {
+    let tolerance = interval.saturating_mul(u64::from(burst));
+    let tat = stored_tat.map_or(now, |t| t.max(now));
+    let used = tat - now;
+    let left = |used: u64| units(tolerance.saturating_sub(used) / interval);
+    let denied = |retry_after: Option<u64>| Decision {
+        allowed: false,
+        limit: burst,
+        remaining: left(used),
+        reset: Duration::from_micros(used),
+        retry_after: retry_after.map(Duration::from_micros),
+    };
+    if cost > burst {
+        return (denied(None), None);
+    }
+    let ahead = used + interval * u64::from(cost);
+    if ahead > tolerance {
+        return (denied(Some(ahead - tolerance)), None);
+    }
+    let decision = Decision {
+        allowed: true,
+        limit: burst,
+        remaining: left(ahead),
+        reset: Duration::from_micros(ahead),
+        retry_after: None,
+    };
+    (decision, (ahead > 0).then_some(now + ahead))
+}
+
+/// A unit count that fits the quota's `u32` burst.
+fn units(n: u64) -> u32 {
+    u32::try_from(n).unwrap_or(u32::MAX)
+}
+
+/// Whole seconds, rounded up.
+fn ceil_secs(d: Duration) -> u64 {
+    d.as_secs() + u64::from(d.subsec_nanos() > 0)
+}
+
+/// What the local limiter keeps per key.
+#[derive(Clone, Copy)]
+struct Bucket {
+    tat: u64,
+    /// How long after its last write the entry is a full bucket anyway.
+    ttl: Duration,
+}
+
+/// Entries expire when their bucket is full again.
+struct BucketExpiry;
+
+impl Expiry<String, Bucket> for BucketExpiry {
+    fn expire_after_create(&self, _: &String, bucket: &Bucket, _: Instant) -> Option<Duration> {
+        Some(bucket.ttl)
+    }
+
+    fn expire_after_update(
+        &self,
+        _: &String,
+        bucket: &Bucket,
+        _: Instant,
+        _: Option<Duration>,
+    ) -> Option<Duration> {
+        Some(bucket.ttl)
+    }
+}
+
+/// The local limiter's clock, in microseconds.
+enum Clock {
+    Monotonic(Instant),
+    #[cfg(test)]
+    Manual(Arc<AtomicU64>),
+}
+
+impl Clock {
+    fn now_us(&self) -> u64 {
+        match self {
+            Clock::Monotonic(start) => {
+                u64::try_from(start.elapsed().as_micros()).unwrap_or(u64::MAX)
+            }
+            #[cfg(test)]
+            Clock::Manual(now) => now.load(Ordering::SeqCst),
+        }
+    }
+}
+
+/// In-process GCRA: one replica's view, memory bounded by a key count (the least useful keys
+/// are evicted first, and an evicted key starts with a full bucket).
+pub struct LocalLimiter {
+    buckets: Cache<String, Bucket>,
+    clock: Clock,
+}
+
+impl LocalLimiter {
+    /// A limiter tracking at most `max_keys` keys.
+    pub fn new(max_keys: u64) -> Self {
+        Self::with_clock(max_keys, Clock::Monotonic(Instant::now()))
+    }
+
+    fn with_clock(max_keys: u64, clock: Clock) -> Self {
+        Self {
+            buckets: Cache::builder()
+                .max_capacity(max_keys)
+                .expire_after(BucketExpiry)
+                .build(),
+            clock,
+        }
+    }
+
+    /// Keys currently tracked (approximate: eviction and expiry run lazily).
+    pub fn tracked_keys(&self) -> u64 {
+        self.buckets.entry_count()
+    }
+
+    /// The synchronous check behind [`RateLimiter::check`].
+    fn spend(&self, key: &str, quota: &Quota, cost: u32) -> Result<Decision, LimiterError> {
+        let interval = quota.interval_us()?;
+        let now = self.clock.now_us();
+        let mut outcome = None;
+        self.buckets
+            .entry(key.to_string())
+            .and_compute_with(|entry| {
+                let stored = entry.map(|e| e.into_value().tat);
+                let (decision, store) = gcra(stored, now, interval, quota.burst, cost);
+                outcome = Some(decision);
+                match store {
+                    Some(tat) => Op::Put(Bucket {
+                        tat,
+                        ttl: Duration::from_micros(tat - now),
+                    }),
+                    None => Op::Nop,
+                }
+            });
+        outcome.ok_or_else(|| LimiterError::Unavailable("local limiter made no decision".into()))
+    }
+}
+
+impl Default for LocalLimiter {
+    fn default() -> Self {
+        Self::new(DEFAULT_LOCAL_MAX_KEYS)
+    }
+}
+
+#[async_trait]
+impl RateLimiter for LocalLimiter {
+    async fn check(&self, key: &str, quota: &Quota, cost: u32) -> Result<Decision, LimiterError> {
+        self.spend(key, quota, cost)
+    }
+
+    fn name(&self) -> &'static str {
+        "local"
+    }
+}
+
+/// GCRA in Redis: every replica sharing the Redis spends one budget per key.
+pub struct RedisLimiter {
+    conn: Arc<RedisConn>,
+    script: redis::Script,
+}
+
+impl RedisLimiter {
+    /// A limiter on `conn`, keys under the connection's prefix.
+    pub fn new(conn: Arc<RedisConn>) -> Self {
+        Self {
+            conn,
+            script: redis::Script::new(GCRA_LUA),
+        }
+    }
+
+    /// The Redis key holding `key`'s `TAT`: `{prefix}rl:{<key>}`.
+    pub fn redis_key(&self, key: &str) -> String {
+        format!("{}rl:{{{key}}}", self.conn.key_prefix())
+    }
+}
+
+#[async_trait]
+impl RateLimiter for RedisLimiter {
+    async fn check(&self, key: &str, quota: &Quota, cost: u32) -> Result<Decision, LimiterError> {
+        let interval = quota.interval_us()?;
+        let mut invocation = self.script.key(self.redis_key(key));
+        invocation.arg(interval).arg(quota.burst).arg(cost);
+        let (allowed, remaining, reset, retry): (i64, i64, i64, i64) = self
+            .conn
+            .invoke("rate limit", &invocation)
+            .await
+            .map_err(|e| LimiterError::Unavailable(e.to_string()))?;
+        let micros = |v: i64| Duration::from_micros(u64::try_from(v).unwrap_or(0));
+        Ok(Decision {
+            allowed: allowed == 1,
+            limit: quota.burst,
+            remaining: u32::try_from(remaining.max(0)).unwrap_or(u32::MAX),
+            reset: micros(reset),
+            retry_after: (retry >= 0).then(|| micros(retry)),
+        })
+    }
+
+    fn name(&self) -> &'static str {
+        "redis"
+    }
+}
+
+/// What [`FallbackLimiter`] does while the shared limiter fails.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum OnRedisError {
+    /// Enforce the limit per replica with a [`LocalLimiter`].
+    Local,
+    /// Let every request through.
+    Allow,
+    /// Refuse every request (with a short `retry_after`).
+    Deny,
+}
+
+/// The shared limiter first; when it fails, [`OnRedisError`] decides. Logs the first failure
+/// of an outage and the recovery once each, and counts the checks that fell back.
+pub struct FallbackLimiter {
+    shared: Box<dyn RateLimiter>,
+    local: LocalLimiter,
+    on_error: OnRedisError,
+    fallbacks: AtomicU64,
+    failing: AtomicBool,
+}
+
+impl FallbackLimiter {
+    /// `shared` (normally a [`RedisLimiter`]) backed by `local` for [`OnRedisError::Local`].
+    pub fn new(shared: impl RateLimiter, on_error: OnRedisError, local: LocalLimiter) -> Self {
+        Self {
+            shared: Box::new(shared),
+            local,
+            on_error,
+            fallbacks: AtomicU64::new(0),
+            failing: AtomicBool::new(false),
+        }
+    }
+
+    /// Checks answered without the shared limiter since start.
+    pub fn fallbacks(&self) -> u64 {
+        self.fallbacks.load(Ordering::Relaxed)
+    }
+
+    /// What happens while the shared limiter fails.
+    pub fn on_error(&self) -> OnRedisError {
+        self.on_error
+    }
+}
+
+#[async_trait]
+impl RateLimiter for FallbackLimiter {
+    async fn check(&self, key: &str, quota: &Quota, cost: u32) -> Result<Decision, LimiterError> {
+        let error = match self.shared.check(key, quota, cost).await {
+            Ok(decision) => {
+                if self.failing.swap(false, Ordering::Relaxed) {
+                    tracing::info!(limiter = self.shared.name(), "shared rate limits are back");
+                }
+                return Ok(decision);
+            }
+            Err(e @ LimiterError::InvalidQuota(_)) => return Err(e),
+            Err(e) => e,
+        };
+        self.fallbacks.fetch_add(1, Ordering::Relaxed);
+        if !self.failing.swap(true, Ordering::Relaxed) {
+            tracing::warn!(
+                limiter = self.shared.name(),
+                fallback = ?self.on_error,
+                %error,
+                "shared rate limits unavailable; falling back"
+            );
+        }
+        match self.on_error {
+            OnRedisError::Local => self.local.spend(key, quota, cost),
+            OnRedisError::Allow | OnRedisError::Deny => {
+                let allowed = self.on_error == OnRedisError::Allow && cost <= quota.burst;
+                Ok(Decision {
+                    allowed,
+                    limit: quota.burst,
+                    remaining: if allowed { quota.burst - cost } else { 0 },
+                    reset: Duration::ZERO,
+                    retry_after: (!allowed && cost <= quota.burst)
+                        .then_some(RETRY_WHILE_UNAVAILABLE),
+                })
+            }
+        }
+    }
+
+    fn name(&self) -> &'static str {
+        "fallback"
+    }
+}
+
+/// The `RateLimit-Policy` and `RateLimit` response headers (lower-case names) for one policy,
+/// in draft-ietf-httpapi-ratelimit-headers-11's structured-field form.
+pub fn headers(
+    policy_name: &str,
+    quota: &Quota,
+    decision: &Decision,
+) -> [(&'static str, String); 2] {
+    let name = sf_string(policy_name);
+    let window = ceil_secs(quota.period).max(1);
+    [
+        (
+            "ratelimit-policy",
+            format!("{name};q={};w={window}", quota.requests),
+        ),
+        (
+            "ratelimit",
+            format!(
+                "{name};r={};t={}",
+                decision.remaining,
+                ceil_secs(decision.reset)
+            ),
+        ),
+    ]
+}
+
+/// A structured-field String: quoted, `"` and `\` escaped, anything but printable ASCII
+/// replaced by `_` (the format allows nothing else).
+fn sf_string(s: &str) -> String {
+    let mut out = String::with_capacity(s.len() + 2);
+    out.push('"');
+    for c in s.chars() {
+        match c {
+            '"' | '\\' => {
+                out.push('\\');
+                out.push(c);
+            }
+            ' '..='~' => out.push(c),
+            _ => out.push('_'),
+        }
+    }
+    out.push('"');
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const SEC: u64 = 1_000_000;
+
+    /// A local limiter on a clock only the test moves.
+    fn manual(max_keys: u64) -> (LocalLimiter, Arc<AtomicU64>) {
+        let now = Arc::new(AtomicU64::new(1_000 * SEC));
+        (
+            LocalLimiter::with_clock(max_keys, Clock::Manual(now.clone())),
+            now,
+        )
+    }
+
+    fn advance(clock: &AtomicU64, by: Duration) {
+        clock.fetch_add(by.as_micros() as u64, Ordering::SeqCst);
+    }
+
+    /// 10 per minute (T = 6 s), bursts of `burst`.
+    fn per_minute(burst: u32) -> Quota {
+        Quota::new(10, Duration::from_secs(60), burst).unwrap()
+    }
+
+    #[tokio::test]
+    async fn exactly_burst_requests_pass_then_one_is_denied_with_retry_after_t() {
+        let (limiter, _) = manual(100);
+        let quota = per_minute(5);
+        for expected_remaining in (0..5).rev() {
+            let d = limiter.check("k", &quota, 1).await.unwrap();
+            assert!(d.allowed);
+            assert_eq!(d.remaining, expected_remaining);
+            assert_eq!(d.limit, 5);
+            assert_eq!(d.retry_after, None);
+        }
+        let denied = limiter.check("k", &quota, 1).await.unwrap();
+        assert!(!denied.allowed);
+        assert_eq!(denied.remaining, 0);
+        assert_eq!(denied.retry_after, Some(Duration::from_secs(6)));
+        assert_eq!(denied.reset, Duration::from_secs(30));
+        assert_eq!(denied.retry_after_secs(), Some(6));
+    }
+
+    #[tokio::test]
+    async fn one_unit_comes_back_after_each_emission_interval() {
+        let (limiter, clock) = manual(100);
+        let quota = per_minute(2);
+        assert!(limiter.check("k", &quota, 1).await.unwrap().allowed);
+        assert!(limiter.check("k", &quota, 1).await.unwrap().allowed);
+        assert!(!limiter.check("k", &quota, 1).await.unwrap().allowed);
+        advance(&clock, Duration::from_secs(5));
+        let early = limiter.check("k", &quota, 1).await.unwrap();
+        assert!(!early.allowed);
+        assert_eq!(early.retry_after, Some(Duration::from_secs(1)));
+        advance(&clock, Duration::from_secs(1));
+        let refilled = limiter.check("k", &quota, 1).await.unwrap();
+        assert!(refilled.allowed);
+        assert_eq!(refilled.remaining, 0);
+        assert!(!limiter.check("k", &quota, 1).await.unwrap().allowed);
+        // A whole idle burst later, the bucket is full again.
+        advance(&clock, Duration::from_secs(12));
+        let full = limiter.check("k", &quota, 1).await.unwrap();
+        assert_eq!((full.allowed, full.remaining), (true, 1));
+    }
+
+    #[tokio::test]
+    async fn cost_spends_several_units_and_a_cost_above_burst_never_passes() {
+        let (limiter, clock) = manual(100);
+        let quota = per_minute(10);
+        let first = limiter.check("k", &quota, 4).await.unwrap();
+        assert_eq!((first.allowed, first.remaining), (true, 6));
+        assert_eq!(first.reset, Duration::from_secs(24));
+        let second = limiter.check("k", &quota, 4).await.unwrap();
+        assert_eq!((second.allowed, second.remaining), (true, 2));
+        let third = limiter.check("k", &quota, 4).await.unwrap();
+        assert!(!third.allowed);
+        assert_eq!(third.remaining, 2, "a denial spends nothing");
+        assert_eq!(third.retry_after, Some(Duration::from_secs(12)));
+        let fits = limiter.check("k", &quota, 2).await.unwrap();
+        assert_eq!((fits.allowed, fits.remaining), (true, 0));
+        advance(&clock, Duration::from_secs(3600));
+        let too_big = limiter.check("k", &quota, 11).await.unwrap();
+        assert!(!too_big.allowed);
+        assert_eq!(too_big.retry_after, None, "waiting cannot help");
+        assert_eq!(too_big.remaining, 10);
+    }
+
+    #[tokio::test]
+    async fn remaining_and_reset_follow_the_bucket() {
+        let (limiter, clock) = manual(100);
+        let quota = per_minute(5);
+        for _ in 0..3 {
+            limiter.check("k", &quota, 1).await.unwrap();
+        }
+        let d = limiter.check("k", &quota, 1).await.unwrap();
+        assert_eq!(d.remaining, 1);
+        assert_eq!(d.reset, Duration::from_secs(24));
+        advance(&clock, Duration::from_secs(9));
+        // 15 s of the 24 s are left; one more unit (6 s) makes 21 s of the 30 s tolerance
+        // used: 9 s, one whole unit, remain.
+        let d = limiter.check("k", &quota, 1).await.unwrap();
+        assert!(d.allowed);
+        assert_eq!(d.reset, Duration::from_secs(21));
+        assert_eq!(d.remaining, 1);
+    }
+
+    #[tokio::test]
+    async fn distinct_keys_have_distinct_budgets() {
+        let (limiter, _) = manual(100);
+        let quota = per_minute(1);
+        assert!(limiter.check("user:a", &quota, 1).await.unwrap().allowed);
+        assert!(!limiter.check("user:a", &quota, 1).await.unwrap().allowed);
+        assert!(limiter.check("user:b", &quota, 1).await.unwrap().allowed);
+        assert!(limiter.check("ip:a", &quota, 1).await.unwrap().allowed);
+    }
+
+    #[tokio::test]
+    async fn memory_is_bounded_by_the_key_count() {
+        let (limiter, _) = manual(100);
+        let quota = per_minute(5);
+        for i in 0..5_000 {
+            limiter.check(&format!("k{i}"), &quota, 1).await.unwrap();
+        }
+        limiter.buckets.run_pending_tasks();
+        assert!(limiter.tracked_keys() <= 100, "{}", limiter.tracked_keys());
+    }
+
+    #[tokio::test]
+    async fn full_buckets_are_forgotten() {
+        let limiter = LocalLimiter::new(100);
+        // T = 1 ms: each entry is a full bucket again 1 ms after it was written.
+        let quota = Quota::new(1000, Duration::from_secs(1), 1).unwrap();
+        for i in 0..50 {
+            assert!(
+                limiter
+                    .check(&format!("k{i}"), &quota, 1)
+                    .await
+                    .unwrap()
+                    .allowed
+            );
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        // Expired entries are gone for readers at once (and reclaimed by housekeeping later).
+        for i in 0..50 {
+            assert!(!limiter.buckets.contains_key(&format!("k{i}")));
+        }
+    }
+
+    #[tokio::test]
+    async fn concurrent_checks_on_one_key_spend_exactly_the_burst() {
+        let (limiter, _) = manual(100);
+        let limiter = Arc::new(limiter);
+        let quota = per_minute(20);
+        let tasks: Vec<_> = (0..50)
+            .map(|_| {
+                let limiter = limiter.clone();
+                let quota = quota.clone();
+                tokio::spawn(async move { limiter.check("k", &quota, 1).await.unwrap().allowed })
+            })
+            .collect();
+        let mut allowed = 0;
+        for t in tasks {
+            allowed += usize::from(t.await.unwrap());
+        }
+        assert_eq!(allowed, 20);
+    }
+
+    #[test]
+    fn gcra_treats_a_past_tat_as_a_full_bucket() {
+        let t = 6 * SEC;
+        let (d, store) = gcra(Some(10 * SEC), 100 * SEC, t, 5, 1);
+        assert!(d.allowed);
+        assert_eq!(d.remaining, 4);
+        assert_eq!(store, Some(106 * SEC));
+        let (peek, store) = gcra(None, 100 * SEC, t, 5, 0);
+        assert_eq!((peek.allowed, peek.remaining, store), (true, 5, None));
+    }
+
+    #[test]
+    fn quotas_are_checked() {
+        assert!(Quota::new(0, Duration::from_secs(1), 1).is_err());
+        assert!(Quota::new(1, Duration::ZERO, 1).is_err());
+        assert!(Quota::new(1, Duration::from_secs(1), 0).is_err());
+        assert!(Quota::new(1, Duration::from_secs(10 * 365 * 86_400), 1).is_err());
+        let q = Quota::new(3, Duration::from_secs(1), 1).unwrap();
+        assert_eq!(
+            q.emission_interval().unwrap(),
+            Duration::from_micros(333_334)
+        );
+        let fast = Quota::new(u32::MAX, Duration::from_secs(1), 1).unwrap();
+        assert_eq!(fast.emission_interval().unwrap(), Duration::from_micros(1));
+    }
+
+    #[tokio::test]
+    async fn an_invalid_quota_is_an_error_not_a_decision() {
+        let (limiter, _) = manual(10);
+        let quota = Quota {
+            requests: 0,
+            period: Duration::from_secs(1),
+            burst: 1,
+        };
+        assert!(matches!(
+            limiter.check("k", &quota, 1).await,
+            Err(LimiterError::InvalidQuota(_))
+        ));
+    }
+
+    /// A shared limiter that fails while told to.
+    struct Flaky {
+        down: Arc<AtomicBool>,
+        inner: LocalLimiter,
+    }
+
+    #[async_trait]
+    impl RateLimiter for Flaky {
+        async fn check(
+            &self,
+            key: &str,
+            quota: &Quota,
+            cost: u32,
+        ) -> Result<Decision, LimiterError> {
+            if self.down.load(Ordering::SeqCst) {
+                return Err(LimiterError::Unavailable("down".into()));
+            }
+            self.inner.check(key, quota, cost).await
+        }
+
+        fn name(&self) -> &'static str {
+            "flaky"
+        }
+    }
+
+    fn flaky(on_error: OnRedisError) -> (FallbackLimiter, Arc<AtomicBool>) {
+        let down = Arc::new(AtomicBool::new(false));
+        let shared = Flaky {
+            down: down.clone(),
+            inner: LocalLimiter::new(10),
+        };
+        (
+            FallbackLimiter::new(shared, on_error, LocalLimiter::new(10)),
+            down,
+        )
+    }
+
+    #[tokio::test]
+    async fn fallback_applies_the_local_limit_while_the_shared_one_fails() {
+        let (limiter, down) = flaky(OnRedisError::Local);
+        let quota = per_minute(2);
+        assert!(limiter.check("k", &quota, 1).await.unwrap().allowed);
+        assert!(limiter.check("k", &quota, 1).await.unwrap().allowed);
+        assert!(!limiter.check("k", &quota, 1).await.unwrap().allowed);
+        assert_eq!(limiter.fallbacks(), 0);
+        down.store(true, Ordering::SeqCst);
+        // The local budget is separate: two more, then denied.
+        assert!(limiter.check("k", &quota, 1).await.unwrap().allowed);
+        assert!(limiter.check("k", &quota, 1).await.unwrap().allowed);
+        assert!(!limiter.check("k", &quota, 1).await.unwrap().allowed);
+        assert_eq!(limiter.fallbacks(), 3);
+        down.store(false, Ordering::SeqCst);
+        assert!(!limiter.check("k", &quota, 1).await.unwrap().allowed);
+        assert_eq!(limiter.fallbacks(), 3);
+    }
+
+    #[tokio::test]
+    async fn fallback_allows_or_denies_as_configured() {
+        let quota = per_minute(2);
+        let (allow, down) = flaky(OnRedisError::Allow);
+        down.store(true, Ordering::SeqCst);
+        for _ in 0..5 {
+            let d = allow.check("k", &quota, 1).await.unwrap();
+            assert_eq!((d.allowed, d.remaining, d.retry_after), (true, 1, None));
+        }
+        assert!(!allow.check("k", &quota, 3).await.unwrap().allowed);
+        assert_eq!(allow.fallbacks(), 6);
+
+        let (deny, down) = flaky(OnRedisError::Deny);
+        down.store(true, Ordering::SeqCst);
+        let d = deny.check("k", &quota, 1).await.unwrap();
+        assert!(!d.allowed);
+        assert_eq!(d.retry_after, Some(RETRY_WHILE_UNAVAILABLE));
+        assert_eq!(deny.fallbacks(), 1);
+    }
+
+    #[tokio::test]
+    async fn fallback_does_not_hide_an_invalid_quota() {
+        let (limiter, _) = flaky(OnRedisError::Allow);
+        let quota = Quota {
+            requests: 1,
+            period: Duration::from_secs(1),
+            burst: 0,
+        };
+        assert!(limiter.check("k", &quota, 1).await.is_err());
+        assert_eq!(limiter.fallbacks(), 0);
+    }
+
+    /// Log lines, collected.
+    #[derive(Clone, Default)]
+    struct Logs(Arc<std::sync::Mutex<Vec<u8>>>);
+
+    impl std::io::Write for Logs {
+        fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+            self.0.lock().unwrap().extend_from_slice(buf);
+            Ok(buf.len())
+        }
+
+        fn flush(&mut self) -> std::io::Result<()> {
+            Ok(())
+        }
+    }
+
+    #[tokio::test]
+    async fn an_outage_is_logged_once_when_it_starts_and_once_when_it_ends() {
+        let logs = Logs::default();
+        let writer = logs.clone();
+        let subscriber = tracing_subscriber::fmt()
+            .with_writer(move || writer.clone())
+            .with_ansi(false)
+            .finish();
+        let _guard = tracing::subscriber::set_default(subscriber);
+        let (limiter, down) = flaky(OnRedisError::Local);
+        let quota = per_minute(100);
+        for outage in [3, 1] {
+            down.store(true, Ordering::SeqCst);
+            for _ in 0..outage {
+                limiter.check("k", &quota, 1).await.unwrap();
+            }
+            down.store(false, Ordering::SeqCst);
+            limiter.check("k", &quota, 1).await.unwrap();
+            limiter.check("k", &quota, 1).await.unwrap();
+        }
+        let text = String::from_utf8(logs.0.lock().unwrap().clone()).unwrap();
+        assert_eq!(text.matches("falling back").count(), 2, "{text}");
+        assert_eq!(text.matches("are back").count(), 2, "{text}");
+        assert_eq!(limiter.fallbacks(), 4);
+    }
+
+    #[test]
+    fn headers_use_the_structured_field_form() {
+        let quota = Quota::new(100, Duration::from_millis(60_500), 10).unwrap();
+        let decision = Decision {
+            allowed: true,
+            limit: 10,
+            remaining: 7,
+            reset: Duration::from_millis(1_200),
+            retry_after: None,
+        };
+        let [policy, limit] = headers("per-user", &quota, &decision);
+        assert_eq!(
+            policy,
+            ("ratelimit-policy", "\"per-user\";q=100;w=61".into())
+        );
+        assert_eq!(limit, ("ratelimit", "\"per-user\";r=7;t=2".into()));
+        let sub_second = Quota::new(5, Duration::from_millis(200), 1).unwrap();
+        let full = Decision {
+            reset: Duration::ZERO,
+            ..decision
+        };
+        let [policy, limit] = headers("a \"b\"\\c\né", &sub_second, &full);
+        assert_eq!(policy.1, r#""a \"b\"\\c__";q=5;w=1"#);
+        assert_eq!(limit.1, r#""a \"b\"\\c__";r=7;t=0"#);
+    }
+}

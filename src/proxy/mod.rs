@@ -30,11 +30,15 @@ use pingora::upstreams::peer::HttpPeer;
 use crate::auth::discovery::{AsDocument, AuthServerMetadata, ResourceMetadata};
 use crate::auth::{bearer_token, Authenticator, Identity};
 use crate::config::Settings;
+use crate::config::{RateKey, RateRule};
 use crate::error::{AuthError, GatewayError};
 use crate::keys::api as keys_api;
 use crate::keys::store::Owner;
 use crate::keys::vault::{UserKey, Vault, VaultError};
 use crate::policy::cors::Cors;
+use crate::policy::mcp::{self, RpcCall};
+use crate::policy::ratelimit::{self, Decision, Quota, RateLimiter};
+use crate::policy::sessions::SessionBindings;
 
 /// Everything the request path reads, built once at startup.
 pub struct GatewayState {
@@ -51,6 +55,53 @@ pub struct GatewayState {
     pub vault: Option<Arc<Vault>>,
     /// `TWENTY_API_KEY`: injected for callers with no key of their own.
     pub fallback_key: Option<Arc<UserKey>>,
+    /// Rate-limit rules with their quotas and tool matchers, and the limiter they share.
+    pub rate_rules: Vec<CompiledRateRule>,
+    pub limiter: Option<Arc<dyn RateLimiter>>,
+    /// Who opened which MCP session.
+    pub sessions: Option<Arc<dyn SessionBindings>>,
+}
+
+/// A rate-limit rule ready for the request path.
+pub struct CompiledRateRule {
+    pub rule: RateRule,
+    pub quota: Quota,
+    /// For tool budgets: which `tools/call` names count.
+    pub tools: Option<globset::GlobSet>,
+}
+
+impl CompiledRateRule {
+    fn applies_to(&self, path: &str) -> bool {
+        self.rule.paths.is_empty()
+            || self.rule.paths.iter().any(|p| {
+                path == p
+                    || path
+                        .strip_prefix(p.as_str())
+                        .is_some_and(|r| r.starts_with('/'))
+            })
+    }
+
+    /// Units this request spends: the rule's cost, times the matching tool calls for a tool
+    /// budget (zero when none match).
+    fn cost(&self, calls: Option<&[RpcCall]>) -> u32 {
+        match &self.tools {
+            None => self.rule.cost,
+            Some(set) => {
+                let n = calls
+                    .unwrap_or_default()
+                    .iter()
+                    .filter(|c| c.method == "tools/call")
+                    .filter(|c| c.name.as_deref().is_some_and(|n| set.is_match(n)))
+                    .count() as u32;
+                self.rule.cost.saturating_mul(n)
+            }
+        }
+    }
+}
+
+/// The caller as MCP session bindings know it: issuer and subject.
+fn session_owner(identity: &Identity) -> String {
+    format!("{}|{}", identity.issuer, identity.subject)
 }
 
 impl GatewayState {
@@ -104,6 +155,10 @@ pub struct RequestCtx {
     pub denied: Option<&'static str>,
     /// The upstream key to inject.
     pub user_key: Option<Arc<UserKey>>,
+    /// Request body bytes seen so far (for the body size limit).
+    pub body_bytes: u64,
+    /// `RateLimit-Policy` / `RateLimit` of the tightest budget, for the response.
+    pub rate_headers: Vec<(&'static str, String)>,
 }
 
 /// The Pingora proxy app.
@@ -248,6 +303,164 @@ impl Gateway {
         Ok(())
     }
 
+    /// MCP transport rules that need no identity: protocol version and declared body size.
+    fn transport_checks(&self, session: &Session) -> Result<(), GatewayError> {
+        let policy = &self.state.settings.policy;
+        let headers = &session.req_header().headers;
+        if let Some(v) = headers.get("mcp-protocol-version") {
+            let ok = policy.protocol_versions.is_empty()
+                || v.to_str()
+                    .is_ok_and(|v| policy.protocol_versions.iter().any(|p| p == v.trim()));
+            if !ok {
+                return Err(GatewayError::Invalid(format!(
+                    "Unsupported MCP-Protocol-Version; supported: {}",
+                    policy.protocol_versions.join(", ")
+                )));
+            }
+        }
+        let declared = headers
+            .get(http::header::CONTENT_LENGTH)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.parse::<u64>().ok());
+        if declared.is_some_and(|n| n > policy.max_body_bytes) {
+            return Err(GatewayError::PayloadTooLarge);
+        }
+        Ok(())
+    }
+
+    /// Read and check the JSON-RPC body of an MCP POST (bounded; Pingora's retry buffer then
+    /// sends the same bytes upstream). `None` for requests that are not MCP POSTs.
+    async fn inspect_mcp(
+        &self,
+        session: &mut Session,
+        path: &str,
+    ) -> Result<Option<Vec<RpcCall>>, GatewayError> {
+        let policy = &self.state.settings.policy;
+        if session.req_header().method != http::Method::POST
+            || !policy.mcp_paths.iter().any(|p| p == path)
+        {
+            return Ok(None);
+        }
+        session.as_downstream_mut().enable_retry_buffering();
+        let body = read_body(session, policy.inspect_max_bytes).await?;
+        let calls = mcp::parse_body(&body).map_err(|e| GatewayError::Invalid(e.to_string()))?;
+        let headers = &session.req_header().headers;
+        let header = |name: &str| headers.get(name).and_then(|v| v.to_str().ok());
+        mcp::check_headers(&calls, header("mcp-method"), header("mcp-name"))
+            .map_err(|e| GatewayError::Invalid(e.to_string()))?;
+        Ok(Some(calls))
+    }
+
+    /// Spend the request's cost from every applicable budget keyed by one of `kinds`.
+    async fn rate_limit(
+        &self,
+        ctx: &mut RequestCtx,
+        path: &str,
+        calls: Option<&[RpcCall]>,
+        kinds: &[RateKey],
+    ) -> Result<(), GatewayError> {
+        let Some(limiter) = &self.state.limiter else {
+            return Ok(());
+        };
+        let mut tightest: Option<(&CompiledRateRule, Decision)> = None;
+        for compiled in &self.state.rate_rules {
+            let rule = &compiled.rule;
+            if !kinds.contains(&rule.per) || !compiled.applies_to(path) {
+                continue;
+            }
+            let who = match rule.per {
+                RateKey::Ip => ctx.client_ip.map(|ip| ip.to_string()),
+                RateKey::User => ctx.identity.as_ref().map(|i| i.subject.clone()),
+                RateKey::Org => ctx
+                    .identity
+                    .as_ref()
+                    .and_then(|i| i.org.as_ref())
+                    .map(|o| o.id.clone()),
+            };
+            let Some(who) = who else { continue };
+            let cost = compiled.cost(calls);
+            if cost == 0 {
+                continue;
+            }
+            let key = format!("{}:{}:{who}", rule.name, rule.per.as_str());
+            let decision = limiter
+                .check(&key, &compiled.quota, cost)
+                .await
+                .map_err(|e| {
+                    tracing::warn!(error = %e, "rate limiter unavailable");
+                    GatewayError::Unavailable {
+                        what: "rate limiter",
+                        retry_after: std::time::Duration::from_secs(1),
+                    }
+                })?;
+            if !decision.allowed {
+                let retry_after = decision.retry_after.unwrap_or(decision.reset);
+                return Err(GatewayError::RateLimited {
+                    retry_after,
+                    headers: ratelimit::headers(&rule.name, &compiled.quota, &decision).to_vec(),
+                });
+            }
+            if tightest
+                .as_ref()
+                .is_none_or(|(_, d)| decision.remaining < d.remaining)
+            {
+                tightest = Some((compiled, decision));
+            }
+        }
+        if let Some((compiled, decision)) = tightest {
+            ctx.rate_headers =
+                ratelimit::headers(&compiled.rule.name, &compiled.quota, &decision).to_vec();
+        }
+        Ok(())
+    }
+
+    /// Org rules and per-method scopes, for authenticated callers.
+    fn authorize(&self, ctx: &RequestCtx, calls: Option<&[RpcCall]>) -> Result<(), GatewayError> {
+        let Some(identity) = ctx.identity.as_deref() else {
+            return Ok(());
+        };
+        mcp::check_org(&self.state.settings.policy.org, identity)
+            .map_err(|d| GatewayError::Forbidden(d.to_string()))?;
+        if let Some(calls) = calls {
+            self.state
+                .settings
+                .policy
+                .scope_rules
+                .authorize(calls, &identity.scopes)
+                .map_err(GatewayError::InsufficientScope)?;
+        }
+        Ok(())
+    }
+
+    /// An `Mcp-Session-Id` opened by another user is not found.
+    async fn check_session(&self, session: &Session, ctx: &RequestCtx) -> Result<(), GatewayError> {
+        let (Some(bindings), Some(identity)) = (&self.state.sessions, ctx.identity.as_deref())
+        else {
+            return Ok(());
+        };
+        let Some(sid) = session
+            .req_header()
+            .headers
+            .get("mcp-session-id")
+            .and_then(|v| v.to_str().ok())
+        else {
+            return Ok(());
+        };
+        match bindings.owner(sid).await {
+            Ok(Some(owner)) if owner != session_owner(identity) => {
+                Err(GatewayError::SessionNotFound)
+            }
+            Ok(_) => Ok(()),
+            Err(e) => {
+                tracing::warn!(error = %e, "session binding lookup failed");
+                Err(GatewayError::Unavailable {
+                    what: "session store",
+                    retry_after: std::time::Duration::from_secs(5),
+                })
+            }
+        }
+    }
+
     /// `/api/keys`: the signed-in caller's own key.
     async fn keys_api(
         &self,
@@ -347,6 +560,8 @@ impl ProxyHttp for Gateway {
             cors_origin: None,
             denied: None,
             user_key: None,
+            body_bytes: 0,
+            rate_headers: Vec::new(),
         }
     }
 
@@ -378,13 +593,21 @@ impl ProxyHttp for Gateway {
                     "Request path must not contain dot segments or encoded separators",
                 ));
             }
+            // Per-IP budgets guard every route, discovery and failed authentication included.
+            self.rate_limit(ctx, &path, None, &[RateKey::Ip]).await?;
             if self.local_route(session, ctx, &path).await? {
                 return Ok(true);
             }
             if self.cors(session, ctx).await? {
                 return Ok(true);
             }
+            self.transport_checks(session)?;
             self.authenticate(session, ctx, &path).await?;
+            let calls = self.inspect_mcp(session, &path).await?;
+            self.rate_limit(ctx, &path, calls.as_deref(), &[RateKey::User, RateKey::Org])
+                .await?;
+            self.authorize(ctx, calls.as_deref())?;
+            self.check_session(session, ctx).await?;
             if let Some(vault) = self.state.vault.clone() {
                 if path == "/api/keys" {
                     self.keys_api(session, ctx, &vault).await?;
@@ -473,6 +696,21 @@ impl ProxyHttp for Gateway {
         Ok(())
     }
 
+    async fn request_body_filter(
+        &self,
+        _session: &mut Session,
+        body: &mut Option<Bytes>,
+        _end_of_stream: bool,
+        ctx: &mut RequestCtx,
+    ) -> Result<()> {
+        // Bodies without a Content-Length are counted as they stream.
+        ctx.body_bytes += body.as_ref().map_or(0, |b| b.len() as u64);
+        if ctx.body_bytes > self.state.settings.policy.max_body_bytes {
+            return Error::e_explain(ErrorType::HTTPStatus(413), "request body over the limit");
+        }
+        Ok(())
+    }
+
     fn request_summary(&self, session: &Session, _ctx: &RequestCtx) -> String {
         // Never the query string: it may carry keys.
         let req = session.req_header();
@@ -485,7 +723,22 @@ impl ProxyHttp for Gateway {
         upstream_response: &mut ResponseHeader,
         ctx: &mut RequestCtx,
     ) -> Result<()> {
+        // A session the upstream opens belongs to the caller who opened it.
+        if let (Some(bindings), Some(identity)) = (&self.state.sessions, ctx.identity.as_deref()) {
+            if let Some(sid) = upstream_response
+                .headers
+                .get("mcp-session-id")
+                .and_then(|v| v.to_str().ok())
+            {
+                if let Err(e) = bindings.bind(sid, &session_owner(identity)).await {
+                    tracing::warn!(error = %e, "could not record the MCP session binding");
+                }
+            }
+        }
         upstream_response.insert_header("x-request-id", ctx.request_id.as_str())?;
+        for (name, value) in &ctx.rate_headers {
+            upstream_response.insert_header(*name, value.as_str())?;
+        }
         if let Some(origin) = ctx.cors_origin.as_deref() {
             for (name, value) in Cors::response_headers(origin) {
                 upstream_response.insert_header(name, value)?;
@@ -501,6 +754,14 @@ impl ProxyHttp for Gateway {
         ctx: &mut RequestCtx,
     ) -> FailToProxy {
         let code = match e.esource() {
+            _ if matches!(e.etype(), ErrorType::HTTPStatus(413)) => {
+                let err = GatewayError::PayloadTooLarge;
+                ctx.denied = Some(err.reason());
+                if session.response_written().is_none() {
+                    respond::error(session, ctx, &self.state, &err).await;
+                }
+                413
+            }
             ErrorSource::Upstream => {
                 let err = match e.etype() {
                     ErrorType::ConnectTimedout

@@ -1,0 +1,343 @@
+//! Shared rate limits and MCP session bindings against a real `redis-server` child (and a
+//! three-node Redis Cluster): several limiter instances standing for several replicas, Redis
+//! stopped and restarted under them.
+
+use std::future::Future;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use keygate::keys::redis_store::{RedisConn, RedisSettings};
+use keygate::policy::ratelimit::{
+    Decision, FallbackLimiter, LocalLimiter, OnRedisError, Quota, RateLimiter, RedisLimiter,
+};
+use keygate::policy::sessions::{RedisBindings, SessionBindings};
+
+use crate::common::redis::{RedisCluster, RedisServer};
+
+/// Longer than any call may take with Redis down (connect + command timeouts, with margin):
+/// a guard against hangs, not a timing assertion.
+const NO_HANG: Duration = Duration::from_secs(5);
+
+fn conn(url: &str, cluster: bool) -> Arc<RedisConn> {
+    let settings = RedisSettings {
+        url: url.to_string(),
+        cluster,
+        key_prefix: "kgtest:".into(),
+        connect_timeout: Duration::from_millis(500),
+        command_timeout: Duration::from_millis(300),
+    };
+    Arc::new(RedisConn::new(&settings).expect("valid redis settings"))
+}
+
+/// 5 per minute in bursts of 5: nothing refills during a test.
+fn five_per_minute() -> Quota {
+    Quota::new(5, Duration::from_secs(60), 5).expect("valid quota")
+}
+
+async fn no_hang<T>(what: &str, fut: impl Future<Output = T>) -> T {
+    tokio::time::timeout(NO_HANG, fut)
+        .await
+        .unwrap_or_else(|_| panic!("{what} hung"))
+}
+
+async fn check(limiter: &dyn RateLimiter, key: &str, quota: &Quota) -> Decision {
+    no_hang("check", limiter.check(key, quota, 1))
+        .await
+        .unwrap_or_else(|e| panic!("{} check failed: {e}", limiter.name()))
+}
+
+/// A plain connection for looking at what the limiter left in Redis.
+fn raw(url: &str) -> ::redis::Connection {
+    ::redis::Client::open(url)
+        .and_then(|c| c.get_connection())
+        .expect("raw redis connection")
+}
+
+#[tokio::test]
+async fn two_replicas_on_one_redis_enforce_one_limit() {
+    let redis = RedisServer::start();
+    let replicas = [
+        RedisLimiter::new(conn(&redis.url(), false)),
+        RedisLimiter::new(conn(&redis.url(), false)),
+    ];
+    assert_eq!(replicas[0].name(), "redis");
+    let quota = five_per_minute();
+    for (i, expected_remaining) in (0..5u32).rev().enumerate() {
+        let d = check(&replicas[i % 2], "user:shared", &quota).await;
+        assert!(d.allowed, "request {i} denied");
+        assert_eq!(d.remaining, expected_remaining);
+        assert_eq!(d.limit, 5);
+    }
+    for replica in &replicas {
+        let d = check(replica, "user:shared", &quota).await;
+        assert!(!d.allowed, "a sixth request passed");
+        assert_eq!(d.remaining, 0);
+        let retry = d.retry_after.expect("a denial says when to retry");
+        assert!(
+            retry > Duration::ZERO && retry <= Duration::from_secs(12),
+            "{retry:?}"
+        );
+    }
+    // Another key has its own budget.
+    assert!(check(&replicas[1], "user:other", &quota).await.allowed);
+}
+
+#[tokio::test]
+async fn redis_and_local_limiters_decide_alike() {
+    let redis = RedisServer::start();
+    let shared = RedisLimiter::new(conn(&redis.url(), false));
+    let local = LocalLimiter::default();
+    let quota = Quota::new(10, Duration::from_secs(600), 6).expect("valid quota");
+    for cost in [1, 2, 4, 1, 2, 1, 1, 7, 0] {
+        let a = no_hang("redis", shared.check("k", &quota, cost))
+            .await
+            .expect("redis check");
+        let b = local.check("k", &quota, cost).await.expect("local check");
+        assert_eq!(
+            (a.allowed, a.remaining, a.limit, a.retry_after.is_some()),
+            (b.allowed, b.remaining, b.limit, b.retry_after.is_some()),
+            "cost {cost}: {a:?} vs {b:?}"
+        );
+    }
+}
+
+#[tokio::test]
+async fn buckets_are_hash_tagged_keys_that_expire() {
+    let redis = RedisServer::start();
+    let limiter = RedisLimiter::new(conn(&redis.url(), false));
+    let quota = five_per_minute(); // T = 12 s
+    let d = no_hang("check", limiter.check("user:u1", &quota, 2))
+        .await
+        .expect("check");
+    assert!(d.allowed);
+    assert!(d.reset > Duration::from_secs(23) && d.reset <= Duration::from_secs(24));
+    assert_eq!(limiter.redis_key("user:u1"), "kgtest:rl:{user:u1}");
+    let mut raw = raw(&redis.url());
+    let keys: Vec<String> = ::redis::cmd("KEYS").arg("*").query(&mut raw).expect("KEYS");
+    assert_eq!(keys, ["kgtest:rl:{user:u1}"]);
+    let ttl: i64 = ::redis::cmd("PTTL")
+        .arg(&keys[0])
+        .query(&mut raw)
+        .expect("PTTL");
+    assert!(ttl > 0 && ttl <= 24_000, "pttl {ttl}");
+    // The value is the theoretical arrival time in server microseconds: about now + 24 s.
+    let tat: u64 = ::redis::cmd("GET")
+        .arg(&keys[0])
+        .query(&mut raw)
+        .expect("GET");
+    let (secs, micros): (u64, u64) = ::redis::cmd("TIME").query(&mut raw).expect("TIME");
+    let ahead = tat.saturating_sub(secs * 1_000_000 + micros);
+    assert!(ahead > 23_000_000 && ahead <= 24_000_000, "{ahead}");
+
+    // A quota whose bucket is full again 1 ms later leaves nothing behind for long.
+    let quick = Quota::new(1000, Duration::from_secs(1), 1).expect("valid quota");
+    let d = no_hang("check", limiter.check("ip:quick", &quick, 1))
+        .await
+        .expect("check");
+    assert!(d.allowed);
+    let deadline = Instant::now() + NO_HANG;
+    loop {
+        let exists: bool = ::redis::cmd("EXISTS")
+            .arg("kgtest:rl:{ip:quick}")
+            .query(&mut raw)
+            .expect("EXISTS");
+        if !exists {
+            break;
+        }
+        assert!(Instant::now() < deadline, "the bucket never expired");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}
+
+#[tokio::test]
+async fn a_redis_cluster_keeps_one_limit_per_key_across_replicas() {
+    let cluster = RedisCluster::start();
+    let replicas = [
+        RedisLimiter::new(conn(&cluster.url(), true)),
+        RedisLimiter::new(conn(&cluster.url(), true)),
+    ];
+    let quota = Quota::new(3, Duration::from_secs(60), 3).expect("valid quota");
+    // Enough keys to land on every master.
+    for n in 0..12 {
+        let key = format!("user:{n}");
+        for i in 0..3 {
+            assert!(check(&replicas[(n + i) % 2], &key, &quota).await.allowed);
+        }
+        assert!(!check(&replicas[0], &key, &quota).await.allowed);
+        assert!(!check(&replicas[1], &key, &quota).await.allowed);
+    }
+}
+
+#[tokio::test]
+async fn redis_down_falls_back_to_the_local_limit_then_back_to_the_shared_one() {
+    let mut redis = RedisServer::start();
+    let url = redis.url();
+    let limiter = FallbackLimiter::new(
+        RedisLimiter::new(conn(&url, false)),
+        OnRedisError::Local,
+        LocalLimiter::default(),
+    );
+    let other_replica = RedisLimiter::new(conn(&url, false));
+    let quota = Quota::new(3, Duration::from_secs(60), 3).expect("valid quota");
+    assert_eq!(limiter.name(), "fallback");
+    assert!(check(&limiter, "user:a", &quota).await.allowed);
+    assert!(check(&limiter, "user:a", &quota).await.allowed);
+    assert_eq!(limiter.fallbacks(), 0);
+
+    redis.stop();
+    // The local budget of this replica applies: three, then denied.
+    for _ in 0..3 {
+        assert!(check(&limiter, "user:a", &quota).await.allowed);
+    }
+    let denied = check(&limiter, "user:a", &quota).await;
+    assert!(!denied.allowed);
+    assert!(denied.retry_after.is_some());
+    assert_eq!(limiter.fallbacks(), 4);
+
+    redis.restart();
+    let deadline = Instant::now() + NO_HANG;
+    loop {
+        let before = limiter.fallbacks();
+        check(&limiter, "probe", &quota).await;
+        if limiter.fallbacks() == before {
+            break;
+        }
+        assert!(Instant::now() < deadline, "never went back to redis");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let fallbacks = limiter.fallbacks();
+    // Shared again: what this replica spends, the other one sees.
+    for _ in 0..3 {
+        assert!(check(&limiter, "user:b", &quota).await.allowed);
+    }
+    assert!(!check(&other_replica, "user:b", &quota).await.allowed);
+    assert!(check(&other_replica, "user:c", &quota).await.allowed);
+    assert_eq!(limiter.fallbacks(), fallbacks);
+}
+
+#[tokio::test]
+async fn redis_down_with_allow_allows_and_with_deny_denies() {
+    let mut redis = RedisServer::start();
+    let allow = FallbackLimiter::new(
+        RedisLimiter::new(conn(&redis.url(), false)),
+        OnRedisError::Allow,
+        LocalLimiter::new(10),
+    );
+    let deny = FallbackLimiter::new(
+        RedisLimiter::new(conn(&redis.url(), false)),
+        OnRedisError::Deny,
+        LocalLimiter::new(10),
+    );
+    let quota = Quota::new(2, Duration::from_secs(60), 2).expect("valid quota");
+    assert!(check(&deny, "user:a", &quota).await.allowed);
+    redis.stop();
+    for _ in 0..5 {
+        assert!(check(&allow, "user:a", &quota).await.allowed);
+        let d = check(&deny, "user:a", &quota).await;
+        assert!(!d.allowed);
+        assert!(d.retry_after.is_some());
+    }
+    assert_eq!((allow.fallbacks(), deny.fallbacks()), (5, 5));
+}
+
+#[tokio::test]
+async fn a_limiter_built_while_redis_is_down_falls_back_at_once() {
+    let mut redis = RedisServer::start();
+    let url = redis.url();
+    redis.stop();
+    let limiter = FallbackLimiter::new(
+        RedisLimiter::new(conn(&url, false)),
+        OnRedisError::Local,
+        LocalLimiter::default(),
+    );
+    let quota = Quota::new(1, Duration::from_secs(60), 1).expect("valid quota");
+    assert!(check(&limiter, "user:a", &quota).await.allowed);
+    assert!(!check(&limiter, "user:a", &quota).await.allowed);
+    assert_eq!(limiter.fallbacks(), 2);
+    let bare = RedisLimiter::new(conn(&url, false));
+    let err = no_hang("check", bare.check("user:a", &quota, 1)).await;
+    assert!(err.is_err(), "{err:?}");
+}
+
+#[tokio::test]
+async fn session_bindings_are_shared_and_the_first_binding_wins() {
+    let redis = RedisServer::start();
+    let a = RedisBindings::new(conn(&redis.url(), false), Duration::from_secs(3600));
+    let b = RedisBindings::new(conn(&redis.url(), false), Duration::from_secs(3600));
+    let session = "5f0c6a3e-session-secret";
+    assert_eq!(b.owner(session).await.expect("owner"), None);
+    assert_eq!(a.bind(session, "user_a").await.expect("bind"), "user_a");
+    assert_eq!(
+        b.owner(session).await.expect("owner").as_deref(),
+        Some("user_a")
+    );
+    assert_eq!(b.bind(session, "user_b").await.expect("bind"), "user_a");
+    assert_eq!(a.bind(session, "user_a").await.expect("rebind"), "user_a");
+    assert_eq!(
+        a.owner(session).await.expect("owner").as_deref(),
+        Some("user_a")
+    );
+
+    let mut raw = raw(&redis.url());
+    let keys: Vec<String> = ::redis::cmd("KEYS").arg("*").query(&mut raw).expect("KEYS");
+    assert_eq!(keys, [a.redis_key(session)]);
+    assert!(keys[0].starts_with("kgtest:mcp-session:{"));
+    assert!(!keys[0].contains("secret"), "{}", keys[0]);
+    let ttl: i64 = ::redis::cmd("PTTL")
+        .arg(&keys[0])
+        .query(&mut raw)
+        .expect("PTTL");
+    assert!(ttl > 0 && ttl <= 3_600_000, "pttl {ttl}");
+}
+
+#[tokio::test]
+async fn concurrent_binds_from_two_replicas_agree_on_one_owner() {
+    let redis = RedisServer::start();
+    let replicas = [
+        Arc::new(RedisBindings::new(
+            conn(&redis.url(), false),
+            Duration::from_secs(60),
+        )),
+        Arc::new(RedisBindings::new(
+            conn(&redis.url(), false),
+            Duration::from_secs(60),
+        )),
+    ];
+    let tasks: Vec<_> = (0..20)
+        .map(|i| {
+            let replica = replicas[i % 2].clone();
+            tokio::spawn(async move { replica.bind("race", &format!("user_{i}")).await })
+        })
+        .collect();
+    let mut owners = Vec::new();
+    for t in tasks {
+        owners.push(t.await.expect("task").expect("bind"));
+    }
+    owners.dedup();
+    assert_eq!(owners.len(), 1, "{owners:?}");
+    assert_eq!(
+        replicas[1].owner("race").await.expect("owner"),
+        Some(owners[0].clone())
+    );
+}
+
+#[tokio::test]
+async fn session_bindings_fail_promptly_while_redis_is_down() {
+    let mut redis = RedisServer::start();
+    let bindings = RedisBindings::new(conn(&redis.url(), false), Duration::from_secs(60));
+    bindings.bind("s", "user_a").await.expect("bind");
+    redis.stop();
+    assert!(no_hang("owner", bindings.owner("s")).await.is_err());
+    assert!(no_hang("bind", bindings.bind("s", "user_b")).await.is_err());
+    redis.restart();
+    let deadline = Instant::now() + NO_HANG;
+    // Data is gone with the restart; the binding works again once reconnected.
+    while bindings.bind("s", "user_b").await.is_err() {
+        assert!(Instant::now() < deadline, "never reconnected");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert_eq!(
+        bindings.owner("s").await.expect("owner").as_deref(),
+        Some("user_b")
+    );
+}
