@@ -9,6 +9,7 @@ use pingora::apps::http_app::ServeHttp;
 use pingora::protocols::http::ServerSession;
 
 use crate::proxy::GatewayState;
+use crate::telemetry::metrics::Metrics;
 
 /// The admin HTTP app.
 pub struct Admin {
@@ -26,11 +27,51 @@ fn json(status: u16, body: Vec<u8>) -> Response<Vec<u8>> {
         .unwrap_or_else(|_| Response::new(Vec::new()))
 }
 
+impl Admin {
+    /// Bring the values other components count themselves into the registry, then render.
+    fn metrics(&self) -> Vec<u8> {
+        let state = &self.state;
+        let m = &state.metrics;
+        let cache = state.auth.cache_stats();
+        Metrics::sync_counter(&m.token_cache.with_label_values(&["hit"]), cache.hits);
+        Metrics::sync_counter(&m.token_cache.with_label_values(&["miss"]), cache.misses);
+        for keys in state.auth.key_sets() {
+            let issuer = keys.issuer();
+            let errors = keys.fetch_error_count();
+            let ok = keys.fetch_count().saturating_sub(errors);
+            Metrics::sync_counter(&m.jwks_fetches.with_label_values(&[issuer, "ok"]), ok);
+            Metrics::sync_counter(
+                &m.jwks_fetches.with_label_values(&[issuer, "error"]),
+                errors,
+            );
+            if let Some(age) = keys.age() {
+                m.jwks_age
+                    .with_label_values(&[issuer])
+                    .set(i64::try_from(age.as_secs()).unwrap_or(i64::MAX));
+            }
+        }
+        if let Some(limiter) = &state.fallback_limiter {
+            Metrics::sync_counter(&m.rate_limit_fallbacks, limiter.fallbacks());
+        }
+        m.render()
+    }
+}
+
 #[async_trait]
 impl ServeHttp for Admin {
     async fn response(&self, session: &mut ServerSession) -> Response<Vec<u8>> {
         match session.req_header().uri.path() {
             "/health" => json(200, self.state.health_body.to_vec()),
+            "/metrics" => {
+                let body = self.metrics();
+                let len = body.len();
+                Response::builder()
+                    .status(200)
+                    .header("content-type", "text/plain; version=0.0.4; charset=utf-8")
+                    .header("content-length", len)
+                    .body(body)
+                    .unwrap_or_else(|_| Response::new(Vec::new()))
+            }
             "/ready" => {
                 let draining = self
                     .shutting_down

@@ -36,6 +36,7 @@ use crate::policy::sessions::{LocalBindings, RedisBindings, SessionBindings};
 use crate::proxy::deadline::HeaderDeadline;
 use crate::proxy::CompiledRateRule;
 use crate::proxy::{Gateway, GatewayState};
+use crate::telemetry::metrics::Metrics;
 
 /// The HTTP client for JWKS, discovery and Clerk's Backend API, built once.
 fn http_client() -> anyhow::Result<reqwest::Client> {
@@ -71,8 +72,13 @@ fn redis_settings(settings: &Settings) -> Option<RedisSettings> {
     })
 }
 
-/// The compiled rules and the limiter they share (none when no rule is configured).
-type RateLimits = (Vec<CompiledRateRule>, Option<Arc<dyn RateLimiter>>);
+/// The compiled rules, the limiter they share (none when no rule is configured), and the
+/// Redis-backed limiter when that is the one.
+struct RateLimits {
+    rules: Vec<CompiledRateRule>,
+    limiter: Option<Arc<dyn RateLimiter>>,
+    fallback: Option<Arc<FallbackLimiter>>,
+}
 
 /// Rate-limit rules with quotas and tool matchers, and the limiter the settings name.
 fn build_rate_limits(
@@ -81,7 +87,11 @@ fn build_rate_limits(
 ) -> anyhow::Result<RateLimits> {
     let rl = &settings.rate_limits;
     if !rl.enabled || rl.rules.is_empty() {
-        return Ok((Vec::new(), None));
+        return Ok(RateLimits {
+            rules: Vec::new(),
+            limiter: None,
+            fallback: None,
+        });
     }
     let mut compiled = Vec::new();
     for rule in &rl.rules {
@@ -103,22 +113,30 @@ fn build_rate_limits(
         });
     }
     let local = LocalLimiter::new(100_000);
-    let limiter: Arc<dyn RateLimiter> = match (rl.use_redis, conn) {
+    Ok(match (rl.use_redis, conn) {
         (true, Some(conn)) => {
             let on_error = match rl.on_redis_error {
                 RedisFailure::Local => OnRedisError::Local,
                 RedisFailure::Allow => OnRedisError::Allow,
                 RedisFailure::Deny => OnRedisError::Deny,
             };
-            Arc::new(FallbackLimiter::new(
+            let fallback = Arc::new(FallbackLimiter::new(
                 RedisLimiter::new(conn.clone()),
                 on_error,
                 local,
-            ))
+            ));
+            RateLimits {
+                rules: compiled,
+                limiter: Some(fallback.clone()),
+                fallback: Some(fallback),
+            }
         }
-        _ => Arc::new(local),
-    };
-    Ok((compiled, Some(limiter)))
+        _ => RateLimits {
+            rules: compiled,
+            limiter: Some(Arc::new(local)),
+            fallback: None,
+        },
+    })
 }
 
 /// The key store the settings name: Redis when `REDIS_URL` is set, else the embedded store.
@@ -136,20 +154,28 @@ pub fn build_store(settings: &Settings) -> anyhow::Result<Arc<dyn KeyStore>> {
     })
 }
 
-/// The vault, when enabled.
-pub fn build_vault(settings: &Settings) -> anyhow::Result<Option<Arc<Vault>>> {
+/// The vault, when enabled, recording into `metrics` when given.
+pub fn build_vault(
+    settings: &Settings,
+    metrics: Option<Arc<Metrics>>,
+) -> anyhow::Result<Option<Arc<Vault>>> {
     if !settings.keys.enabled {
         return Ok(None);
     }
     let keyring = crate::keys::keyring(&settings.keys).map_err(anyhow::Error::msg)?;
     let store = build_store(settings)?;
-    Ok(Some(Arc::new(Vault::new(store, keyring, &settings.keys))))
+    let vault = Vault::new(store, keyring, &settings.keys);
+    Ok(Some(Arc::new(match metrics {
+        Some(m) => vault.with_metrics(m),
+        None => vault,
+    })))
 }
 
 /// Build the shared request-path state.
 pub fn build_state(settings: Settings) -> anyhow::Result<Arc<GatewayState>> {
     let client = http_client()?;
-    let vault = build_vault(&settings)?;
+    let metrics = Arc::new(Metrics::new());
+    let vault = build_vault(&settings, Some(metrics.clone()))?;
     let conn = match redis_settings(&settings) {
         Some(r) => {
             Some(Arc::new(RedisConn::new(&r).map_err(|e| {
@@ -158,7 +184,23 @@ pub fn build_state(settings: Settings) -> anyhow::Result<Arc<GatewayState>> {
         }
         None => None,
     };
-    let (rate_rules, limiter) = build_rate_limits(&settings, conn.as_ref())?;
+    let rate_limits = build_rate_limits(&settings, conn.as_ref())?;
+    let issuers: Vec<String> = settings
+        .clerk
+        .iter()
+        .map(|c| c.issuer.clone())
+        .chain(settings.issuers.iter().map(|i| i.issuer.clone()))
+        .collect();
+    let rule_names: Vec<String> = rate_limits
+        .rules
+        .iter()
+        .map(|r| r.rule.name.clone())
+        .collect();
+    metrics.prime(
+        &issuers,
+        vault.as_ref().map(|v| v.store().name()),
+        &rule_names,
+    );
     let ttl = settings.policy.session_ttl;
     let sessions: Option<Arc<dyn SessionBindings>> = if settings.policy.bind_sessions {
         Some(match &conn {
@@ -189,8 +231,10 @@ pub fn build_state(settings: Settings) -> anyhow::Result<Arc<GatewayState>> {
         health_body: Bytes::from(health.to_string()),
         vault,
         fallback_key,
-        rate_rules,
-        limiter,
+        rate_rules: rate_limits.rules,
+        limiter: rate_limits.limiter,
+        fallback_limiter: rate_limits.fallback,
+        metrics,
         sessions,
         auth,
         settings,
@@ -291,21 +335,33 @@ pub fn build_server(state: Arc<GatewayState>) -> anyhow::Result<Server> {
     Ok(server)
 }
 
-struct ChannelSignal(tokio::sync::watch::Receiver<bool>);
+/// How a [`Handle`] is asked to stop.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Stop {
+    Running,
+    /// At once: in-flight requests are cut.
+    Fast,
+    /// Like SIGTERM: stop accepting, let in-flight work finish within the grace period.
+    Graceful,
+}
+
+struct ChannelSignal(tokio::sync::watch::Receiver<Stop>);
 
 #[async_trait]
 impl ShutdownSignalWatch for ChannelSignal {
     async fn recv(&self) -> ShutdownSignal {
         let mut rx = self.0.clone();
-        let _ = rx.wait_for(|stop| *stop).await;
-        ShutdownSignal::FastShutdown
+        match rx.wait_for(|s| *s != Stop::Running).await.map(|s| *s) {
+            Ok(Stop::Graceful) => ShutdownSignal::GracefulTerminate,
+            _ => ShutdownSignal::FastShutdown,
+        }
     }
 }
 
 /// A gateway running on its own threads inside this process.
 pub struct Handle {
     pub state: Arc<GatewayState>,
-    stop: tokio::sync::watch::Sender<bool>,
+    stop: tokio::sync::watch::Sender<Stop>,
     thread: Option<std::thread::JoinHandle<()>>,
 }
 
@@ -314,7 +370,7 @@ impl Handle {
     pub fn spawn(settings: Settings) -> anyhow::Result<Self> {
         let state = build_state(settings)?;
         let server = build_server(state.clone())?;
-        let (stop, rx) = tokio::sync::watch::channel(false);
+        let (stop, rx) = tokio::sync::watch::channel(Stop::Running);
         let thread = std::thread::Builder::new()
             .name("keygate".into())
             .spawn(move || {
@@ -335,8 +391,16 @@ impl Handle {
         self.stop_and_join();
     }
 
+    /// Begin a graceful stop, as SIGTERM does: listeners close at once, in-flight requests
+    /// get the grace period. Returns without waiting.
+    pub fn terminate(&self) {
+        let _ = self.stop.send(Stop::Graceful);
+    }
+
     fn stop_and_join(&mut self) {
-        let _ = self.stop.send(true);
+        if *self.stop.borrow() == Stop::Running {
+            let _ = self.stop.send(Stop::Fast);
+        }
         if let Some(t) = self.thread.take() {
             let _ = t.join();
         }

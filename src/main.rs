@@ -71,12 +71,19 @@ fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
 }
 
 fn keys_command(settings: &config::Settings, action: KeysAction) -> anyhow::Result<bool> {
+    keygate::telemetry::init(&settings.log);
     let rt = runtime()?;
-    let vault = keygate::app::build_vault(settings)?
+    let vault = keygate::app::build_vault(settings, None)?
         .ok_or_else(|| anyhow::anyhow!("the key vault is disabled (keys.enabled = false)"))?;
     match action {
         KeysAction::Rotate => {
             let report = rt.block_on(vault.rotate())?;
+            tracing::info!(
+                target: "keygate::audit",
+                event = "keys_rotated",
+                rotated = report.rotated,
+                failed = report.failed.len(),
+            );
             println!(
                 "rotated {}, already current {}, changed meanwhile {}, failed {}",
                 report.rotated,
@@ -114,6 +121,7 @@ fn keys_command(settings: &config::Settings, action: KeysAction) -> anyhow::Resu
                     }
                 }
             }
+            tracing::info!(target: "keygate::audit", event = "keys_imported", imported, failed);
             println!("imported {imported}, failed {failed}");
             Ok(failed == 0)
         }

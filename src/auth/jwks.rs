@@ -77,6 +77,7 @@ pub struct JwksCache {
     last_attempt: tokio::sync::Mutex<Option<Instant>>,
     unknown_kids: moka::sync::Cache<String, ()>,
     fetches: AtomicU64,
+    fetch_errors: AtomicU64,
 }
 
 impl JwksCache {
@@ -100,6 +101,7 @@ impl JwksCache {
                 .time_to_live(settings.unknown_kid_cooldown.max(Duration::from_secs(1)))
                 .build(),
             fetches: AtomicU64::new(0),
+            fetch_errors: AtomicU64::new(0),
         }
     }
 
@@ -147,6 +149,19 @@ impl JwksCache {
     /// How many fetches were attempted (for tests and metrics).
     pub fn fetch_count(&self) -> u64 {
         self.fetches.load(Ordering::Relaxed)
+    }
+
+    /// How many fetches failed.
+    pub fn fetch_error_count(&self) -> u64 {
+        self.fetch_errors.load(Ordering::Relaxed)
+    }
+
+    /// Seconds since the key set was last loaded (`None` before the first load).
+    pub fn age(&self) -> Option<Duration> {
+        self.current
+            .load()
+            .as_ref()
+            .map(|set| set.fetched_at.elapsed())
     }
 
     /// Whether a usable key set is loaded.
@@ -217,6 +232,14 @@ impl JwksCache {
 
     async fn fetch_and_store(&self) -> Result<(), FetchError> {
         self.fetches.fetch_add(1, Ordering::Relaxed);
+        let result = self.fetch_and_store_once().await;
+        if result.is_err() {
+            self.fetch_errors.fetch_add(1, Ordering::Relaxed);
+        }
+        result
+    }
+
+    async fn fetch_and_store_once(&self) -> Result<(), FetchError> {
         let body = match &self.source {
             Source::File(path) => {
                 std::fs::read(path).map_err(|e| FetchError::File(path.clone(), e))?

@@ -5,8 +5,10 @@
 //! "no key"; a write is acknowledged only once the store acknowledged it). HTTP shapes live in
 //! `keys::api`; where the key goes upstream lives in `proxy::inject`.
 
+use std::future::Future;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
-use std::time::{SystemTime, UNIX_EPOCH};
+use std::time::{Instant, SystemTime, UNIX_EPOCH};
 
 use secrecy::{ExposeSecret, SecretString};
 use thiserror::Error;
@@ -14,6 +16,7 @@ use thiserror::Error;
 use super::crypto::Keyring;
 use super::store::{KeyStore, Owner, StoreError, StoredRecord};
 use crate::config::KeysSettings;
+use crate::telemetry::metrics::Metrics;
 
 /// A decrypted key, ready to inject.
 pub struct UserKey {
@@ -63,6 +66,7 @@ pub struct Vault {
     store: Arc<dyn KeyStore>,
     keyring: Arc<Keyring>,
     cache: moka::future::Cache<Owner, Option<Arc<UserKey>>>,
+    metrics: Option<Arc<Metrics>>,
 }
 
 fn now_secs() -> i64 {
@@ -82,7 +86,33 @@ impl Vault {
                 .max_capacity(settings.cache_max_entries)
                 .time_to_live(settings.cache_ttl)
                 .build(),
+            metrics: None,
         }
+    }
+
+    /// Record store operations, cache lookups and decrypt failures in `metrics`.
+    pub fn with_metrics(mut self, metrics: Arc<Metrics>) -> Self {
+        self.metrics = Some(metrics);
+        self
+    }
+
+    /// Run one store operation, timing it and counting its result.
+    async fn timed<T>(
+        &self,
+        op: &str,
+        fut: impl Future<Output = Result<T, StoreError>>,
+    ) -> Result<T, StoreError> {
+        let started = Instant::now();
+        let result = fut.await;
+        if let Some(m) = &self.metrics {
+            let store = self.store.name();
+            m.store_duration
+                .with_label_values(&[store, op])
+                .observe(started.elapsed().as_secs_f64());
+            let outcome = if result.is_ok() { "ok" } else { "error" };
+            m.store_ops.with_label_values(&[store, op, outcome]).inc();
+        }
+        result
     }
 
     /// The store behind the vault.
@@ -92,15 +122,30 @@ impl Vault {
 
     /// The owner's key, from the cache or the store. `Ok(None)`: no key stored.
     pub async fn lookup(&self, owner: &Owner) -> Result<Option<Arc<UserKey>>, VaultError> {
-        self.cache
+        let missed = AtomicBool::new(false);
+        let result = self
+            .cache
             .try_get_with_by_ref(owner, async {
-                let Some(record) = self.store.get(owner).await? else {
+                missed.store(true, Ordering::Relaxed);
+                let Some(record) = self.timed("get", self.store.get(owner)).await? else {
                     return Ok(None);
                 };
                 Ok(Some(Arc::new(self.open(owner, &record)?)))
             })
             .await
-            .map_err(|e: Arc<VaultError>| (*e).clone())
+            .map_err(|e: Arc<VaultError>| (*e).clone());
+        if let Some(m) = &self.metrics {
+            let label = if missed.load(Ordering::Relaxed) {
+                "miss"
+            } else {
+                "hit"
+            };
+            m.key_cache.with_label_values(&[label]).inc();
+            if matches!(result, Err(VaultError::Decrypt)) {
+                m.decrypt_failures.inc();
+            }
+        }
+        result
     }
 
     fn open(&self, owner: &Owner, record: &StoredRecord) -> Result<UserKey, VaultError> {
@@ -109,7 +154,8 @@ impl Vault {
             .open(&record.sealed, &owner.slot())
             .map_err(|e| {
                 tracing::error!(
-                    target: "keygate::security",
+                    target: "keygate::audit",
+                    event = "key_decrypt_failed",
                     owner = %owner.slot(),
                     error = %e,
                     "stored API key failed to decrypt"
@@ -125,10 +171,13 @@ impl Vault {
 
     /// Metadata of the owner's record, straight from the store.
     pub async fn metadata(&self, owner: &Owner) -> Result<Option<KeyMetadata>, VaultError> {
-        Ok(self.store.get(owner).await?.map(|r| KeyMetadata {
-            updated_at: r.updated_at,
-            base_url: r.base_url,
-        }))
+        Ok(self
+            .timed("get", self.store.get(owner))
+            .await?
+            .map(|r| KeyMetadata {
+                updated_at: r.updated_at,
+                base_url: r.base_url,
+            }))
     }
 
     /// Seal and store the owner's key; returns once the store acknowledged the write.
@@ -149,14 +198,14 @@ impl Vault {
             base_url,
             updated_at: updated_at.unwrap_or_else(now_secs),
         };
-        self.store.put(owner, &record).await?;
+        self.timed("put", self.store.put(owner, &record)).await?;
         self.invalidate(owner).await;
         Ok(())
     }
 
     /// Delete the owner's key; `true` when there was one.
     pub async fn delete(&self, owner: &Owner) -> Result<bool, VaultError> {
-        let existed = self.store.delete(owner).await?;
+        let existed = self.timed("delete", self.store.delete(owner)).await?;
         self.invalidate(owner).await;
         Ok(existed)
     }

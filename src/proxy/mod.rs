@@ -39,6 +39,7 @@ use crate::policy::cors::Cors;
 use crate::policy::mcp::{self, RpcCall};
 use crate::policy::ratelimit::{self, Decision, Quota, RateLimiter};
 use crate::policy::sessions::SessionBindings;
+use crate::telemetry::metrics::{status_class, Metrics};
 
 /// Everything the request path reads, built once at startup.
 pub struct GatewayState {
@@ -58,6 +59,10 @@ pub struct GatewayState {
     /// Rate-limit rules with their quotas and tool matchers, and the limiter they share.
     pub rate_rules: Vec<CompiledRateRule>,
     pub limiter: Option<Arc<dyn RateLimiter>>,
+    /// The Redis-backed limiter, when there is one (its fallback count is exported).
+    pub fallback_limiter: Option<Arc<ratelimit::FallbackLimiter>>,
+    /// Every metric.
+    pub metrics: Arc<Metrics>,
     /// Who opened which MCP session.
     pub sessions: Option<Arc<dyn SessionBindings>>,
 }
@@ -131,6 +136,8 @@ pub enum Route {
     Local,
     /// Sent to the upstream.
     Proxied,
+    /// `/api/keys`, answered from the vault.
+    Keys,
 }
 
 impl Route {
@@ -138,6 +145,7 @@ impl Route {
         match self {
             Route::Local => "local",
             Route::Proxied => "proxied",
+            Route::Keys => "keys",
         }
     }
 }
@@ -159,6 +167,12 @@ pub struct RequestCtx {
     pub body_bytes: u64,
     /// `RateLimit-Policy` / `RateLimit` of the tightest budget, for the response.
     pub rate_headers: Vec<(&'static str, String)>,
+    /// When the request went upstream.
+    pub upstream_sent: Option<Instant>,
+    /// Counted in the in-flight gauge (and so must be uncounted).
+    pub in_flight: bool,
+    /// Streaming an SSE response (counted in the open-streams gauge).
+    pub sse: bool,
 }
 
 /// The Pingora proxy app.
@@ -289,18 +303,42 @@ impl Gateway {
         if !settings.enabled {
             return Ok(());
         }
-        let token = bearer_token(&session.req_header().headers, auth.max_token_bytes())?;
+        let metric = &self.state.metrics.auth;
+        let token = bearer_token(&session.req_header().headers, auth.max_token_bytes())
+            .inspect_err(|e| {
+                metric
+                    .with_label_values(&["none", "rejected", e.reason()])
+                    .inc();
+            })?;
         let Some(token) = token else {
             if settings.required {
+                metric
+                    .with_label_values(&["none", "rejected", "missing"])
+                    .inc();
                 return Err(crate::error::AuthError::Missing.into());
             }
             return Ok(());
         };
-        let identity = auth
+        match auth
             .authenticate(token, self.session_tokens_allowed(path))
-            .await?;
-        ctx.identity = Some(identity);
-        Ok(())
+            .await
+        {
+            Ok(identity) => {
+                metric
+                    .with_label_values(&[identity.kind.as_str(), "accepted", "ok"])
+                    .inc();
+                ctx.identity = Some(identity);
+                Ok(())
+            }
+            Err(failure) => {
+                let (outcome, reason) = match &failure {
+                    crate::auth::AuthFailure::Rejected(e) => ("rejected", e.reason()),
+                    crate::auth::AuthFailure::Unavailable(_) => ("unavailable", "unavailable"),
+                };
+                metric.with_label_values(&["none", outcome, reason]).inc();
+                Err(failure.into())
+            }
+        }
     }
 
     /// MCP transport rules that need no identity: protocol version and declared body size.
@@ -393,6 +431,16 @@ impl Gateway {
                         retry_after: std::time::Duration::from_secs(1),
                     }
                 })?;
+            let outcome = if decision.allowed {
+                "allowed"
+            } else {
+                "limited"
+            };
+            self.state
+                .metrics
+                .rate_limit
+                .with_label_values(&[rule.name.as_str(), outcome])
+                .inc();
             if !decision.allowed {
                 let retry_after = decision.retry_after.unwrap_or(decision.reset);
                 return Err(GatewayError::RateLimited {
@@ -468,7 +516,7 @@ impl Gateway {
         ctx: &mut RequestCtx,
         vault: &Vault,
     ) -> Result<(), GatewayError> {
-        ctx.route = Route::Local;
+        ctx.route = Route::Keys;
         let identity = ctx.identity.clone().ok_or(AuthError::Missing)?;
         let owner = self.state.owner(&identity);
         let method = session.req_header().method.clone();
@@ -525,6 +573,13 @@ impl Gateway {
 
     async fn deny(&self, session: &mut Session, ctx: &mut RequestCtx, err: GatewayError) {
         ctx.denied = Some(err.reason());
+        if !matches!(err, GatewayError::Unauthorized(_)) {
+            self.state
+                .metrics
+                .policy_denials
+                .with_label_values(&[err.reason()])
+                .inc();
+        }
         respond::error(session, ctx, &self.state, &err).await;
     }
 }
@@ -562,6 +617,9 @@ impl ProxyHttp for Gateway {
             user_key: None,
             body_bytes: 0,
             rate_headers: Vec::new(),
+            upstream_sent: None,
+            in_flight: false,
+            sse: false,
         }
     }
 
@@ -572,6 +630,8 @@ impl ProxyHttp for Gateway {
     ) -> Result<()> {
         deadline::mark_headers_read();
         ctx.started = Instant::now();
+        self.state.metrics.in_flight.inc();
+        ctx.in_flight = true;
         let incoming = session
             .req_header()
             .headers
@@ -693,6 +753,7 @@ impl ProxyHttp for Gateway {
             ctx.user_key.as_deref(),
             s.settings.keys.default_base_url.as_deref(),
         )?;
+        ctx.upstream_sent = Some(Instant::now());
         Ok(())
     }
 
@@ -735,6 +796,21 @@ impl ProxyHttp for Gateway {
                 }
             }
         }
+        let metrics = &self.state.metrics;
+        if let Some(sent) = ctx.upstream_sent {
+            metrics
+                .upstream_duration
+                .observe(sent.elapsed().as_secs_f64());
+        }
+        let is_sse = upstream_response
+            .headers
+            .get(http::header::CONTENT_TYPE)
+            .and_then(|v| v.to_str().ok())
+            .is_some_and(|v| v.starts_with("text/event-stream"));
+        if is_sse && !ctx.sse {
+            ctx.sse = true;
+            metrics.sse_open.inc();
+        }
         upstream_response.insert_header("x-request-id", ctx.request_id.as_str())?;
         for (name, value) in &ctx.rate_headers {
             upstream_response.insert_header(*name, value.as_str())?;
@@ -763,12 +839,23 @@ impl ProxyHttp for Gateway {
                 413
             }
             ErrorSource::Upstream => {
-                let err = match e.etype() {
+                let (err, kind) = match e.etype() {
                     ErrorType::ConnectTimedout
                     | ErrorType::ReadTimedout
-                    | ErrorType::WriteTimedout => GatewayError::UpstreamTimeout,
-                    _ => GatewayError::UpstreamUnreachable,
+                    | ErrorType::WriteTimedout => (GatewayError::UpstreamTimeout, "timeout"),
+                    ErrorType::ConnectRefused
+                    | ErrorType::ConnectNoRoute
+                    | ErrorType::ConnectError
+                    | ErrorType::TLSHandshakeFailure => {
+                        (GatewayError::UpstreamUnreachable, "connect")
+                    }
+                    _ => (GatewayError::UpstreamUnreachable, "other"),
                 };
+                self.state
+                    .metrics
+                    .upstream_errors
+                    .with_label_values(&[kind])
+                    .inc();
                 ctx.denied = Some(err.reason());
                 if session.response_written().is_none() {
                     respond::error(session, ctx, &self.state, &err).await;
@@ -803,6 +890,27 @@ impl ProxyHttp for Gateway {
             .response_written()
             .map_or(0, |resp| resp.status.as_u16());
         let req = session.req_header();
+        let metrics = &self.state.metrics;
+        if ctx.in_flight {
+            metrics.in_flight.dec();
+            ctx.in_flight = false;
+        }
+        if ctx.sse {
+            metrics.sse_open.dec();
+            ctx.sse = false;
+        }
+        let method = match req.method.as_str() {
+            m @ ("GET" | "POST" | "DELETE" | "OPTIONS" | "HEAD" | "PUT" | "PATCH") => m,
+            _ => "OTHER",
+        };
+        metrics
+            .requests
+            .with_label_values(&[ctx.route.as_str(), method, status_class(status)])
+            .inc();
+        metrics
+            .request_duration
+            .with_label_values(&[ctx.route.as_str()])
+            .observe(ctx.started.elapsed().as_secs_f64());
         tracing::info!(
             target: "keygate::access",
             request_id = %ctx.request_id,

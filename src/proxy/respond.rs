@@ -109,8 +109,15 @@ pub async fn error(
     err: &GatewayError,
 ) {
     let r = err.response(&challenge(state));
+    let event = match err {
+        GatewayError::Unauthorized(_) => "auth_failed",
+        GatewayError::RateLimited { .. } => "rate_limited",
+        GatewayError::UpstreamUnreachable | GatewayError::UpstreamTimeout => "upstream_failed",
+        _ => "denied",
+    };
     tracing::info!(
-        target: "keygate::deny",
+        target: "keygate::audit",
+        event,
         request_id = %ctx.request_id,
         status = r.status,
         reason = err.reason(),

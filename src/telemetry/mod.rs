@@ -1,5 +1,10 @@
-//! Logging: `tracing` with human or JSON output; `RUST_LOG` overrides the configured level.
-//! Access lines go to the `keygate::access` target, denials to `keygate::deny`.
+//! Logging and metrics. Logs: `tracing` on stderr, human or JSON; `RUST_LOG` overrides the
+//! configured level. One line per request on the `keygate::access` target; security-relevant
+//! events (refusals, key stored/deleted/rotated/imported, decrypt failures) on
+//! `keygate::audit`, each with an `event` field, so they can be routed on their own.
+//! Metrics: `metrics`.
+
+pub mod metrics;
 
 use tracing_subscriber::EnvFilter;
 
@@ -7,16 +12,27 @@ use crate::config::LogSettings;
 
 /// Install the global subscriber once; later calls (tests) are ignored.
 pub fn init(log: &LogSettings) {
-    let filter = EnvFilter::try_from_default_env()
+    let mut filter = EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| EnvFilter::new(format!("{},pingora=warn", log.level)));
+    // Pingora's debug lines print whole upstream request heads, injected keys included:
+    // never below info for its crates, whatever RUST_LOG asks.
+    for directive in ["pingora=info", "pingora_core=info", "pingora_proxy=info"] {
+        if let Ok(d) = directive.parse() {
+            filter = filter.add_directive(d);
+        }
+    }
     let result = if log.json {
         tracing_subscriber::fmt()
             .json()
+            .with_writer(std::io::stderr)
             .with_env_filter(filter)
             .with_current_span(false)
             .try_init()
     } else {
-        tracing_subscriber::fmt().with_env_filter(filter).try_init()
+        tracing_subscriber::fmt()
+            .with_writer(std::io::stderr)
+            .with_env_filter(filter)
+            .try_init()
     };
     let _ = result;
 }

@@ -6,6 +6,7 @@ mod common;
 mod devmode;
 mod discovery;
 mod harness_selfcheck;
+mod ops;
 mod policy;
 mod proxy;
 mod ratelimit;
