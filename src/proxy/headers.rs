@@ -23,6 +23,29 @@ pub fn is_trusted(peer: Option<IpAddr>, trusted: &[IpNet]) -> bool {
     peer.is_some_and(|ip| trusted.iter().any(|n| n.contains(&ip)))
 }
 
+/// The client's address: the peer itself, or — when the peer is a trusted proxy — the
+/// nearest address in its `X-Forwarded-For` chain that is not a trusted proxy too.
+pub fn client_ip(
+    peer: Option<IpAddr>,
+    xff: Option<&http::HeaderValue>,
+    trusted: &[IpNet],
+) -> Option<IpAddr> {
+    if !is_trusted(peer, trusted) {
+        return peer;
+    }
+    let chain = xff.and_then(|v| v.to_str().ok()).unwrap_or("");
+    let hops: Vec<IpAddr> = chain
+        .split(',')
+        .filter_map(|h| h.trim().parse().ok())
+        .collect();
+    hops.iter()
+        .rev()
+        .find(|ip| !is_trusted(Some(**ip), trusted))
+        .or(hops.first())
+        .copied()
+        .or(peer)
+}
+
 /// Everything the rewrite needs about the downstream request.
 pub struct Forwarding<'a> {
     pub peer: Option<IpAddr>,
@@ -165,6 +188,22 @@ mod tests {
         assert!(!path_is_normalized("/api/keys/./x"));
         assert!(!path_is_normalized("/api%2Fkeys"));
         assert!(!path_is_normalized("/api/keys/.."));
+    }
+
+    #[test]
+    fn the_client_is_the_nearest_untrusted_hop() {
+        let trusted: Vec<IpNet> = vec!["10.0.0.0/8".parse().expect("net")];
+        let xff = http::HeaderValue::from_static("6.6.6.6, 203.0.113.7, 10.0.0.5");
+        let lb = Some("10.0.0.1".parse().expect("ip"));
+        assert_eq!(
+            client_ip(lb, Some(&xff), &trusted),
+            Some("203.0.113.7".parse().expect("ip"))
+        );
+        // An untrusted peer's claims are ignored.
+        let direct = Some("198.51.100.2".parse().expect("ip"));
+        assert_eq!(client_ip(direct, Some(&xff), &trusted), direct);
+        // A trusted peer without a chain is the client.
+        assert_eq!(client_ip(lb, None, &trusted), lb);
     }
 
     #[test]

@@ -154,6 +154,8 @@ impl Route {
 pub struct RequestCtx {
     pub request_id: String,
     pub client_ip: Option<IpAddr>,
+    /// The connection's own peer (a trusted proxy, or the client itself).
+    pub peer_ip: Option<IpAddr>,
     pub started: Instant,
     pub route: Route,
     pub identity: Option<Arc<Identity>>,
@@ -609,6 +611,7 @@ impl ProxyHttp for Gateway {
         RequestCtx {
             request_id: String::new(),
             client_ip: None,
+            peer_ip: None,
             started: Instant::now(),
             route: Route::Proxied,
             identity: None,
@@ -638,10 +641,15 @@ impl ProxyHttp for Gateway {
             .get("x-request-id")
             .and_then(|v| v.to_str().ok());
         ctx.request_id = headers::request_id(incoming);
-        ctx.client_ip = session
+        ctx.peer_ip = session
             .client_addr()
             .and_then(|a| a.as_inet())
             .map(|a| a.ip());
+        ctx.client_ip = headers::client_ip(
+            ctx.peer_ip,
+            session.req_header().headers.get("x-forwarded-for"),
+            &self.state.settings.server.trusted_proxies,
+        );
         Ok(())
     }
 
@@ -719,8 +727,8 @@ impl ProxyHttp for Gateway {
             .or_else(|| session.req_header().uri.authority().map(|a| a.as_str()))
             .map(str::to_string);
         let fwd = headers::Forwarding {
-            peer: ctx.client_ip,
-            peer_trusted: headers::is_trusted(ctx.client_ip, &server.trusted_proxies),
+            peer: ctx.peer_ip,
+            peer_trusted: headers::is_trusted(ctx.peer_ip, &server.trusted_proxies),
             tls: server.tls.is_some(),
             host: host.as_deref(),
             request_id: &ctx.request_id,
