@@ -3,6 +3,7 @@
 mod auth;
 mod cli;
 mod common;
+mod deploy;
 mod devmode;
 mod discovery;
 mod harness_selfcheck;
