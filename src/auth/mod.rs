@@ -93,6 +93,25 @@ pub fn bearer_token(
     Ok(Some(token))
 }
 
+/// What kind of token this looks like, before (or without) verifying it: a label for the
+/// metrics of refused tokens. Never trusted for a decision.
+pub fn kind_hint(token: &str) -> &'static str {
+    if let Some(kind) = clerk::opaque_kind(token) {
+        return kind.as_str();
+    }
+    match jsonwebtoken::decode_header(token) {
+        Ok(h)
+            if h.typ
+                .as_deref()
+                .is_some_and(|t| t.to_ascii_lowercase().ends_with("at+jwt")) =>
+        {
+            TokenKind::OAuthJwt.as_str()
+        }
+        Ok(_) => "jwt",
+        Err(_) => "unknown",
+    }
+}
+
 struct IdentityExpiry;
 
 impl moka::Expiry<[u8; 32], Arc<Identity>> for IdentityExpiry {

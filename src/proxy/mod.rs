@@ -337,7 +337,9 @@ impl Gateway {
                     crate::auth::AuthFailure::Rejected(e) => ("rejected", e.reason()),
                     crate::auth::AuthFailure::Unavailable(_) => ("unavailable", "unavailable"),
                 };
-                metric.with_label_values(&["none", outcome, reason]).inc();
+                metric
+                    .with_label_values(&[crate::auth::kind_hint(token), outcome, reason])
+                    .inc();
                 Err(failure.into())
             }
         }

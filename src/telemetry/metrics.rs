@@ -230,10 +230,18 @@ impl Metrics {
         }
         self.auth
             .with_label_values(&["none", "rejected", "missing"]);
-        self.auth
-            .with_label_values(&["none", "rejected", "invalid"]);
-        self.auth
-            .with_label_values(&["none", "unavailable", "unavailable"]);
+        for kind in [
+            "oauth_jwt",
+            "jwt",
+            "oauth_opaque",
+            "m2m",
+            "api_key",
+            "unknown",
+        ] {
+            self.auth.with_label_values(&[kind, "rejected", "invalid"]);
+            self.auth
+                .with_label_values(&[kind, "unavailable", "unavailable"]);
+        }
         for issuer in issuers {
             self.jwks_age.with_label_values(&[issuer.as_str()]);
             for result in ["ok", "error"] {

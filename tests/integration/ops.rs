@@ -43,7 +43,20 @@ async fn metrics_reflect_the_traffic() {
     assert_eq!(rpc(s.gw.at("/mcp"), Some(&token)).await.status(), 200);
     assert_eq!(rpc(s.gw.at("/mcp"), Some(&token)).await.status(), 200);
     assert_eq!(rpc(s.gw.at("/mcp"), None).await.status(), 401);
+    let forged = keys::tamper_payload(
+        &token,
+        &keys::access_token_claims(&s.clerk.url(), "user_admin", Some(RESOURCE), "x"),
+    );
+    assert_eq!(rpc(s.gw.at("/mcp"), Some(&forged)).await.status(), 401);
     let text = metrics_text(&s.gw).await;
+    // A refused token is still labelled with the kind it claims to be.
+    assert_eq!(
+        value(
+            &text,
+            "keygate_auth_total{kind=\"oauth_jwt\",outcome=\"rejected\",reason=\"bad_signature\"}"
+        ),
+        1.0
+    );
     assert_eq!(
         value(
             &text,
@@ -56,7 +69,7 @@ async fn metrics_reflect_the_traffic() {
             &text,
             "keygate_requests_total{method=\"POST\",route=\"proxied\",status_class=\"4xx\"}"
         ),
-        1.0
+        2.0
     );
     assert_eq!(
         value(
@@ -78,7 +91,7 @@ async fn metrics_reflect_the_traffic() {
     );
     assert_eq!(
         value(&text, "keygate_token_cache_total{result=\"miss\"}"),
-        1.0
+        2.0
     );
     let issuer = s.clerk.url();
     assert!(
