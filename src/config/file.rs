@@ -484,6 +484,27 @@ impl Env for std::collections::HashMap<String, String> {
     }
 }
 
+/// Secret variables may also come from a file (`NAME_FILE`, e.g. a mounted Kubernetes secret);
+/// setting both is a problem, and so is a file that cannot be read.
+fn env_secret(env: &dyn Env, name: &str, problems: &mut Problems) -> Option<String> {
+    let file_var = format!("{name}_FILE");
+    match (env.var(name), env.var(&file_var)) {
+        (Some(_), Some(_)) => {
+            problems.push(&file_var, format!("set {name} or {file_var}, not both"));
+            None
+        }
+        (Some(v), None) => Some(v),
+        (None, Some(path)) => match std::fs::read_to_string(&path) {
+            Ok(text) => Some(text.trim_end_matches(['\n', '\r']).to_string()),
+            Err(e) => {
+                problems.push(&file_var, format!("cannot read {path}: {e}"));
+                None
+            }
+        },
+        (None, None) => None,
+    }
+}
+
 fn env_bool(env: &dyn Env, name: &str, problems: &mut Problems) -> Option<bool> {
     let raw = env.var(name)?;
     match raw.to_ascii_lowercase().as_str() {
@@ -520,10 +541,10 @@ impl FileConfig {
         if let Some(v) = env.var("KEYGATE_DATA_DIR") {
             self.keys.data_dir = v;
         }
-        if let Some(v) = env.var("API_KEY_ENCRYPTION_SECRET") {
+        if let Some(v) = env_secret(env, "API_KEY_ENCRYPTION_SECRET", problems) {
             self.keys.encryption_secret = Some(v);
         }
-        if let Some(v) = env.var("API_KEY_ENCRYPTION_SECRET_PREVIOUS") {
+        if let Some(v) = env_secret(env, "API_KEY_ENCRYPTION_SECRET_PREVIOUS", problems) {
             self.keys.previous_encryption_secrets = v
                 .split(',')
                 .map(str::trim)
@@ -531,13 +552,13 @@ impl FileConfig {
                 .map(str::to_string)
                 .collect();
         }
-        if let Some(v) = env.var("TWENTY_API_KEY") {
+        if let Some(v) = env_secret(env, "TWENTY_API_KEY", problems) {
             self.keys.fallback_api_key = Some(v);
         }
         if let Some(v) = env.var("TWENTY_BASE_URL") {
             self.keys.default_base_url = Some(v);
         }
-        if let Some(v) = env.var("REDIS_URL") {
+        if let Some(v) = env_secret(env, "REDIS_URL", problems) {
             self.redis.url = Some(v);
         }
         if let Some(v) = env.var("KEYGATE_LOG_FORMAT") {
@@ -560,7 +581,7 @@ impl FileConfig {
             if let Some(v) = env.var("CLERK_PUBLISHABLE_KEY") {
                 clerk.publishable_key = Some(v);
             }
-            if let Some(v) = env.var("CLERK_SECRET_KEY") {
+            if let Some(v) = env_secret(env, "CLERK_SECRET_KEY", problems) {
                 clerk.secret_key = Some(v);
             }
             if let Some(v) = env.var("CLERK_DOMAIN") {

@@ -1335,6 +1335,52 @@ mod tests {
     }
 
     #[test]
+    fn secrets_can_come_from_files() {
+        let dir = std::env::temp_dir().join(format!("keygate-secret-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).expect("tmp dir");
+        let file = dir.join("secret");
+        std::fs::write(&file, format!("{}\n", SECRET.1)).expect("write");
+        let path = file.display().to_string();
+        let s = load(
+            None,
+            &env(&[
+                ("AUTH_ENABLED", "false"),
+                ("API_KEY_ENCRYPTION_SECRET_FILE", &path),
+            ]),
+        )
+        .expect("valid");
+        assert!(s.keys.keyring.is_some());
+        let both = load(
+            None,
+            &env(&[
+                ("AUTH_ENABLED", "false"),
+                SECRET,
+                ("API_KEY_ENCRYPTION_SECRET_FILE", &path),
+            ]),
+        )
+        .expect_err("both set");
+        assert!(both
+            .0
+            .iter()
+            .any(|p| p.field == "API_KEY_ENCRYPTION_SECRET_FILE"));
+        let missing = load(
+            None,
+            &env(&[
+                ("AUTH_ENABLED", "false"),
+                (
+                    "API_KEY_ENCRYPTION_SECRET_FILE",
+                    "/nonexistent/keygate-secret",
+                ),
+            ]),
+        )
+        .expect_err("unreadable");
+        assert!(missing
+            .0
+            .iter()
+            .any(|p| p.field == "API_KEY_ENCRYPTION_SECRET_FILE"));
+    }
+
+    #[test]
     fn unknown_options_are_rejected() {
         let dir = std::env::temp_dir().join(format!("keygate-cfg-{}", std::process::id()));
         std::fs::create_dir_all(&dir).expect("tmp dir");
