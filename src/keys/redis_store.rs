@@ -465,6 +465,16 @@ impl RedisStore {
         Ok(self.conn.run(what, f).await?)
     }
 
+    /// Run one plain command (see [`RedisStore::run`]).
+    async fn query<T: redis::FromRedisValue + Send>(
+        &self,
+        what: &'static str,
+        cmd: &redis::Cmd,
+    ) -> Result<T, StoreError> {
+        self.ensure_listener(false);
+        Ok(self.conn.query(what, cmd).await?)
+    }
+
     /// Start the pub/sub listener if it is not running. `subscribing` is true when called from
     /// `subscribe_invalidations`; otherwise it only starts when someone already subscribed.
     fn ensure_listener(&self, subscribing: bool) {
@@ -611,35 +621,22 @@ impl Drop for RedisStore {
 #[async_trait]
 impl KeyStore for RedisStore {
     async fn get(&self, owner: &Owner) -> Result<Option<StoredRecord>, StoreError> {
-        let key = &self.key(owner);
         let raw: Option<Vec<u8>> = self
-            .run("get", |mut c| async move {
-                redis::cmd("GET").arg(key).query_async(&mut c).await
-            })
+            .query("get", redis::cmd("GET").arg(self.key(owner)))
             .await?;
         raw.map(|bytes| decode_record(&owner.slot(), &bytes))
             .transpose()
     }
 
     async fn put(&self, owner: &Owner, record: &StoredRecord) -> Result<(), StoreError> {
-        let key = &self.key(owner);
-        let value = &encode_record(record)?;
-        self.run("set", |mut c| async move {
-            redis::cmd("SET")
-                .arg(key)
-                .arg(value)
-                .query_async::<()>(&mut c)
-                .await
-        })
-        .await
+        let value = encode_record(record)?;
+        self.query("set", redis::cmd("SET").arg(self.key(owner)).arg(value))
+            .await
     }
 
     async fn delete(&self, owner: &Owner) -> Result<bool, StoreError> {
-        let key = &self.key(owner);
         let removed: i64 = self
-            .run("del", |mut c| async move {
-                redis::cmd("DEL").arg(key).query_async(&mut c).await
-            })
+            .query("del", redis::cmd("DEL").arg(self.key(owner)))
             .await?;
         Ok(removed > 0)
     }
@@ -701,22 +698,14 @@ impl KeyStore for RedisStore {
     }
 
     async fn ping(&self) -> Result<(), StoreError> {
-        self.run("ping", |mut c| async move {
-            redis::cmd("PING").query_async::<()>(&mut c).await
-        })
-        .await
+        self.query("ping", &redis::cmd("PING")).await
     }
 
     async fn publish_invalidation(&self, owner: &Owner) -> Result<(), StoreError> {
-        let channel = &self.channel;
-        let slot = &owner.slot();
-        self.run("publish", |mut c| async move {
-            redis::cmd("PUBLISH")
-                .arg(channel)
-                .arg(slot)
-                .query_async::<()>(&mut c)
-                .await
-        })
+        self.query(
+            "publish",
+            redis::cmd("PUBLISH").arg(&self.channel).arg(owner.slot()),
+        )
         .await
     }
 
