@@ -6,9 +6,7 @@ use std::hint::black_box;
 
 use criterion::{criterion_group, criterion_main, Criterion, Throughput};
 use std::sync::Arc;
-use std::time::Duration;
 
-use keygate::config::KeysSettings;
 use keygate::keys::crypto::Keyring;
 use keygate::keys::embedded::EmbeddedStore;
 use keygate::keys::store::Owner;
@@ -65,21 +63,17 @@ fn cached_lookup(c: &mut Criterion) {
         .expect("runtime");
     let dir = std::env::temp_dir().join(format!("keygate-bench-vault-{}", std::process::id()));
     let store = Arc::new(EmbeddedStore::open(&dir).expect("store"));
-    let settings = KeysSettings {
-        enabled: true,
-        keyring: None,
-        data_dir: dir.clone(),
-        encryption_secret: None,
-        previous_encryption_secrets: Vec::new(),
-        org_keys: false,
-        fallback_api_key: None,
-        default_base_url: None,
-        allowed_base_url_hosts: Vec::new(),
-        max_key_bytes: 4096,
-        max_body_bytes: 16384,
-        cache_ttl: Duration::from_secs(3600),
-        cache_max_entries: 100_000,
-    };
+    let env: std::collections::HashMap<String, String> = [
+        ("AUTH_ENABLED", "false"),
+        ("KEYGATE_UPSTREAM", "http://127.0.0.1:3000"),
+        ("API_KEY_ENCRYPTION_SECRET", SECRET),
+    ]
+    .into_iter()
+    .map(|(k, v)| (k.to_string(), v.to_string()))
+    .collect();
+    let settings = keygate::config::load(None, &env)
+        .expect("bench config")
+        .keys;
     let vault = Vault::new(store, Arc::new(keyring()), &settings);
     let owner = Owner::user("user_bench");
     let key = SecretString::from(String::from_utf8(api_key()).expect("ascii"));

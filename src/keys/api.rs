@@ -117,24 +117,24 @@ pub fn metadata_body(meta: Option<&KeyMetadata>) -> String {
 mod tests {
     use super::*;
     use secrecy::ExposeSecret;
-    use std::time::Duration;
 
+    /// The validated defaults, with a small key limit and a loopback host allowed.
     fn settings() -> KeysSettings {
-        KeysSettings {
-            enabled: true,
-            keyring: None,
-            data_dir: "data".into(),
-            encryption_secret: None,
-            previous_encryption_secrets: Vec::new(),
-            org_keys: false,
-            fallback_api_key: None,
-            default_base_url: None,
-            allowed_base_url_hosts: vec!["api.twenty.com".into(), "localhost".into()],
-            max_key_bytes: 64,
-            max_body_bytes: 1024,
-            cache_ttl: Duration::from_secs(60),
-            cache_max_entries: 10,
-        }
+        let env: std::collections::HashMap<String, String> = [
+            ("AUTH_ENABLED", "false"),
+            ("KEYGATE_UPSTREAM", "http://127.0.0.1:3000"),
+            (
+                "API_KEY_ENCRYPTION_SECRET",
+                "00112233445566778899aabbccddeeff00112233445566778899aabbccddeeff",
+            ),
+        ]
+        .into_iter()
+        .map(|(k, v)| (k.to_string(), v.to_string()))
+        .collect();
+        let mut keys = crate::config::load(None, &env).expect("valid").keys;
+        keys.allowed_base_url_hosts.push("localhost".into());
+        keys.max_key_bytes = 64;
+        keys
     }
 
     fn reason(body: &str) -> String {
