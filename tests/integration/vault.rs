@@ -99,6 +99,18 @@ async fn store_key(gw: &Keygate, env: &Env, user: &str, api_key: &str) {
     assert_eq!(resp.status(), 200, "storing {user}'s key");
 }
 
+/// `GET /api/keys` as `token`, as JSON.
+async fn key_metadata(gw: &Keygate, token: &str) -> Value {
+    let resp = client()
+        .get(gw.at("/api/keys"))
+        .bearer_auth(token)
+        .send()
+        .await
+        .expect("request");
+    assert_eq!(resp.status(), 200);
+    resp.json().await.expect("json")
+}
+
 async fn mcp(gw: &Keygate, token: &str, query: &str) -> reqwest::Response {
     client()
         .post(gw.at(&format!("/mcp{query}")))
@@ -121,15 +133,7 @@ async fn store_read_inject_delete_with_the_embedded_store() {
     let gw = env.embedded("").await;
     let session = env.session("user_a");
 
-    let empty: Value = client()
-        .get(gw.at("/api/keys"))
-        .bearer_auth(&session)
-        .send()
-        .await
-        .expect("request")
-        .json()
-        .await
-        .expect("json");
+    let empty: Value = key_metadata(&gw, &session).await;
     assert_eq!(empty, json!({"hasKey": false}));
 
     let resp = put_key(
@@ -628,15 +632,7 @@ async fn import_of_node_server_records() {
             ("baseUrl".to_string(), "https://api.twenty.com".to_string()),
         ]
     );
-    let meta: Value = client()
-        .get(gw.at("/api/keys"))
-        .bearer_auth(env.session("user_imp1"))
-        .send()
-        .await
-        .expect("request")
-        .json()
-        .await
-        .expect("json");
+    let meta: Value = key_metadata(&gw, &env.session("user_imp1")).await;
     assert_eq!(meta["updatedAt"], "2025-06-01T10:00:00Z");
     assert_eq!(mcp(&gw, &env.access("user_bad"), "").await.status(), 400);
 }
@@ -660,15 +656,7 @@ async fn org_keys_are_shared_by_the_org_when_configured() {
         json!({"typ": "JWT"}),
         &keys::clerk_session_claims(&env.clerk.url(), "user_colleague", "sess_2"),
     );
-    let meta: Value = client()
-        .get(gw.at("/api/keys"))
-        .bearer_auth(&colleague)
-        .send()
-        .await
-        .expect("request")
-        .json()
-        .await
-        .expect("json");
+    let meta: Value = key_metadata(&gw, &colleague).await;
     assert_eq!(meta["hasKey"], true, "the org's key is not shared");
     // An access token without org context keeps to the user's own slot: no key there.
     assert_eq!(mcp(&gw, &env.access("user_admin"), "").await.status(), 400);
