@@ -562,6 +562,16 @@ pub fn frontend_api_from_publishable_key(pk: &str) -> Option<String> {
     Some(host.to_string())
 }
 
+/// Two listen addresses that would end up on one socket: Pingora shares a socket between
+/// listeners with the same address, and a wildcard address overlaps every IP on its port.
+/// Port 0 (any free port) collides only with the identical address.
+fn listeners_collide(a: &SocketAddr, b: &SocketAddr) -> bool {
+    if a == b {
+        return true;
+    }
+    a.port() != 0 && a.port() == b.port() && (a.ip().is_unspecified() || b.ip().is_unspecified())
+}
+
 fn validate(f: FileConfig, base: &Path, problems: &mut Problems) -> Option<Settings> {
     // [server]
     let listen = parse_addr("server.listen (KEYGATE_LISTEN)", &f.server.listen, problems);
@@ -570,6 +580,17 @@ fn validate(f: FileConfig, base: &Path, problems: &mut Problems) -> Option<Setti
         &f.server.admin_listen,
         problems,
     );
+    if let (Some(public), Some(admin)) = (&listen, &admin_listen) {
+        if listeners_collide(public, admin) {
+            problems.push(
+                "server.admin_listen (KEYGATE_ADMIN_LISTEN)",
+                format!(
+                    "must not share a port with server.listen ({public}): /metrics and /ready \
+                     would be served on the public listener"
+                ),
+            );
+        }
+    }
     if f.server.threads == 0 {
         problems.push("server.threads", "must be at least 1");
     }
@@ -1238,6 +1259,29 @@ mod tests {
             default.upstream.inject.api_key,
             Some(InjectTarget::Query("apiKey".into()))
         );
+    }
+
+    #[test]
+    fn the_admin_listener_cannot_share_the_public_socket() {
+        let refused = |public: &str, admin: &str| {
+            let vars = env(&[
+                ("AUTH_ENABLED", "false"),
+                SECRET,
+                ("KEYGATE_LISTEN", public),
+                ("KEYGATE_ADMIN_LISTEN", admin),
+            ]);
+            match load(None, &vars) {
+                Ok(_) => false,
+                Err(p) => p.0.iter().any(|p| p.field.contains("KEYGATE_ADMIN_LISTEN")),
+            }
+        };
+        assert!(refused("127.0.0.1:8080", "127.0.0.1:8080"));
+        assert!(refused("0.0.0.0:8080", "127.0.0.1:8080"));
+        assert!(refused("127.0.0.1:8080", "[::]:8080"));
+        assert!(refused("127.0.0.1:0", "127.0.0.1:0"));
+        assert!(!refused("0.0.0.0:8080", "127.0.0.1:9090"));
+        assert!(!refused("127.0.0.1:8080", "10.0.0.1:8080"));
+        assert!(!refused("127.0.0.1:0", "0.0.0.0:0"));
     }
 
     fn env(pairs: &[(&str, &str)]) -> HashMap<String, String> {
