@@ -424,5 +424,6 @@ pub fn run(settings: Settings) -> anyhow::Result<()> {
     );
     let state = build_state(settings)?;
     let server = build_server(state)?;
-    server.run_forever()
+    server.run(RunArgs::default());
+    Ok(())
 }

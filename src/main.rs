@@ -128,7 +128,19 @@ fn keys_command(settings: &config::Settings, action: KeysAction) -> anyhow::Resu
     }
 }
 
+/// Print a command's failure after every pending log line.
+fn report(e: &anyhow::Error) {
+    keygate::telemetry::batch::flush();
+    eprintln!("keygate: {e:#}");
+}
+
 fn main() -> ExitCode {
+    let code = run_cli();
+    keygate::telemetry::batch::flush();
+    code
+}
+
+fn run_cli() -> ExitCode {
     let cli = Cli::parse();
     let settings = match config::load(cli.config.as_deref(), &ProcessEnv) {
         Ok(s) => s,
@@ -142,7 +154,7 @@ fn main() -> ExitCode {
             Ok(true) => ExitCode::SUCCESS,
             Ok(false) => ExitCode::FAILURE,
             Err(e) => {
-                eprintln!("keygate: {e:#}");
+                report(&e);
                 ExitCode::FAILURE
             }
         },
@@ -174,7 +186,7 @@ fn main() -> ExitCode {
                     ExitCode::SUCCESS
                 }
                 Err(e) => {
-                    eprintln!("keygate: {e:#}");
+                    report(&e);
                     ExitCode::FAILURE
                 }
             }
@@ -182,7 +194,7 @@ fn main() -> ExitCode {
         Command::Run => {
             keygate::telemetry::init(&settings.log);
             if let Err(e) = keygate::app::run(settings) {
-                eprintln!("keygate: {e:#}");
+                report(&e);
                 return ExitCode::FAILURE;
             }
             ExitCode::SUCCESS

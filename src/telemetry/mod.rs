@@ -1,10 +1,13 @@
-//! Logging and metrics. Logs: `tracing` on stderr, human or JSON; `RUST_LOG` overrides the
+//! Logging and metrics. Logs: `tracing` on stderr (batched: see `batch`), human or JSON; `RUST_LOG` overrides the
 //! configured level. One line per request on the `keygate::access` target; security-relevant
 //! events (refusals, key stored/deleted/rotated/imported, decrypt failures) on
 //! `keygate::audit`, each with an `event` field, so they can be routed on their own.
 //! Metrics: `metrics`.
 
+pub mod batch;
 pub mod metrics;
+
+use std::io::IsTerminal;
 
 use tracing_subscriber::EnvFilter;
 
@@ -24,13 +27,14 @@ pub fn init(log: &LogSettings) {
     let result = if log.json {
         tracing_subscriber::fmt()
             .json()
-            .with_writer(std::io::stderr)
+            .with_writer(batch::BatchedStderr::new())
             .with_env_filter(filter)
             .with_current_span(false)
             .try_init()
     } else {
         tracing_subscriber::fmt()
-            .with_writer(std::io::stderr)
+            .with_ansi(std::io::stderr().is_terminal())
+            .with_writer(batch::BatchedStderr::new())
             .with_env_filter(filter)
             .try_init()
     };
