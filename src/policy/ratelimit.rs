@@ -36,8 +36,8 @@
 //! [`RedisLimiter`] runs that in one script ([`GCRA_LUA`]) on the Redis server, with the
 //! server's `TIME` (never a replica's clock), on the key `{prefix}rl:{<key>}` — the budget key
 //! in braces is the Redis Cluster hash tag — so every replica sharing the Redis spends one
-//! budget. [`LocalLimiter`] keeps `TAT`s in a bounded in-process cache whose entries expire at
-//! their `TAT`. [`FallbackLimiter`] asks Redis first and, when Redis fails, applies the local
+//! budget. [`LocalLimiter`] keeps `TAT`s in a bounded, sharded in-process table; a `TAT` in the
+//! past is a full bucket and is dropped when room is needed. [`FallbackLimiter`] asks Redis first and, when Redis fails, applies the local
 //! limit (per replica, so N replicas allow up to N times the budget during an outage), allows,
 //! or denies, as configured.
 //!
@@ -47,14 +47,13 @@
 //! form: `RateLimit-Policy: "<name>";q=<requests>;w=<period secs>` and
 //! `RateLimit: "<name>";r=<remaining>;t=<reset secs>` (seconds rounded up; `w` at least 1).
 
+use std::collections::HashMap;
+use std::hash::{BuildHasher, RandomState};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex, PoisonError};
 use std::time::{Duration, Instant};
 
 use async_trait::async_trait;
-use moka::ops::compute::Op;
-use moka::sync::Cache;
-use moka::Expiry;
 
 use crate::keys::redis_store::RedisConn;
 
@@ -231,32 +230,11 @@ fn ceil_secs(d: Duration) -> u64 {
     d.as_secs() + u64::from(d.subsec_nanos() > 0)
 }
 
-/// What the local limiter keeps per key.
-#[derive(Clone, Copy)]
-struct Bucket {
-    tat: u64,
-    /// How long after its last write the entry is a full bucket anyway.
-    ttl: Duration,
-}
+/// Most shards of the local limiter's table: checks on different keys rarely wait on one lock.
+const MAX_SHARDS: usize = 32;
 
-/// Entries expire when their bucket is full again.
-struct BucketExpiry;
-
-impl Expiry<String, Bucket> for BucketExpiry {
-    fn expire_after_create(&self, _: &String, bucket: &Bucket, _: Instant) -> Option<Duration> {
-        Some(bucket.ttl)
-    }
-
-    fn expire_after_update(
-        &self,
-        _: &String,
-        bucket: &Bucket,
-        _: Instant,
-        _: Option<Duration>,
-    ) -> Option<Duration> {
-        Some(bucket.ttl)
-    }
-}
+/// One shard: the keys' `TAT`s, in microseconds on the limiter's clock.
+type Shard = Mutex<HashMap<Box<str>, u64>>;
 
 /// The local limiter's clock, in microseconds.
 enum Clock {
@@ -277,54 +255,97 @@ impl Clock {
     }
 }
 
-/// In-process GCRA: one replica's view, memory bounded by a key count (the least useful keys
-/// are evicted first, and an evicted key starts with a full bucket).
+/// In-process GCRA: one replica's view, in a sharded table bounded by a key count.
+///
+/// A bucket whose `TAT` has passed is a full bucket, the same as a missing key, so it is
+/// dropped when its shard needs room. When a shard is full of live buckets, the quarter
+/// closest to full (smallest `TAT`) is dropped: those keys start again with a full bucket,
+/// which gives back the fewest units. Each sweep frees a quarter of the shard, so the cost of
+/// making room stays constant per check, even under a flood of new keys.
 pub struct LocalLimiter {
-    buckets: Cache<String, Bucket>,
+    shards: Box<[Shard]>,
+    per_shard: usize,
+    hasher: RandomState,
     clock: Clock,
 }
 
 impl LocalLimiter {
     /// A limiter tracking at most `max_keys` keys.
     pub fn new(max_keys: u64) -> Self {
-        Self::with_clock(max_keys, Clock::Monotonic(Instant::now()))
+        Self::with_clock(max_keys, MAX_SHARDS, Clock::Monotonic(Instant::now()))
     }
 
-    fn with_clock(max_keys: u64, clock: Clock) -> Self {
+    fn with_clock(max_keys: u64, max_shards: usize, clock: Clock) -> Self {
+        let max_keys = usize::try_from(max_keys).unwrap_or(usize::MAX).max(1);
+        let shards = max_shards.clamp(1, max_keys);
         Self {
-            buckets: Cache::builder()
-                .max_capacity(max_keys)
-                .expire_after(BucketExpiry)
-                .build(),
+            shards: (0..shards).map(|_| Mutex::default()).collect(),
+            per_shard: max_keys / shards,
+            hasher: RandomState::new(),
             clock,
         }
     }
 
-    /// Keys currently tracked (approximate: eviction and expiry run lazily).
+    /// Keys currently held, live or not yet dropped.
     pub fn tracked_keys(&self) -> u64 {
-        self.buckets.entry_count()
+        self.shards
+            .iter()
+            .map(|s| s.lock().unwrap_or_else(PoisonError::into_inner).len() as u64)
+            .sum()
+    }
+
+    fn shard(&self, key: &str) -> &Shard {
+        // The modulo keeps the index below the shard count, so it fits usize.
+        let index = self.hasher.hash_one(key) % self.shards.len() as u64;
+        &self.shards[index as usize]
     }
 
     /// The synchronous check behind [`RateLimiter::check`].
     fn spend(&self, key: &str, quota: &Quota, cost: u32) -> Result<Decision, LimiterError> {
         let interval = quota.interval_us()?;
         let now = self.clock.now_us();
-        let mut outcome = None;
-        self.buckets
-            .entry(key.to_string())
-            .and_compute_with(|entry| {
-                let stored = entry.map(|e| e.into_value().tat);
-                let (decision, store) = gcra(stored, now, interval, quota.burst, cost);
-                outcome = Some(decision);
-                match store {
-                    Some(tat) => Op::Put(Bucket {
-                        tat,
-                        ttl: Duration::from_micros(tat - now),
-                    }),
-                    None => Op::Nop,
+        let mut buckets = self
+            .shard(key)
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner);
+        let slot = buckets.get_mut(key);
+        let stored = slot.as_deref().copied();
+        let (decision, store) = gcra(stored, now, interval, quota.burst, cost);
+        if let Some(tat) = store {
+            match slot {
+                Some(slot) => *slot = tat,
+                None => {
+                    self.make_room(&mut buckets, now);
+                    buckets.insert(key.into(), tat);
                 }
-            });
-        outcome.ok_or_else(|| LimiterError::Unavailable("local limiter made no decision".into()))
+            }
+        }
+        Ok(decision)
+    }
+
+    /// Below capacity, nothing; else drop full buckets and, if that is not a quarter of the
+    /// shard, the buckets closest to full until it is.
+    fn make_room(&self, buckets: &mut HashMap<Box<str>, u64>, now: u64) {
+        if buckets.len() < self.per_shard {
+            return;
+        }
+        buckets.retain(|_, tat| *tat > now);
+        let keep = self.per_shard - self.per_shard.div_ceil(4);
+        if buckets.len() <= keep {
+            return;
+        }
+        let mut tats: Vec<u64> = buckets.values().copied().collect();
+        let drop = tats.len() - keep;
+        let (_, &mut cutoff, _) = tats.select_nth_unstable(drop - 1);
+        let mut over = drop;
+        buckets.retain(|_, tat| {
+            if over > 0 && *tat <= cutoff {
+                over -= 1;
+                false
+            } else {
+                true
+            }
+        });
     }
 }
 
@@ -533,7 +554,7 @@ mod tests {
     fn manual(max_keys: u64) -> (LocalLimiter, Arc<AtomicU64>) {
         let now = Arc::new(AtomicU64::new(1_000 * SEC));
         (
-            LocalLimiter::with_clock(max_keys, Clock::Manual(now.clone())),
+            LocalLimiter::with_clock(max_keys, MAX_SHARDS, Clock::Manual(now.clone())),
             now,
         )
     }
@@ -646,29 +667,61 @@ mod tests {
         for i in 0..5_000 {
             limiter.check(&format!("k{i}"), &quota, 1).await.unwrap();
         }
-        limiter.buckets.run_pending_tasks();
         assert!(limiter.tracked_keys() <= 100, "{}", limiter.tracked_keys());
     }
 
+    /// One shard of 8 keys on a clock the test moves.
+    fn one_shard() -> (LocalLimiter, Arc<AtomicU64>) {
+        let now = Arc::new(AtomicU64::new(1_000 * SEC));
+        (
+            LocalLimiter::with_clock(8, 1, Clock::Manual(now.clone())),
+            now,
+        )
+    }
+
+    /// Units left on `key` after spending one more.
+    async fn remaining_after_one(limiter: &LocalLimiter, key: &str, quota: &Quota) -> u32 {
+        limiter.check(key, quota, 1).await.unwrap().remaining
+    }
+
     #[tokio::test]
-    async fn full_buckets_are_forgotten() {
-        let limiter = LocalLimiter::new(100);
-        // T = 1 ms: each entry is a full bucket again 1 ms after it was written.
-        let quota = Quota::new(1000, Duration::from_secs(1), 1).unwrap();
-        for i in 0..50 {
-            assert!(
-                limiter
-                    .check(&format!("k{i}"), &quota, 1)
-                    .await
-                    .unwrap()
-                    .allowed
+    async fn full_buckets_make_room_before_live_ones() {
+        let (limiter, clock) = one_shard();
+        let quota = per_minute(5);
+        for i in 0..4 {
+            limiter.check(&format!("old{i}"), &quota, 1).await.unwrap();
+        }
+        // T = 6 s: the four old buckets are full again after 6 s.
+        advance(&clock, Duration::from_secs(7));
+        for i in 0..4 {
+            limiter.check(&format!("live{i}"), &quota, 1).await.unwrap();
+        }
+        // The shard is full; the next new key drops the four full buckets, no live one.
+        limiter.check("new", &quota, 1).await.unwrap();
+        assert_eq!(limiter.tracked_keys(), 5);
+        for i in 0..4 {
+            assert_eq!(
+                remaining_after_one(&limiter, &format!("live{i}"), &quota).await,
+                3
             );
         }
-        tokio::time::sleep(Duration::from_millis(20)).await;
-        // Expired entries are gone for readers at once (and reclaimed by housekeeping later).
-        for i in 0..50 {
-            assert!(!limiter.buckets.contains_key(&format!("k{i}")));
+    }
+
+    #[tokio::test]
+    async fn a_shard_full_of_live_buckets_drops_the_quarter_closest_to_full() {
+        let (limiter, _) = one_shard();
+        let quota = per_minute(5);
+        // Keys k0..k7; k<i> has spent i + 1 units, so k0 and k1 are the closest to full.
+        for i in 0..8u32 {
+            let key = format!("k{i}");
+            limiter.check(&key, &quota, i.min(4) + 1).await.unwrap();
         }
+        limiter.check("new", &quota, 1).await.unwrap();
+        assert_eq!(limiter.tracked_keys(), 7);
+        // k0 and k1 start again from a full bucket; k2 kept its spending.
+        assert_eq!(remaining_after_one(&limiter, "k0", &quota).await, 4);
+        assert_eq!(remaining_after_one(&limiter, "k1", &quota).await, 4);
+        assert_eq!(remaining_after_one(&limiter, "k2", &quota).await, 1);
     }
 
     #[tokio::test]
