@@ -6,6 +6,11 @@ use std::process::ExitCode;
 use clap::{Parser, Subcommand};
 use keygate::config::{self, ProcessEnv};
 
+/// Each request allocates small, short-lived buffers on Pingora's worker threads; mimalloc's
+/// per-thread free lists serve them without the global-arena work of the system allocator.
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 #[derive(Parser)]
 #[command(
     name = "keygate",

@@ -1,12 +1,15 @@
 //! The framework floor: the smallest Pingora reverse proxy that forwards every request to one
-//! upstream (pooled keep-alive connections, one worker thread, no logging). keygate's cost is
-//! measured against this.
+//! upstream (pooled keep-alive connections, one worker thread, no logging, the same allocator
+//! as keygate). keygate's cost is measured against this.
 //!
 //! Usage: `load-passthrough <listen addr> <upstream addr>`.
 
 use async_trait::async_trait;
 use pingora::prelude::*;
 use pingora::server::configuration::ServerConf;
+
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
 struct Passthrough {
     upstream: String,
