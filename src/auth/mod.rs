@@ -83,11 +83,17 @@ pub fn bearer_token(
     }
     // RFC 6750 b64token: ALPHA / DIGIT / "-" / "." / "_" / "~" / "+" / "/", then "=" padding.
     let body = token.trim_end_matches('=');
-    if body.is_empty()
-        || !body.bytes().all(|b| {
-            b.is_ascii_alphanumeric() || matches!(b, b'-' | b'.' | b'_' | b'~' | b'+' | b'/')
-        })
-    {
+    // Without early exit, so the check compiles to vector compares over the whole token.
+    let b64token = body.bytes().fold(true, |ok, b| {
+        ok & (b.is_ascii_alphanumeric()
+            | (b == b'-')
+            | (b == b'.')
+            | (b == b'_')
+            | (b == b'~')
+            | (b == b'+')
+            | (b == b'/'))
+    });
+    if body.is_empty() || !b64token {
         return Err(AuthError::Malformed.into());
     }
     Ok(Some(token))

@@ -1,8 +1,10 @@
 //! Header hygiene on the way upstream: client credentials removed, spoofable forwarding and
 //! identity headers replaced by keygate's own, the request id carried through.
 
+use std::borrow::Cow;
 use std::net::IpAddr;
 
+use http::header::{HeaderName, AUTHORIZATION, COOKIE, FORWARDED, PROXY_AUTHORIZATION};
 use ipnet::IpNet;
 use pingora::http::RequestHeader;
 
@@ -10,13 +12,11 @@ use crate::auth::Identity;
 use crate::config::IdentityHeaders;
 
 /// Headers that carry the client's own credentials; they never reach the upstream.
-const CREDENTIAL_HEADERS: [&str; 3] = ["authorization", "proxy-authorization", "cookie"];
-const FORWARDING_HEADERS: [&str; 4] = [
-    "x-forwarded-for",
-    "x-forwarded-proto",
-    "x-forwarded-host",
-    "forwarded",
-];
+const CREDENTIAL_HEADERS: [HeaderName; 3] = [AUTHORIZATION, PROXY_AUTHORIZATION, COOKIE];
+const X_FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-for");
+const X_FORWARDED_PROTO: HeaderName = HeaderName::from_static("x-forwarded-proto");
+const X_FORWARDED_HOST: HeaderName = HeaderName::from_static("x-forwarded-host");
+const X_REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
 
 /// Whether `peer` is a proxy whose forwarding headers may be trusted.
 pub fn is_trusted(peer: Option<IpAddr>, trusted: &[IpNet]) -> bool {
@@ -55,14 +55,26 @@ pub struct Forwarding<'a> {
     pub request_id: &'a str,
 }
 
-fn header_str<'h>(req: &'h RequestHeader, name: &str) -> Option<&'h str> {
+fn header_str<'h>(req: &'h RequestHeader, name: &HeaderName) -> Option<&'h str> {
     req.headers.get(name).and_then(|v| v.to_str().ok())
 }
 
-fn quote_forwarded_node(ip: IpAddr) -> String {
-    match ip {
-        IpAddr::V4(v4) => v4.to_string(),
-        IpAddr::V6(v6) => format!("\"[{v6}]\""),
+/// A forwarding header's value from a trusted peer, or none.
+fn trusted_value(req: &RequestHeader, fwd: &Forwarding<'_>, name: &HeaderName) -> Option<String> {
+    fwd.peer_trusted
+        .then(|| header_str(req, name).map(str::to_string))
+        .flatten()
+}
+
+/// Append `, ` and `element` to a chain, or start one.
+fn extend_chain(chain: Option<String>, element: &str) -> String {
+    match chain {
+        Some(mut chain) => {
+            chain.push_str(", ");
+            chain.push_str(element);
+            chain
+        }
+        None => element.to_string(),
     }
 }
 
@@ -73,55 +85,54 @@ pub fn rewrite(
     identity: Option<&Identity>,
     identity_headers: &IdentityHeaders,
 ) -> pingora::Result<()> {
-    for name in CREDENTIAL_HEADERS {
+    for name in &CREDENTIAL_HEADERS {
         req.remove_header(name);
     }
 
     // Forwarding: a trusted proxy's chain is extended; anyone else's is replaced.
-    let prior_xff = fwd
-        .peer_trusted
-        .then(|| header_str(req, "x-forwarded-for").map(str::to_string))
-        .flatten();
-    let prior_forwarded = fwd
-        .peer_trusted
-        .then(|| header_str(req, "forwarded").map(str::to_string))
-        .flatten();
-    let proto = fwd
-        .peer_trusted
-        .then(|| header_str(req, "x-forwarded-proto").map(str::to_string))
-        .flatten()
-        .unwrap_or_else(|| if fwd.tls { "https" } else { "http" }.to_string());
-    let host = fwd
-        .peer_trusted
-        .then(|| header_str(req, "x-forwarded-host").map(str::to_string))
-        .flatten()
-        .or_else(|| fwd.host.map(str::to_string));
-    for name in FORWARDING_HEADERS {
+    let prior_xff = trusted_value(req, fwd, &X_FORWARDED_FOR);
+    let prior_forwarded = trusted_value(req, fwd, &FORWARDED);
+    let proto: Cow<'_, str> = match trusted_value(req, fwd, &X_FORWARDED_PROTO) {
+        Some(p) => Cow::Owned(p),
+        None => Cow::Borrowed(if fwd.tls { "https" } else { "http" }),
+    };
+    let host: Option<Cow<'_, str>> = trusted_value(req, fwd, &X_FORWARDED_HOST)
+        .map(Cow::Owned)
+        .or_else(|| fwd.host.map(Cow::Borrowed));
+    for name in [
+        &X_FORWARDED_FOR,
+        &X_FORWARDED_PROTO,
+        &X_FORWARDED_HOST,
+        &FORWARDED,
+    ] {
         req.remove_header(name);
     }
     if let Some(peer) = fwd.peer {
-        let xff = match prior_xff {
-            Some(chain) => format!("{chain}, {peer}"),
-            None => peer.to_string(),
-        };
-        req.insert_header("x-forwarded-for", xff)?;
-        let mut element = format!("for={};proto={proto}", quote_forwarded_node(peer));
+        let node = peer.to_string();
+        let mut element = String::with_capacity(64);
+        element.push_str("for=");
+        if peer.is_ipv6() {
+            element.push_str("\"[");
+            element.push_str(&node);
+            element.push_str("]\"");
+        } else {
+            element.push_str(&node);
+        }
+        element.push_str(";proto=");
+        element.push_str(&proto);
         if let Some(h) = host.as_deref() {
             element.push_str(";host=\"");
-            element.push_str(&h.replace(['"', '\\'], ""));
+            element.extend(h.chars().filter(|c| !matches!(c, '"' | '\\')));
             element.push('"');
         }
-        let forwarded = match prior_forwarded {
-            Some(chain) => format!("{chain}, {element}"),
-            None => element,
-        };
-        req.insert_header("forwarded", forwarded)?;
+        req.insert_header(X_FORWARDED_FOR, extend_chain(prior_xff, &node))?;
+        req.insert_header(FORWARDED, extend_chain(prior_forwarded, &element))?;
     }
-    req.insert_header("x-forwarded-proto", proto)?;
+    req.insert_header(X_FORWARDED_PROTO, proto.as_ref())?;
     if let Some(h) = host {
-        req.insert_header("x-forwarded-host", h)?;
+        req.insert_header(X_FORWARDED_HOST, h.as_ref())?;
     }
-    req.insert_header("x-request-id", fwd.request_id)?;
+    req.insert_header(X_REQUEST_ID, fwd.request_id)?;
 
     // Identity: only keygate speaks for the caller.
     for name in identity_headers.names() {
@@ -129,16 +140,16 @@ pub fn rewrite(
     }
     if let Some(id) = identity {
         if let Some(h) = &identity_headers.user {
-            req.insert_header(h.clone(), id.subject.as_str())?;
+            req.insert_header(h, id.subject.as_str())?;
         }
         if let (Some(h), Some(org)) = (&identity_headers.org, &id.org) {
-            req.insert_header(h.clone(), org.id.as_str())?;
+            req.insert_header(h, org.id.as_str())?;
         }
         if let Some(h) = &identity_headers.scopes {
-            req.insert_header(h.clone(), id.scopes.join(" "))?;
+            req.insert_header(h, id.scopes.join(" "))?;
         }
         if let Some(h) = &identity_headers.token_kind {
-            req.insert_header(h.clone(), id.kind.as_str())?;
+            req.insert_header(h, id.kind.as_str())?;
         }
     }
     Ok(())
@@ -149,14 +160,37 @@ pub fn rewrite(
 /// Route decisions (which paths accept session tokens, which are local) are made on the path
 /// as sent; an upstream that normalises `/api/keys/../mcp` would otherwise see another route.
 pub fn path_is_normalized(path: &str) -> bool {
-    let lower = path.to_ascii_lowercase();
-    if lower.contains("%2f") || lower.contains("%5c") || path.contains('\\') {
+    if path.contains('\\') {
         return false;
     }
-    !lower.split('/').any(|seg| {
-        let decoded = seg.replace("%2e", ".");
-        decoded == "." || decoded == ".."
+    !path.split('/').any(|seg| {
+        let bytes = seg.as_bytes();
+        // Percent escapes: an encoded slash or backslash anywhere is refused.
+        if bytes.windows(3).any(|w| {
+            w[0] == b'%'
+                && (w[1..].eq_ignore_ascii_case(b"2f") || w[1..].eq_ignore_ascii_case(b"5c"))
+        }) {
+            return true;
+        }
+        is_dot_segment(bytes)
     })
+}
+
+/// `.` or `..`, each dot raw or as `%2e` in either case.
+fn is_dot_segment(seg: &[u8]) -> bool {
+    let mut dots = 0;
+    let mut rest = seg;
+    while !rest.is_empty() {
+        if rest[0] == b'.' {
+            rest = &rest[1..];
+        } else if rest.len() >= 3 && rest[0] == b'%' && rest[1..3].eq_ignore_ascii_case(b"2e") {
+            rest = &rest[3..];
+        } else {
+            return false;
+        }
+        dots += 1;
+    }
+    dots == 1 || dots == 2
 }
 
 /// A request id from the client is kept when it is short and plain; otherwise a new one.
@@ -191,6 +225,13 @@ mod tests {
         assert!(!path_is_normalized("/api/keys/./x"));
         assert!(!path_is_normalized("/api%2Fkeys"));
         assert!(!path_is_normalized("/api/keys/.."));
+        assert!(!path_is_normalized("/api/keys/.%2e/mcp"));
+        assert!(!path_is_normalized("/api/keys/%2E/mcp"));
+        assert!(!path_is_normalized("/api%5ckeys"));
+        assert!(!path_is_normalized("/api\\keys"));
+        assert!(path_is_normalized("/api/keys/.../x"));
+        assert!(path_is_normalized("/api/keys/%2e%2e%2e"));
+        assert!(path_is_normalized("/100%25/x"));
     }
 
     #[test]
