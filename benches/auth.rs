@@ -105,7 +105,7 @@ fn bench(c: &mut Criterion) {
     });
 
     let toml = format!(
-        "[resource]\nurl = \"{AUDIENCE}\"\n[[issuers]]\nissuer = \"{ISSUER}\"\njwks_file = \"{}\"\n",
+        "[resource]\nurl = \"{AUDIENCE}\"\n[keys]\nenabled = false\n[[issuers]]\nissuer = \"{ISSUER}\"\njwks_file = \"{}\"\n",
         rsa.jwks_path.display()
     );
     let cfg = std::env::temp_dir().join(format!("keygate-bench-{}.toml", std::process::id()));
