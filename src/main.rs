@@ -6,8 +6,9 @@ use std::process::ExitCode;
 use clap::{Parser, Subcommand};
 use keygate::config::{self, ProcessEnv};
 
-/// Each request allocates small, short-lived buffers on Pingora's worker threads; mimalloc's
-/// per-thread free lists serve them without the global-arena work of the system allocator.
+/// With the `mimalloc` feature: Pingora's worker threads allocate small, short-lived buffers per
+/// request, which mimalloc's per-thread free lists serve with less work than the system allocator.
+#[cfg(feature = "mimalloc")]
 #[global_allocator]
 static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
