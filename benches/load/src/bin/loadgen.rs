@@ -232,28 +232,47 @@ async fn closed(target: Target, connections: usize, duration: Duration) -> anyho
             let mut h = histogram()?;
             let mut sender = None;
             while Instant::now() < end {
-                let t0 = Instant::now();
-                match one(&target, &mut sender).await {
-                    Ok(ok) => {
-                        let field = if ok { &counts.ok } else { &counts.non_2xx };
-                        field.fetch_add(1, Ordering::Relaxed);
-                        h.saturating_record(t0.elapsed().as_micros() as u64);
-                    }
-                    Err(_) => {
-                        counts.errors.fetch_add(1, Ordering::Relaxed);
-                        sender = None;
-                    }
-                }
+                timed(&target, &mut sender, &counts, &mut h).await;
             }
             anyhow::Ok(h)
         }));
     }
+    let all = merged(workers).await?;
+    println!("{}", summary(&all, &counts, start.elapsed()));
+    Ok(())
+}
+
+/// One request, counted and (when answered) timed into `h`; a failed connection is dropped so
+/// the next request opens a new one.
+async fn timed(
+    target: &Target,
+    sender: &mut Option<SendRequest<Full<Bytes>>>,
+    counts: &Counts,
+    h: &mut Histogram<u64>,
+) {
+    let t0 = Instant::now();
+    match one(target, sender).await {
+        Ok(ok) => {
+            let field = if ok { &counts.ok } else { &counts.non_2xx };
+            field.fetch_add(1, Ordering::Relaxed);
+            h.saturating_record(t0.elapsed().as_micros() as u64);
+        }
+        Err(_) => {
+            counts.errors.fetch_add(1, Ordering::Relaxed);
+            *sender = None;
+        }
+    }
+}
+
+/// The workers' histograms, merged once they have all finished.
+async fn merged(
+    workers: Vec<tokio::task::JoinHandle<anyhow::Result<Histogram<u64>>>>,
+) -> anyhow::Result<Histogram<u64>> {
     let mut all = histogram()?;
     for w in workers {
         all.add(w.await??)?;
     }
-    println!("{}", summary(&all, &counts, start.elapsed()));
-    Ok(())
+    Ok(all)
 }
 
 /// Open loop at a fixed rate: worker `i` of `connections` sends at `start + (i + k·C)/rate`.
@@ -278,27 +297,13 @@ async fn rate(
             let mut at = start + Duration::from_secs_f64(i as f64 / per_sec as f64);
             while at < end {
                 tokio::time::sleep_until(at.into()).await;
-                let t0 = Instant::now();
-                match one(&target, &mut sender).await {
-                    Ok(ok) => {
-                        let field = if ok { &counts.ok } else { &counts.non_2xx };
-                        field.fetch_add(1, Ordering::Relaxed);
-                        h.saturating_record(t0.elapsed().as_micros() as u64);
-                    }
-                    Err(_) => {
-                        counts.errors.fetch_add(1, Ordering::Relaxed);
-                        sender = None;
-                    }
-                }
+                timed(&target, &mut sender, &counts, &mut h).await;
                 at += gap;
             }
             anyhow::Ok(h)
         }));
     }
-    let mut all = histogram()?;
-    for w in workers {
-        all.add(w.await??)?;
-    }
+    let all = merged(workers).await?;
     let mut out = summary(&all, &counts, duration);
     out["target_rps"] = serde_json::json!(per_sec);
     println!("{out}");
@@ -388,10 +393,7 @@ async fn sse_latency(target: Target, streams: usize, events: usize) -> anyhow::R
             anyhow::Ok(h)
         }));
     }
-    let mut all = histogram()?;
-    for t in tasks {
-        all.add(t.await??)?;
-    }
+    let all = merged(tasks).await?;
     println!(
         "{}",
         serde_json::json!({
