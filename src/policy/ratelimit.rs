@@ -37,9 +37,9 @@
 //! server's `TIME` (never a replica's clock), on the key `{prefix}rl:{<key>}` — the budget key
 //! in braces is the Redis Cluster hash tag — so every replica sharing the Redis spends one
 //! budget. [`LocalLimiter`] keeps `TAT`s in a bounded, sharded in-process table; a `TAT` in the
-//! past is a full bucket and is dropped when room is needed. [`FallbackLimiter`] asks Redis first and, when Redis fails, applies the local
-//! limit (per replica, so N replicas allow up to N times the budget during an outage), allows,
-//! or denies, as configured.
+//! past is a full bucket and is dropped when room is needed. [`FallbackLimiter`] asks Redis
+//! first and, when Redis fails, applies the local limit (per replica, so N replicas allow up to
+//! N times the budget during an outage), allows, or denies, as configured.
 //!
 //! # Headers
 //!

@@ -13,10 +13,11 @@ use crate::config::IdentityHeaders;
 
 /// Headers that carry the client's own credentials; they never reach the upstream.
 const CREDENTIAL_HEADERS: [HeaderName; 3] = [AUTHORIZATION, PROXY_AUTHORIZATION, COOKIE];
-const X_FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-for");
+pub const X_FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-for");
 const X_FORWARDED_PROTO: HeaderName = HeaderName::from_static("x-forwarded-proto");
 const X_FORWARDED_HOST: HeaderName = HeaderName::from_static("x-forwarded-host");
-const X_REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
+/// Carried from the client (or generated) to the upstream and back in every response.
+pub const X_REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
 
 /// Whether `peer` is a proxy whose forwarding headers may be trusted.
 pub fn is_trusted(peer: Option<IpAddr>, trusted: &[IpNet]) -> bool {
@@ -55,15 +56,13 @@ pub struct Forwarding<'a> {
     pub request_id: &'a str,
 }
 
-fn header_str<'h>(req: &'h RequestHeader, name: &HeaderName) -> Option<&'h str> {
-    req.headers.get(name).and_then(|v| v.to_str().ok())
-}
-
 /// A forwarding header's value from a trusted peer, or none.
 fn trusted_value(req: &RequestHeader, fwd: &Forwarding<'_>, name: &HeaderName) -> Option<String> {
-    fwd.peer_trusted
-        .then(|| header_str(req, name).map(str::to_string))
-        .flatten()
+    if !fwd.peer_trusted {
+        return None;
+    }
+    let value = req.headers.get(name)?.to_str().ok()?;
+    Some(value.to_string())
 }
 
 /// Append `, ` and `element` to a chain, or start one.

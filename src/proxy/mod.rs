@@ -640,7 +640,7 @@ impl ProxyHttp for Gateway {
         let incoming = session
             .req_header()
             .headers
-            .get("x-request-id")
+            .get(headers::X_REQUEST_ID)
             .and_then(|v| v.to_str().ok());
         ctx.request_id = headers::request_id(incoming);
         ctx.peer_ip = session
@@ -649,7 +649,7 @@ impl ProxyHttp for Gateway {
             .map(|a| a.ip());
         ctx.client_ip = headers::client_ip(
             ctx.peer_ip,
-            session.req_header().headers.get("x-forwarded-for"),
+            session.req_header().headers.get(headers::X_FORWARDED_FOR),
             &self.state.settings.server.trusted_proxies,
         );
         Ok(())
@@ -821,7 +821,7 @@ impl ProxyHttp for Gateway {
             ctx.sse = true;
             metrics.sse_open.inc();
         }
-        upstream_response.insert_header("x-request-id", ctx.request_id.as_str())?;
+        upstream_response.insert_header(headers::X_REQUEST_ID, ctx.request_id.as_str())?;
         for (name, value) in &ctx.rate_headers {
             upstream_response.insert_header(*name, value.as_str())?;
         }

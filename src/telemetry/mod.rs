@@ -1,8 +1,8 @@
-//! Logging and metrics. Logs: `tracing` on stderr (batched: see `batch`), human or JSON; `RUST_LOG` overrides the
-//! configured level. One line per request on the `keygate::access` target; security-relevant
-//! events (refusals, key stored/deleted/rotated/imported, decrypt failures) on
-//! `keygate::audit`, each with an `event` field, so they can be routed on their own.
-//! Metrics: `metrics`.
+//! Logging and metrics. Logs: `tracing` on stderr (batched: see `batch`), human or JSON;
+//! `RUST_LOG` overrides the configured level. One line per request on the `keygate::access`
+//! target; security-relevant events (refusals, key stored/deleted/rotated/imported, decrypt
+//! failures) on `keygate::audit`, each with an `event` field, so they can be routed on their
+//! own. Metrics: `metrics`.
 
 pub mod batch;
 pub mod metrics;
