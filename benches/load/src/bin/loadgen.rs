@@ -2,14 +2,7 @@
 //! next token of a pool of distinct users, so a proxy that caches verified tokens sees the
 //! realistic mix rather than one hot token.
 //!
-//! ```text
-//! loadgen mint <keygate config> <count> <out file>      tokens for users user-0000..; one per line
-//! loadgen put-keys <base url> <tokens file>             POST /api/keys for every token's user
-//! loadgen closed <url> <tokens> <connections> <secs>    saturation: JSON summary on stdout
-//! loadgen rate <url> <tokens> <rate/s> <connections> <secs>   fixed rate: latency percentiles
-//! loadgen sse-idle <url> <tokens> <streams> <hold secs> open idle SSE streams, print READY, hold
-//! loadgen sse-latency <url> <tokens> <streams> <events> time from upstream send to client receipt
-//! ```
+//! Commands: see [`USAGE`], which a bad command line prints.
 //!
 //! Requests are MCP `tools/call` POSTs (JSON-RPC body, `MCP-Protocol-Version`) unless the URL
 //! asks for SSE. Latency is measured from the moment a request is handed to the connection to
@@ -30,6 +23,17 @@ use hyper_util::rt::TokioIo;
 
 const CALL: &[u8] = br#"{"jsonrpc":"2.0","id":1,"method":"tools/call","params":{"name":"get_companies","arguments":{"limit":10}}}"#;
 
+/// The command line, printed with any error in it.
+const USAGE: &str = "\
+usage:
+  loadgen mint <keygate config> <count> <out file>      tokens for users user-0000..; one per line
+  loadgen put-keys <base url> <tokens file>             POST /api/keys for every token's user
+  loadgen closed <url> <tokens> <connections> <secs>    saturation: JSON summary on stdout
+  loadgen rate <url> <tokens> <rate/s> <connections> <secs>   fixed rate: latency percentiles
+  loadgen sse-idle <url> <tokens> <streams> <hold secs> open idle SSE streams, print READY, hold
+  loadgen sse-latency <url> <tokens> <streams> <events> time from upstream send to client receipt
+";
+
 fn main() -> anyhow::Result<()> {
     let args: Vec<String> = std::env::args().skip(1).collect();
     let rt = tokio::runtime::Builder::new_current_thread()
@@ -38,7 +42,7 @@ fn main() -> anyhow::Result<()> {
     let arg = |i: usize| -> anyhow::Result<&str> {
         args.get(i)
             .map(String::as_str)
-            .with_context(|| format!("missing argument {i}; see the module docs"))
+            .with_context(|| format!("missing argument {i}\n{USAGE}"))
     };
     let num = |i: usize| -> anyhow::Result<u64> {
         arg(i)?
@@ -64,7 +68,7 @@ fn main() -> anyhow::Result<()> {
             let target = Target::new(arg(1)?, tokens(arg(2)?)?)?;
             rt.block_on(sse_latency(target, num(3)? as usize, num(4)? as usize))
         }
-        other => bail!("unknown command {other:?}; see the module docs"),
+        other => bail!("unknown command {other:?}\n{USAGE}"),
     }
 }
 
