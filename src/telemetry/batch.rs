@@ -43,7 +43,8 @@ pub fn flush() {
     let _ = err.flush();
 }
 
-fn append(line: &[u8], urgent: bool) {
+/// Add a whole line (or lines); `urgent` writes the batch at once.
+pub(crate) fn append(line: &[u8], urgent: bool) {
     let full = {
         let mut pending = SHARED.pending.lock().unwrap_or_else(|e| e.into_inner());
         pending.extend_from_slice(line);

@@ -1,9 +1,10 @@
 //! Logging and metrics. Logs: `tracing` on stderr (batched: see `batch`), human or JSON;
 //! `RUST_LOG` overrides the configured level. One line per request on the `keygate::access`
-//! target; security-relevant events (refusals, key stored/deleted/rotated/imported, decrypt
+//! target (written by `access`, without `tracing`'s per-field formatting); security-relevant events (refusals, key stored/deleted/rotated/imported, decrypt
 //! failures) on `keygate::audit`, each with an `event` field, so they can be routed on their
 //! own. Metrics: `metrics`.
 
+pub mod access;
 pub mod batch;
 pub mod metrics;
 
@@ -24,6 +25,7 @@ pub fn init(log: &LogSettings) {
             filter = filter.add_directive(d);
         }
     }
+    let ansi = std::io::stderr().is_terminal();
     let result = if log.json {
         tracing_subscriber::fmt()
             .json()
@@ -33,10 +35,16 @@ pub fn init(log: &LogSettings) {
             .try_init()
     } else {
         tracing_subscriber::fmt()
-            .with_ansi(std::io::stderr().is_terminal())
+            .with_ansi(ansi)
             .with_writer(batch::BatchedStderr::new())
             .with_env_filter(filter)
             .try_init()
     };
-    let _ = result;
+    if result.is_ok() {
+        access::set_format(match (log.json, ansi) {
+            (true, _) => access::Format::Json,
+            (false, false) => access::Format::Text,
+            (false, true) => access::Format::Tracing,
+        });
+    }
 }
