@@ -2,6 +2,8 @@
 //! configuration. Client-supplied values under the same names are always removed first, so a
 //! client can neither pick the key nor the base URL the upstream will use.
 
+use std::borrow::Cow;
+
 use http::HeaderValue;
 use pingora::http::RequestHeader;
 use secrecy::ExposeSecret;
@@ -13,6 +15,18 @@ fn is_param(name: &str, param: &str) -> bool {
     // `apiKey`, any case, and array forms such as `apiKey[]` or `apiKey[0]`.
     let base = name.split('[').next().unwrap_or(name);
     base.eq_ignore_ascii_case(param)
+}
+
+/// A query parameter's name, percent- and plus-decoded only when it needs to be.
+fn param_name(raw: &str) -> Cow<'_, str> {
+    if raw.bytes().any(|b| b == b'%' || b == b'+') {
+        url::form_urlencoded::parse(raw.as_bytes())
+            .next()
+            .map(|(k, _)| Cow::Owned(k.into_owned()))
+            .unwrap_or_default()
+    } else {
+        Cow::Borrowed(raw)
+    }
 }
 
 /// Rewrite `req` for the upstream: strip client values, then inject `key` (if any).
@@ -28,73 +42,75 @@ pub fn apply(
             req.remove_header(h);
         }
     }
-    let params: Vec<&str> = targets
+    let values = key.map(|key| {
+        [
+            (&settings.api_key, Some(key.api_key.expose_secret())),
+            (
+                &settings.base_url,
+                key.base_url.as_deref().or(default_base_url),
+            ),
+        ]
+    });
+    let mut query_values = false;
+    for (target, value) in values.iter().flatten() {
+        let (Some(target), Some(value)) = (target, value) else {
+            continue;
+        };
+        match target {
+            InjectTarget::Query(_) => query_values = true,
+            InjectTarget::Header { name, template } => {
+                let mut v =
+                    HeaderValue::from_str(&template.replace("{key}", value)).map_err(|e| {
+                        pingora::Error::because(
+                            pingora::ErrorType::InternalError,
+                            "injected header value",
+                            e,
+                        )
+                    })?;
+                v.set_sensitive(true);
+                req.insert_header(name.clone(), v)?;
+            }
+        }
+    }
+    let mut params = targets
         .iter()
         .copied()
         .flatten()
         .filter_map(InjectTarget::query_name)
-        .collect();
-    let mut added: Vec<(String, String)> = Vec::new();
-    if let Some(key) = key {
-        let base_url = key.base_url.as_deref().or(default_base_url);
-        let values = [
-            (&settings.api_key, Some(key.api_key.expose_secret())),
-            (&settings.base_url, base_url),
-        ];
-        for (target, value) in values {
-            let (Some(target), Some(value)) = (target, value) else {
-                continue;
-            };
-            match target {
-                InjectTarget::Query(name) => added.push((name.clone(), value.to_string())),
-                InjectTarget::Header { name, template } => {
-                    let mut v =
-                        HeaderValue::from_str(&template.replace("{key}", value)).map_err(|e| {
-                            pingora::Error::because(
-                                pingora::ErrorType::InternalError,
-                                "injected header value",
-                                e,
-                            )
-                        })?;
-                    v.set_sensitive(true);
-                    req.insert_header(name.clone(), v)?;
-                }
-            }
-        }
-    }
-    if params.is_empty() && added.is_empty() {
+        .peekable();
+    if params.peek().is_none() {
         return Ok(());
     }
-    let path = req.uri.path().to_string();
     let query = req.uri.query().unwrap_or("");
-    let mut out = url::form_urlencoded::Serializer::new(String::new());
-    let mut kept_raw: Vec<&str> = Vec::new();
-    for pair in query.split('&').filter(|p| !p.is_empty()) {
-        let raw_name = pair.split('=').next().unwrap_or("");
-        let name = url::form_urlencoded::parse(raw_name.as_bytes())
-            .next()
-            .map(|(k, _)| k.into_owned())
-            .unwrap_or_default();
-        if !params.iter().any(|p| is_param(&name, p)) {
-            kept_raw.push(pair);
-        }
-    }
-    for (name, value) in &added {
-        out.append_pair(name, value);
-    }
-    let injected = out.finish();
-    let mut new_query = kept_raw.join("&");
-    if !injected.is_empty() {
-        if !new_query.is_empty() {
-            new_query.push('&');
-        }
-        new_query.push_str(&injected);
-    }
-    let target = if new_query.is_empty() {
-        path
-    } else {
-        format!("{path}?{new_query}")
+    let strip = |pair: &str| {
+        let name = param_name(pair.split('=').next().unwrap_or(""));
+        params.clone().any(|p| is_param(&name, p))
     };
+    let stripped = query.split('&').any(|p| !p.is_empty() && strip(p));
+    if !stripped && !query_values {
+        return Ok(());
+    }
+    // One buffer for the new target: the path, the client's other parameters as they were
+    // sent, then the injected ones.
+    let path = req.uri.path();
+    let mut target = String::with_capacity(path.len() + query.len() + 160);
+    target.push_str(path);
+    let mut separator = '?';
+    for pair in query.split('&').filter(|p| !p.is_empty() && !strip(p)) {
+        target.push(separator);
+        target.push_str(pair);
+        separator = '&';
+    }
+    for (target_kind, value) in values.iter().flatten() {
+        let (Some(InjectTarget::Query(name)), Some(value)) = (target_kind, value) else {
+            continue;
+        };
+        target.push(separator);
+        target.extend(url::form_urlencoded::byte_serialize(name.as_bytes()));
+        target.push('=');
+        target.extend(url::form_urlencoded::byte_serialize(value.as_bytes()));
+        separator = '&';
+    }
     let uri = http::Uri::try_from(target).map_err(|e| {
         pingora::Error::because(pingora::ErrorType::InternalError, "injected query", e)
     })?;
@@ -147,6 +163,30 @@ mod tests {
         let mut req = RequestHeader::build("GET", b"/mcp?apiKey=evil", None).expect("req");
         apply(&mut req, &node_settings(), None, None).expect("apply");
         assert_eq!(req.uri.to_string(), "/mcp");
+    }
+
+    #[test]
+    fn a_target_with_nothing_to_strip_or_add_is_left_as_sent() {
+        let mut req = RequestHeader::build("GET", b"/mcp?x=1&&y=a+b%20c", None).expect("req");
+        apply(&mut req, &node_settings(), None, None).expect("apply");
+        assert_eq!(req.uri.to_string(), "/mcp?x=1&&y=a+b%20c");
+    }
+
+    #[test]
+    fn encoded_parameter_names_are_decoded_before_matching() {
+        let mut req = RequestHeader::build("GET", b"/mcp?api%4Bey=evil&base%55rl=x&keep=1", None)
+            .expect("req");
+        apply(
+            &mut req,
+            &node_settings(),
+            Some(&key(Some("https://t.example"))),
+            None,
+        )
+        .expect("apply");
+        assert_eq!(
+            req.uri.to_string(),
+            "/mcp?keep=1&apiKey=tw_secret%26%3D%2F&baseUrl=https%3A%2F%2Ft.example"
+        );
     }
 
     #[test]
