@@ -106,11 +106,7 @@ fn build_rate_limits(
             }
             Some(set.build()?)
         };
-        compiled.push(CompiledRateRule {
-            rule: rule.clone(),
-            quota,
-            tools,
-        });
+        compiled.push(CompiledRateRule::new(rule.clone(), quota, tools));
     }
     let local = LocalLimiter::new(100_000);
     Ok(match (rl.use_redis, conn) {

@@ -135,12 +135,11 @@ impl Vault {
             .await
             .map_err(|e: Arc<VaultError>| (*e).clone());
         if let Some(m) = &self.metrics {
-            let label = if missed.load(Ordering::Relaxed) {
-                "miss"
+            if missed.load(Ordering::Relaxed) {
+                m.key_cache_miss.inc();
             } else {
-                "hit"
-            };
-            m.key_cache.with_label_values(&[label]).inc();
+                m.key_cache_hit.inc();
+            }
             if matches!(result, Err(VaultError::Decrypt)) {
                 m.decrypt_failures.inc();
             }

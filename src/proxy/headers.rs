@@ -1,10 +1,10 @@
 //! Header hygiene on the way upstream: client credentials removed, spoofable forwarding and
 //! identity headers replaced by keygate's own, the request id carried through.
 
-use std::borrow::Cow;
 use std::net::IpAddr;
 
 use http::header::{HeaderName, AUTHORIZATION, COOKIE, FORWARDED, PROXY_AUTHORIZATION};
+use http::HeaderValue;
 use ipnet::IpNet;
 use pingora::http::RequestHeader;
 
@@ -18,6 +18,44 @@ const X_FORWARDED_PROTO: HeaderName = HeaderName::from_static("x-forwarded-proto
 const X_FORWARDED_HOST: HeaderName = HeaderName::from_static("x-forwarded-host");
 /// Carried from the client (or generated) to the upstream and back in every response.
 pub const X_REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
+
+/// The names keygate adds, as they go on the wire. Pingora keeps each header's case: given a
+/// `&'static str` it stores the name without copying it (a `HeaderName` costs a copy).
+pub mod wire {
+    pub const X_FORWARDED_FOR: &str = "X-Forwarded-For";
+    pub const X_FORWARDED_PROTO: &str = "X-Forwarded-Proto";
+    pub const X_FORWARDED_HOST: &str = "X-Forwarded-Host";
+    pub const FORWARDED: &str = "Forwarded";
+    pub const X_REQUEST_ID: &str = "X-Request-Id";
+}
+
+/// The request's id: the client's `X-Request-Id` when it is short and plain, else a new UUID.
+/// Kept as a header value, so sending it upstream and back costs no copy.
+#[derive(Debug, Clone)]
+pub struct RequestId(HeaderValue);
+
+impl RequestId {
+    pub fn as_str(&self) -> &str {
+        // Only visible ASCII is ever stored (see `request_id`).
+        self.0.to_str().unwrap_or("")
+    }
+
+    pub fn header_value(&self) -> HeaderValue {
+        self.0.clone()
+    }
+}
+
+impl Default for RequestId {
+    fn default() -> Self {
+        Self(HeaderValue::from_static(""))
+    }
+}
+
+impl std::fmt::Display for RequestId {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
 
 /// Whether `peer` is a proxy whose forwarding headers may be trusted.
 pub fn is_trusted(peer: Option<IpAddr>, trusted: &[IpNet]) -> bool {
@@ -52,8 +90,9 @@ pub struct Forwarding<'a> {
     pub peer: Option<IpAddr>,
     pub peer_trusted: bool,
     pub tls: bool,
-    pub host: Option<&'a str>,
-    pub request_id: &'a str,
+    /// The host the client asked for (its `Host`, or the authority of its target).
+    pub host: Option<HeaderValue>,
+    pub request_id: &'a RequestId,
 }
 
 /// A forwarding header's value from a trusted peer, or none.
@@ -66,14 +105,14 @@ fn trusted_value(req: &RequestHeader, fwd: &Forwarding<'_>, name: &HeaderName) -
 }
 
 /// Append `, ` and `element` to a chain, or start one.
-fn extend_chain(chain: Option<String>, element: &str) -> String {
+fn extend_chain(chain: Option<String>, element: String) -> String {
     match chain {
         Some(mut chain) => {
             chain.push_str(", ");
-            chain.push_str(element);
+            chain.push_str(&element);
             chain
         }
-        None => element.to_string(),
+        None => element,
     }
 }
 
@@ -91,13 +130,13 @@ pub fn rewrite(
     // Forwarding: a trusted proxy's chain is extended; anyone else's is replaced.
     let prior_xff = trusted_value(req, fwd, &X_FORWARDED_FOR);
     let prior_forwarded = trusted_value(req, fwd, &FORWARDED);
-    let proto: Cow<'_, str> = match trusted_value(req, fwd, &X_FORWARDED_PROTO) {
-        Some(p) => Cow::Owned(p),
-        None => Cow::Borrowed(if fwd.tls { "https" } else { "http" }),
+    let proto = match trusted_value(req, fwd, &X_FORWARDED_PROTO) {
+        Some(p) => HeaderValue::try_from(p).unwrap_or(HeaderValue::from_static("http")),
+        None => HeaderValue::from_static(if fwd.tls { "https" } else { "http" }),
     };
-    let host: Option<Cow<'_, str>> = trusted_value(req, fwd, &X_FORWARDED_HOST)
-        .map(Cow::Owned)
-        .or_else(|| fwd.host.map(Cow::Borrowed));
+    let host: Option<HeaderValue> = trusted_value(req, fwd, &X_FORWARDED_HOST)
+        .and_then(|h| HeaderValue::try_from(h).ok())
+        .or_else(|| fwd.host.clone());
     for name in [
         &X_FORWARDED_FOR,
         &X_FORWARDED_PROTO,
@@ -118,20 +157,20 @@ pub fn rewrite(
             element.push_str(&node);
         }
         element.push_str(";proto=");
-        element.push_str(&proto);
-        if let Some(h) = host.as_deref() {
+        element.push_str(proto.to_str().unwrap_or("http"));
+        if let Some(h) = host.as_ref().and_then(|h| h.to_str().ok()) {
             element.push_str(";host=\"");
             element.extend(h.chars().filter(|c| !matches!(c, '"' | '\\')));
             element.push('"');
         }
-        req.insert_header(X_FORWARDED_FOR, extend_chain(prior_xff, &node))?;
-        req.insert_header(FORWARDED, extend_chain(prior_forwarded, &element))?;
+        req.insert_header(wire::X_FORWARDED_FOR, extend_chain(prior_xff, node))?;
+        req.insert_header(wire::FORWARDED, extend_chain(prior_forwarded, element))?;
     }
-    req.insert_header(X_FORWARDED_PROTO, proto.as_ref())?;
+    req.insert_header(wire::X_FORWARDED_PROTO, proto)?;
     if let Some(h) = host {
-        req.insert_header(X_FORWARDED_HOST, h.as_ref())?;
+        req.insert_header(wire::X_FORWARDED_HOST, h)?;
     }
-    req.insert_header(X_REQUEST_ID, fwd.request_id)?;
+    req.insert_header(wire::X_REQUEST_ID, fwd.request_id.header_value())?;
 
     // Identity: only keygate speaks for the caller.
     for name in identity_headers.names() {
@@ -193,21 +232,25 @@ fn is_dot_segment(seg: &[u8]) -> bool {
 }
 
 /// A request id from the client is kept when it is short and plain; otherwise a new one.
-pub fn request_id(incoming: Option<&str>) -> String {
+pub fn request_id(incoming: Option<&HeaderValue>) -> RequestId {
     match incoming {
         Some(id)
             if !id.is_empty()
                 && id.len() <= 128
                 && id
-                    .bytes()
+                    .as_bytes()
+                    .iter()
                     .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.')) =>
         {
-            id.to_string()
+            RequestId(id.clone())
         }
         // A v4 UUID from the thread's userspace generator: no system call per request.
-        _ => uuid::Builder::from_random_bytes(rand::random())
-            .into_uuid()
-            .to_string(),
+        _ => {
+            let uuid = uuid::Builder::from_random_bytes(rand::random()).into_uuid();
+            let mut buf = uuid::Uuid::encode_buffer();
+            let text = uuid.hyphenated().encode_lower(&mut buf);
+            RequestId(HeaderValue::from_str(text).unwrap_or(HeaderValue::from_static("")))
+        }
     }
 }
 
@@ -251,9 +294,13 @@ mod tests {
 
     #[test]
     fn request_ids_are_kept_only_when_safe() {
-        assert_eq!(request_id(Some("abc-123")), "abc-123");
-        assert_ne!(request_id(Some("bad id\r\n")), "bad id\r\n");
-        assert_eq!(request_id(None).len(), 36);
+        let id = |v: &'static [u8]| HeaderValue::from_bytes(v).expect("value");
+        assert_eq!(request_id(Some(&id(b"abc-123"))).as_str(), "abc-123");
+        assert_ne!(request_id(Some(&id(b"bad id"))).as_str(), "bad id");
+        let fresh = request_id(None);
+        assert_eq!(fresh.as_str().len(), 36);
+        assert!(uuid::Uuid::parse_str(fresh.as_str()).is_ok());
+        assert_ne!(fresh.as_str(), request_id(None).as_str());
     }
 
     #[test]
@@ -272,8 +319,8 @@ mod tests {
             peer: Some("10.1.2.3".parse().expect("ip")),
             peer_trusted: false,
             tls: false,
-            host: Some("gw.example.com"),
-            request_id: "rid",
+            host: Some(HeaderValue::from_static("gw.example.com")),
+            request_id: &request_id(Some(&HeaderValue::from_static("rid"))),
         };
         rewrite(&mut req, &fwd, None, &ih).expect("rewrite");
         assert!(req.headers.get("authorization").is_none());
@@ -284,6 +331,21 @@ mod tests {
             req.headers["forwarded"],
             "for=10.1.2.3;proto=http;host=\"gw.example.com\""
         );
+        assert_eq!(req.headers["x-forwarded-proto"], "http");
+        assert_eq!(req.headers["x-forwarded-host"], "gw.example.com");
+        assert_eq!(req.headers["x-request-id"], "rid");
+        // Added headers go on the wire in their usual case.
+        let mut wire = Vec::new();
+        req.header_to_h1_wire(&mut wire);
+        let wire = String::from_utf8(wire).expect("utf-8");
+        for line in [
+            "X-Forwarded-For: 10.1.2.3\r\n",
+            "X-Forwarded-Proto: http\r\n",
+            "X-Forwarded-Host: gw.example.com\r\n",
+            "X-Request-Id: rid\r\n",
+        ] {
+            assert!(wire.contains(line), "{line:?} missing from {wire:?}");
+        }
     }
 
     #[test]
@@ -296,7 +358,7 @@ mod tests {
             peer_trusted: true,
             tls: false,
             host: None,
-            request_id: "rid",
+            request_id: &request_id(None),
         };
         rewrite(&mut req, &fwd, None, &IdentityHeaders::default()).expect("rewrite");
         assert_eq!(req.headers["x-forwarded-for"], "1.1.1.1, 10.0.0.9");

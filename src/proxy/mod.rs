@@ -39,7 +39,8 @@ use crate::policy::cors::Cors;
 use crate::policy::mcp::{self, RpcCall};
 use crate::policy::ratelimit::{self, Decision, Quota, RateLimiter};
 use crate::policy::sessions::SessionBindings;
-use crate::telemetry::metrics::{status_class, Metrics};
+use crate::telemetry::access;
+use crate::telemetry::metrics::Metrics;
 
 /// Everything the request path reads, built once at startup.
 pub struct GatewayState {
@@ -73,9 +74,48 @@ pub struct CompiledRateRule {
     pub quota: Quota,
     /// For tool budgets: which `tools/call` names count.
     pub tools: Option<globset::GlobSet>,
+    /// `{name}:{per}:`, the start of every limiter key of this rule.
+    key_prefix: String,
+    /// This rule's `allowed` and `limited` decision counters, resolved on first use.
+    decisions: [std::sync::OnceLock<prometheus::IntCounter>; 2],
 }
 
 impl CompiledRateRule {
+    pub fn new(rule: RateRule, quota: Quota, tools: Option<globset::GlobSet>) -> Self {
+        let key_prefix = format!("{}:{}:", rule.name, rule.per.as_str());
+        Self {
+            rule,
+            quota,
+            tools,
+            key_prefix,
+            decisions: [const { std::sync::OnceLock::new() }; 2],
+        }
+    }
+
+    /// The limiter key for one caller of this rule.
+    fn key(&self, who: &str) -> String {
+        let mut key = String::with_capacity(self.key_prefix.len() + who.len());
+        key.push_str(&self.key_prefix);
+        key.push_str(who);
+        key
+    }
+
+    /// Count a decision of this rule.
+    fn count(&self, metrics: &Metrics, allowed: bool) {
+        let (i, outcome) = if allowed {
+            (0, "allowed")
+        } else {
+            (1, "limited")
+        };
+        self.decisions[i]
+            .get_or_init(|| {
+                metrics
+                    .rate_limit
+                    .with_label_values(&[self.rule.name.as_str(), outcome])
+            })
+            .inc();
+    }
+
     fn applies_to(&self, path: &str) -> bool {
         self.rule.paths.is_empty()
             || self.rule.paths.iter().any(|p| {
@@ -152,7 +192,7 @@ impl Route {
 
 /// Per-request state.
 pub struct RequestCtx {
-    pub request_id: String,
+    pub request_id: headers::RequestId,
     pub client_ip: Option<IpAddr>,
     /// The connection's own peer (a trusted proxy, or the client itself).
     pub peer_ip: Option<IpAddr>,
@@ -326,9 +366,7 @@ impl Gateway {
             .await
         {
             Ok(identity) => {
-                metric
-                    .with_label_values(&[identity.kind.as_str(), "accepted", "ok"])
-                    .inc();
+                self.state.metrics.auth_accepted(identity.kind.as_str());
                 ctx.identity = Some(identity);
                 Ok(())
             }
@@ -410,21 +448,28 @@ impl Gateway {
             if !kinds.contains(&rule.per) || !compiled.applies_to(path) {
                 continue;
             }
+            let ip;
             let who = match rule.per {
-                RateKey::Ip => ctx.client_ip.map(|ip| ip.to_string()),
-                RateKey::User => ctx.identity.as_ref().map(|i| i.subject.clone()),
+                RateKey::Ip => match ctx.client_ip {
+                    Some(addr) => {
+                        ip = addr.to_string();
+                        Some(ip.as_str())
+                    }
+                    None => None,
+                },
+                RateKey::User => ctx.identity.as_ref().map(|i| i.subject.as_str()),
                 RateKey::Org => ctx
                     .identity
                     .as_ref()
                     .and_then(|i| i.org.as_ref())
-                    .map(|o| o.id.clone()),
+                    .map(|o| o.id.as_str()),
             };
             let Some(who) = who else { continue };
             let cost = compiled.cost(calls);
             if cost == 0 {
                 continue;
             }
-            let key = format!("{}:{}:{who}", rule.name, rule.per.as_str());
+            let key = compiled.key(who);
             let decision = limiter
                 .check(&key, &compiled.quota, cost)
                 .await
@@ -435,16 +480,7 @@ impl Gateway {
                         retry_after: std::time::Duration::from_secs(1),
                     }
                 })?;
-            let outcome = if decision.allowed {
-                "allowed"
-            } else {
-                "limited"
-            };
-            self.state
-                .metrics
-                .rate_limit
-                .with_label_values(&[rule.name.as_str(), outcome])
-                .inc();
+            compiled.count(&self.state.metrics, decision.allowed);
             if !decision.allowed {
                 let retry_after = decision.retry_after.unwrap_or(decision.reset);
                 return Err(GatewayError::RateLimited {
@@ -611,7 +647,7 @@ impl ProxyHttp for Gateway {
 
     fn new_ctx(&self) -> RequestCtx {
         RequestCtx {
-            request_id: String::new(),
+            request_id: headers::RequestId::default(),
             client_ip: None,
             peer_ip: None,
             started: Instant::now(),
@@ -637,12 +673,8 @@ impl ProxyHttp for Gateway {
         ctx.started = Instant::now();
         self.state.metrics.in_flight.inc();
         ctx.in_flight = true;
-        let incoming = session
-            .req_header()
-            .headers
-            .get(headers::X_REQUEST_ID)
-            .and_then(|v| v.to_str().ok());
-        ctx.request_id = headers::request_id(incoming);
+        ctx.request_id =
+            headers::request_id(session.req_header().headers.get(headers::X_REQUEST_ID));
         ctx.peer_ip = session
             .client_addr()
             .and_then(|a| a.as_inet())
@@ -721,18 +753,22 @@ impl ProxyHttp for Gateway {
     ) -> Result<()> {
         let s = &self.state;
         let server = &s.settings.server;
-        let host = session
-            .req_header()
+        let downstream = session.req_header();
+        let host = downstream
             .headers
             .get(http::header::HOST)
-            .and_then(|h| h.to_str().ok())
-            .or_else(|| session.req_header().uri.authority().map(|a| a.as_str()))
-            .map(str::to_string);
+            .cloned()
+            .or_else(|| {
+                downstream
+                    .uri
+                    .authority()
+                    .and_then(|a| http::HeaderValue::from_str(a.as_str()).ok())
+            });
         let fwd = headers::Forwarding {
             peer: ctx.peer_ip,
             peer_trusted: headers::is_trusted(ctx.peer_ip, &server.trusted_proxies),
             tls: server.tls.is_some(),
-            host: host.as_deref(),
+            host,
             request_id: &ctx.request_id,
         };
         headers::rewrite(
@@ -821,7 +857,8 @@ impl ProxyHttp for Gateway {
             ctx.sse = true;
             metrics.sse_open.inc();
         }
-        upstream_response.insert_header(headers::X_REQUEST_ID, ctx.request_id.as_str())?;
+        upstream_response
+            .insert_header(headers::wire::X_REQUEST_ID, ctx.request_id.header_value())?;
         for (name, value) in &ctx.rate_headers {
             upstream_response.insert_header(*name, value.as_str())?;
         }
@@ -909,32 +946,77 @@ impl ProxyHttp for Gateway {
             metrics.sse_open.dec();
             ctx.sse = false;
         }
-        let method = match req.method.as_str() {
-            m @ ("GET" | "POST" | "DELETE" | "OPTIONS" | "HEAD" | "PUT" | "PATCH") => m,
-            _ => "OTHER",
-        };
-        metrics
-            .requests
-            .with_label_values(&[ctx.route.as_str(), method, status_class(status)])
-            .inc();
-        metrics
-            .request_duration
-            .with_label_values(&[ctx.route.as_str()])
-            .observe(ctx.started.elapsed().as_secs_f64());
-        tracing::info!(
-            target: "keygate::access",
-            request_id = %ctx.request_id,
-            method = %req.method,
-            path = %req.uri.path(),
+        let elapsed = ctx.started.elapsed();
+        metrics.request_done(
+            ctx.route.as_str(),
+            req.method.as_str(),
             status,
-            route = ctx.route.as_str(),
-            duration_ms = ctx.started.elapsed().as_secs_f64() * 1000.0,
-            client_ip = ?ctx.client_ip,
-            user = ctx.identity.as_ref().map(|i| i.subject.as_str()),
-            token_kind = ctx.identity.as_ref().map(|i| i.kind.as_str()),
-            denied = ctx.denied,
-            error = e.map(|e| e.etype().as_str()),
-            "request"
+            elapsed.as_secs_f64(),
         );
+        access::log(&access::Entry {
+            request_id: ctx.request_id.as_str(),
+            method: req.method.as_str(),
+            path: req.uri.path(),
+            status,
+            route: ctx.route.as_str(),
+            duration_us: u64::try_from(elapsed.as_micros()).unwrap_or(u64::MAX),
+            client_ip: ctx.client_ip,
+            user: ctx.identity.as_ref().map(|i| i.subject.as_str()),
+            token_kind: ctx.identity.as_ref().map(|i| i.kind.as_str()),
+            denied: ctx.denied,
+            error: e.map(|e| e.etype().as_str()),
+        });
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn rule(name: &str, per: RateKey) -> CompiledRateRule {
+        let rule = RateRule {
+            name: name.into(),
+            per,
+            requests: 10,
+            period: std::time::Duration::from_secs(60),
+            burst: 10,
+            paths: vec!["/mcp".into()],
+            tools: Vec::new(),
+            cost: 1,
+        };
+        let quota = Quota::new(rule.requests, rule.period, rule.burst).expect("quota");
+        CompiledRateRule::new(rule, quota, None)
+    }
+
+    #[test]
+    fn limiter_keys_name_the_rule_the_kind_and_the_caller() {
+        assert_eq!(
+            rule("per-user", RateKey::User).key("user_1"),
+            "per-user:user:user_1"
+        );
+        assert_eq!(
+            rule("edge", RateKey::Ip).key("10.0.0.1"),
+            "edge:ip:10.0.0.1"
+        );
+        let r = rule("x", RateKey::Org);
+        assert!(r.applies_to("/mcp") && r.applies_to("/mcp/sub"));
+        assert!(!r.applies_to("/mcpx"));
+    }
+
+    #[test]
+    fn decisions_are_counted_per_rule_and_result() {
+        let metrics = Metrics::new();
+        let a = rule("a", RateKey::User);
+        let b = rule("b", RateKey::User);
+        a.count(&metrics, true);
+        a.count(&metrics, true);
+        a.count(&metrics, false);
+        b.count(&metrics, false);
+        let get =
+            |name: &str, result: &str| metrics.rate_limit.with_label_values(&[name, result]).get();
+        assert_eq!(get("a", "allowed"), 2);
+        assert_eq!(get("a", "limited"), 1);
+        assert_eq!(get("b", "allowed"), 0);
+        assert_eq!(get("b", "limited"), 1);
     }
 }

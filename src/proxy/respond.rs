@@ -5,7 +5,7 @@ use bytes::Bytes;
 use pingora::http::ResponseHeader;
 use pingora::proxy::Session;
 
-use super::headers::X_REQUEST_ID;
+use super::headers::wire;
 use super::{GatewayState, RequestCtx};
 use crate::error::{ChallengeParams, GatewayError};
 use crate::policy::cors::Cors;
@@ -46,7 +46,7 @@ async fn write(
         .insert_header("content-length", len.to_string())
         .is_ok()
         && resp
-            .insert_header(X_REQUEST_ID, ctx.request_id.as_str())
+            .insert_header(wire::X_REQUEST_ID, ctx.request_id.header_value())
             .is_ok();
     if body.is_some() {
         ok &= resp

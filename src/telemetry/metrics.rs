@@ -5,6 +5,8 @@
 //! or paths. Each gateway owns its own registry, so several gateways in one process (tests)
 //! do not mix their counts. Served by the admin listener at `/metrics`.
 
+use std::sync::OnceLock;
+
 use prometheus::{
     Encoder, Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge,
     IntGaugeVec, Opts, Registry, TextEncoder,
@@ -15,9 +17,51 @@ const LATENCY_BUCKETS: &[f64] = &[
     0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0,
 ];
 
+/// Route kinds, methods and status classes of `keygate_requests_total`.
+const ROUTES: [&str; 3] = ["local", "proxied", "keys"];
+const METHODS: [&str; 8] = [
+    "GET", "POST", "DELETE", "OPTIONS", "HEAD", "PUT", "PATCH", "OTHER",
+];
+const CLASSES: [&str; 5] = ["1xx", "2xx", "3xx", "4xx", "5xx"];
+/// Token kinds of accepted requests in `keygate_auth_total`.
+const AUTH_KINDS: [&str; 5] = ["session", "oauth_jwt", "oauth_opaque", "m2m", "api_key"];
+
+/// Children of the series every request touches, each resolved on first use and then read
+/// without the label hashing and lock of `with_label_values` (and never created before use,
+/// so `/metrics` lists only series that were primed or seen).
+struct PerRequest {
+    requests: [OnceLock<IntCounter>; ROUTES.len() * METHODS.len() * CLASSES.len()],
+    durations: [OnceLock<Histogram>; ROUTES.len()],
+    accepted: [OnceLock<IntCounter>; AUTH_KINDS.len()],
+}
+
+impl PerRequest {
+    fn new() -> Self {
+        Self {
+            requests: [const { OnceLock::new() }; ROUTES.len() * METHODS.len() * CLASSES.len()],
+            durations: [const { OnceLock::new() }; ROUTES.len()],
+            accepted: [const { OnceLock::new() }; AUTH_KINDS.len()],
+        }
+    }
+}
+
+fn class_index(status: u16) -> usize {
+    match status {
+        100..=199 => 0,
+        200..=299 => 1,
+        300..=399 => 2,
+        400..=499 => 3,
+        _ => 4,
+    }
+}
+
 /// The registry and every metric in it.
 pub struct Metrics {
     registry: Registry,
+    per_request: PerRequest,
+    /// `keygate_key_cache_total{result="hit"}` and `{result="miss"}`.
+    pub key_cache_hit: IntCounter,
+    pub key_cache_miss: IntCounter,
     /// Requests answered, by route kind, method and status class.
     pub requests: IntCounterVec,
     /// Whole-request latency as keygate saw it, by route kind.
@@ -137,6 +181,12 @@ impl Metrics {
         build_info
             .with_label_values(&[env!("CARGO_PKG_VERSION")])
             .set(1);
+        let key_cache = counter(
+            &r,
+            "keygate_key_cache_total",
+            "Decrypted-key cache lookups by result.",
+            &["result"],
+        );
         Self {
             requests: counter(
                 &r,
@@ -184,12 +234,9 @@ impl Metrics {
                 "Key store latency by store and operation.",
                 &["store", "op"],
             ),
-            key_cache: counter(
-                &r,
-                "keygate_key_cache_total",
-                "Decrypted-key cache lookups by result.",
-                &["result"],
-            ),
+            key_cache_hit: key_cache.with_label_values(&["hit"]),
+            key_cache_miss: key_cache.with_label_values(&["miss"]),
+            key_cache,
             decrypt_failures,
             rate_limit: counter(
                 &r,
@@ -212,6 +259,51 @@ impl Metrics {
             ),
             build_info,
             registry: r,
+            per_request: PerRequest::new(),
+        }
+    }
+
+    /// Count a finished request (method as `METHODS` names it, else `OTHER`) and observe how
+    /// long it took.
+    pub fn request_done(&self, route: &str, method: &str, status: u16, seconds: f64) {
+        let class = class_index(status);
+        let method = if METHODS.contains(&method) {
+            method
+        } else {
+            "OTHER"
+        };
+        let r = ROUTES.iter().position(|x| *x == route);
+        let m = METHODS
+            .iter()
+            .position(|x| *x == method)
+            .unwrap_or(METHODS.len() - 1);
+        let Some(r) = r else {
+            self.requests
+                .with_label_values(&[route, method, CLASSES[class]])
+                .inc();
+            self.request_duration
+                .with_label_values(&[route])
+                .observe(seconds);
+            return;
+        };
+        self.per_request.requests[(r * METHODS.len() + m) * CLASSES.len() + class]
+            .get_or_init(|| {
+                self.requests
+                    .with_label_values(&[route, method, CLASSES[class]])
+            })
+            .inc();
+        self.per_request.durations[r]
+            .get_or_init(|| self.request_duration.with_label_values(&[route]))
+            .observe(seconds);
+    }
+
+    /// Count an accepted token of `kind`.
+    pub fn auth_accepted(&self, kind: &str) {
+        match AUTH_KINDS.iter().position(|k| *k == kind) {
+            Some(i) => self.per_request.accepted[i]
+                .get_or_init(|| self.auth.with_label_values(&[kind, "accepted", "ok"]))
+                .inc(),
+            None => self.auth.with_label_values(&[kind, "accepted", "ok"]).inc(),
         }
     }
 
@@ -336,6 +428,51 @@ mod tests {
         for line in text.lines().filter(|l| l.starts_with("# TYPE")) {
             let name = line.split_whitespace().nth(2).unwrap_or("");
             assert!(name.starts_with("keygate_"), "{line}");
+        }
+    }
+
+    #[test]
+    fn per_request_series_count_under_their_labels() {
+        let m = Metrics::new();
+        m.request_done("proxied", "POST", 200, 0.002);
+        m.request_done("proxied", "POST", 204, 0.001);
+        m.request_done("local", "BREW", 418, 0.0);
+        m.request_done("keys", "DELETE", 0, 0.0);
+        m.request_done("elsewhere", "GET", 302, 0.0);
+        let count = |labels: &[&str]| m.requests.with_label_values(labels).get();
+        assert_eq!(count(&["proxied", "POST", "2xx"]), 2);
+        assert_eq!(count(&["local", "OTHER", "4xx"]), 1);
+        assert_eq!(count(&["keys", "DELETE", "5xx"]), 1);
+        assert_eq!(count(&["elsewhere", "GET", "3xx"]), 1);
+        let proxied = m.request_duration.with_label_values(&["proxied"]);
+        assert_eq!(proxied.get_sample_count(), 2);
+        assert!((proxied.get_sample_sum() - 0.003).abs() < 1e-9);
+
+        m.auth_accepted("oauth_jwt");
+        m.auth_accepted("oauth_jwt");
+        m.auth_accepted("api_key");
+        let accepted = |kind: &str| m.auth.with_label_values(&[kind, "accepted", "ok"]).get();
+        assert_eq!(accepted("oauth_jwt"), 2);
+        assert_eq!(accepted("api_key"), 1);
+        assert_eq!(accepted("session"), 0);
+
+        m.key_cache_hit.inc();
+        assert_eq!(m.key_cache.with_label_values(&["hit"]).get(), 1);
+        assert_eq!(m.key_cache.with_label_values(&["miss"]).get(), 0);
+    }
+
+    #[test]
+    fn status_classes_cover_every_code() {
+        for (status, class) in [
+            (101, "1xx"),
+            (200, "2xx"),
+            (399, "3xx"),
+            (404, "4xx"),
+            (0, "5xx"),
+            (503, "5xx"),
+        ] {
+            assert_eq!(status_class(status), class);
+            assert_eq!(CLASSES[class_index(status)], class);
         }
     }
 }
