@@ -198,37 +198,50 @@ fn write_text_value(out: &mut Vec<u8>, value: &str) {
     }
 }
 
+/// One field's value, as the two layouts write it.
+enum Value<'a> {
+    Str(&'a str),
+    Uint(u64),
+    Millis(u64),
+    Ip(IpAddr),
+}
+
+impl Entry<'_> {
+    /// The fields in log order, those that do not apply left out.
+    fn fields(&self) -> impl Iterator<Item = (&'static str, Value<'_>)> {
+        [
+            ("request_id", Some(Value::Str(self.request_id))),
+            ("method", Some(Value::Str(self.method))),
+            ("path", Some(Value::Str(self.path))),
+            ("status", Some(Value::Uint(u64::from(self.status)))),
+            ("route", Some(Value::Str(self.route))),
+            ("duration_ms", Some(Value::Millis(self.duration_us))),
+            ("client_ip", self.client_ip.map(Value::Ip)),
+            ("user", self.user.map(Value::Str)),
+            ("token_kind", self.token_kind.map(Value::Str)),
+            ("denied", self.denied.map(Value::Str)),
+            ("error", self.error.map(Value::Str)),
+        ]
+        .into_iter()
+        .filter_map(|(name, value)| value.map(|v| (name, v)))
+    }
+}
+
+/// `name=value` pairs after the message, as tracing-subscriber's full format writes them.
 fn write_text(out: &mut Vec<u8>, secs: u64, micros: u32, e: &Entry<'_>) {
     write_timestamp(out, secs, micros);
     out.extend_from_slice(b"  INFO ");
     out.extend_from_slice(TARGET.as_bytes());
-    out.extend_from_slice(b": request request_id=");
-    write_text_value(out, e.request_id);
-    out.extend_from_slice(b" method=");
-    write_text_value(out, e.method);
-    out.extend_from_slice(b" path=");
-    write_text_value(out, e.path);
-    out.extend_from_slice(b" status=");
-    write_uint(out, e.status);
-    out.extend_from_slice(b" route=");
-    write_text_value(out, e.route);
-    out.extend_from_slice(b" duration_ms=");
-    write_millis(out, e.duration_us);
-    if let Some(ip) = e.client_ip {
-        out.extend_from_slice(b" client_ip=");
-        write_ip(out, ip);
-    }
-    for (name, value) in [
-        ("user", e.user),
-        ("token_kind", e.token_kind),
-        ("denied", e.denied),
-        ("error", e.error),
-    ] {
-        if let Some(value) = value {
-            out.push(b' ');
-            out.extend_from_slice(name.as_bytes());
-            out.push(b'=');
-            write_text_value(out, value);
+    out.extend_from_slice(b": request");
+    for (name, value) in e.fields() {
+        out.push(b' ');
+        out.extend_from_slice(name.as_bytes());
+        out.push(b'=');
+        match value {
+            Value::Str(v) => write_text_value(out, v),
+            Value::Uint(n) => write_uint(out, n),
+            Value::Millis(us) => write_millis(out, us),
+            Value::Ip(ip) => write_ip(out, ip),
         }
     }
     out.push(b'\n');
@@ -239,39 +252,24 @@ fn write_json_str(out: &mut Vec<u8>, value: &str) {
     let _ = serde_json::to_writer(&mut *out, value);
 }
 
+/// One object per line, fields under `fields`, as tracing-subscriber's JSON format writes it.
 fn write_json(out: &mut Vec<u8>, secs: u64, micros: u32, e: &Entry<'_>) {
     out.extend_from_slice(b"{\"timestamp\":\"");
     write_timestamp(out, secs, micros);
-    out.extend_from_slice(
-        b"\",\"level\":\"INFO\",\"fields\":{\"message\":\"request\",\"request_id\":",
-    );
-    write_json_str(out, e.request_id);
-    out.extend_from_slice(b",\"method\":");
-    write_json_str(out, e.method);
-    out.extend_from_slice(b",\"path\":");
-    write_json_str(out, e.path);
-    out.extend_from_slice(b",\"status\":");
-    write_uint(out, e.status);
-    out.extend_from_slice(b",\"route\":");
-    write_json_str(out, e.route);
-    out.extend_from_slice(b",\"duration_ms\":");
-    write_millis(out, e.duration_us);
-    if let Some(ip) = e.client_ip {
-        out.extend_from_slice(b",\"client_ip\":\"");
-        write_ip(out, ip);
-        out.push(b'"');
-    }
-    for (name, value) in [
-        ("user", e.user),
-        ("token_kind", e.token_kind),
-        ("denied", e.denied),
-        ("error", e.error),
-    ] {
-        if let Some(value) = value {
-            out.extend_from_slice(b",\"");
-            out.extend_from_slice(name.as_bytes());
-            out.extend_from_slice(b"\":");
-            write_json_str(out, value);
+    out.extend_from_slice(b"\",\"level\":\"INFO\",\"fields\":{\"message\":\"request\"");
+    for (name, value) in e.fields() {
+        out.extend_from_slice(b",\"");
+        out.extend_from_slice(name.as_bytes());
+        out.extend_from_slice(b"\":");
+        match value {
+            Value::Str(v) => write_json_str(out, v),
+            Value::Uint(n) => write_uint(out, n),
+            Value::Millis(us) => write_millis(out, us),
+            Value::Ip(ip) => {
+                out.push(b'"');
+                write_ip(out, ip);
+                out.push(b'"');
+            }
         }
     }
     out.extend_from_slice(b"},\"target\":\"");
