@@ -82,12 +82,7 @@ pub fn apply(
         return Ok(());
     }
     let query = req.uri.query().unwrap_or("");
-    let strip = |pair: &str| {
-        let name = param_name(pair.split('=').next().unwrap_or(""));
-        params.clone().any(|p| is_param(&name, p))
-    };
-    let stripped = query.split('&').any(|p| !p.is_empty() && strip(p));
-    if !stripped && !query_values {
+    if query.is_empty() && !query_values {
         return Ok(());
     }
     // One buffer for the new target: the path, the client's other parameters as they were
@@ -96,10 +91,20 @@ pub fn apply(
     let mut target = String::with_capacity(path.len() + query.len() + 160);
     target.push_str(path);
     let mut separator = '?';
-    for pair in query.split('&').filter(|p| !p.is_empty() && !strip(p)) {
+    let mut stripped = false;
+    for pair in query.split('&').filter(|p| !p.is_empty()) {
+        let name = param_name(pair.split('=').next().unwrap_or(""));
+        if params.clone().any(|p| is_param(&name, p)) {
+            stripped = true;
+            continue;
+        }
         target.push(separator);
         target.push_str(pair);
         separator = '&';
+    }
+    if !stripped && !query_values {
+        // Nothing removed, nothing to add: the target stays exactly as the client sent it.
+        return Ok(());
     }
     for (target_kind, value) in values.iter().flatten() {
         let (Some(InjectTarget::Query(name)), Some(value)) = (target_kind, value) else {
