@@ -95,13 +95,24 @@ pub struct Forwarding<'a> {
     pub request_id: &'a RequestId,
 }
 
-/// A forwarding header's value from a trusted peer, or none.
-fn trusted_value(req: &RequestHeader, fwd: &Forwarding<'_>, name: &HeaderName) -> Option<String> {
+/// A forwarding header's value from a trusted peer (visible ASCII only), or none.
+fn trusted_value(
+    req: &RequestHeader,
+    fwd: &Forwarding<'_>,
+    name: &HeaderName,
+) -> Option<HeaderValue> {
     if !fwd.peer_trusted {
         return None;
     }
-    let value = req.headers.get(name)?.to_str().ok()?;
-    Some(value.to_string())
+    req.headers
+        .get(name)
+        .filter(|v| v.to_str().is_ok())
+        .cloned()
+}
+
+/// A trusted peer's chain, to extend.
+fn trusted_chain(req: &RequestHeader, fwd: &Forwarding<'_>, name: &HeaderName) -> Option<String> {
+    trusted_value(req, fwd, name).and_then(|v| v.to_str().ok().map(str::to_string))
 }
 
 /// Append `, ` and `element` to a chain, or start one.
@@ -128,15 +139,12 @@ pub fn rewrite(
     }
 
     // Forwarding: a trusted proxy's chain is extended; anyone else's is replaced.
-    let prior_xff = trusted_value(req, fwd, &X_FORWARDED_FOR);
-    let prior_forwarded = trusted_value(req, fwd, &FORWARDED);
-    let proto = match trusted_value(req, fwd, &X_FORWARDED_PROTO) {
-        Some(p) => HeaderValue::try_from(p).unwrap_or(HeaderValue::from_static("http")),
-        None => HeaderValue::from_static(if fwd.tls { "https" } else { "http" }),
-    };
-    let host: Option<HeaderValue> = trusted_value(req, fwd, &X_FORWARDED_HOST)
-        .and_then(|h| HeaderValue::try_from(h).ok())
-        .or_else(|| fwd.host.clone());
+    let prior_xff = trusted_chain(req, fwd, &X_FORWARDED_FOR);
+    let prior_forwarded = trusted_chain(req, fwd, &FORWARDED);
+    let proto = trusted_value(req, fwd, &X_FORWARDED_PROTO).unwrap_or(HeaderValue::from_static(
+        if fwd.tls { "https" } else { "http" },
+    ));
+    let host = trusted_value(req, fwd, &X_FORWARDED_HOST).or_else(|| fwd.host.clone());
     for name in [
         &X_FORWARDED_FOR,
         &X_FORWARDED_PROTO,
@@ -353,6 +361,8 @@ mod tests {
         let mut req = RequestHeader::build("GET", b"/mcp", None).expect("req");
         req.insert_header("x-forwarded-for", "1.1.1.1").expect("h");
         req.insert_header("x-forwarded-proto", "https").expect("h");
+        req.insert_header("x-forwarded-host", "app.example.com")
+            .expect("h");
         let fwd = Forwarding {
             peer: Some("10.0.0.9".parse().expect("ip")),
             peer_trusted: true,
@@ -363,5 +373,6 @@ mod tests {
         rewrite(&mut req, &fwd, None, &IdentityHeaders::default()).expect("rewrite");
         assert_eq!(req.headers["x-forwarded-for"], "1.1.1.1, 10.0.0.9");
         assert_eq!(req.headers["x-forwarded-proto"], "https");
+        assert_eq!(req.headers["x-forwarded-host"], "app.example.com");
     }
 }
