@@ -232,6 +232,8 @@ pub struct UpstreamSettings {
     pub host: String,
     /// `host[:port]` as it goes in the `Host` header.
     pub authority: String,
+    /// `authority` as a header value, built once.
+    pub host_header: http::HeaderValue,
     /// Resolved once at startup; nothing resolves names on the request path.
     pub addr: SocketAddr,
     /// Path prefix of the upstream URL, without a trailing slash ("" for the root).
@@ -659,10 +661,18 @@ fn validate(f: FileConfig, base: &Path, problems: &mut Problems) -> Option<Setti
                 );
             }
             let base_path = url.path().trim_end_matches('/').to_string();
+            let Ok(host_header) = http::HeaderValue::from_str(&authority) else {
+                problems.push(
+                    "upstream.url (KEYGATE_UPSTREAM)",
+                    "host is not valid in a Host header",
+                );
+                return None;
+            };
             Some(UpstreamSettings {
                 tls,
                 host,
                 authority,
+                host_header,
                 addr,
                 base_path,
                 url,

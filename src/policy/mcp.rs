@@ -62,14 +62,15 @@ const RESOURCES_READ: &str = "resources/read";
 const BASE64_PREFIX: &str = "=?base64?";
 const BASE64_SUFFIX: &str = "?=";
 
-/// One JSON-RPC request or notification in a POST body.
+/// One JSON-RPC request or notification in a POST body. Its strings borrow from the body
+/// unless JSON escapes made a copy necessary.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct RpcCall {
+pub struct RpcCall<'a> {
     /// The JSON-RPC `method`, never empty.
-    pub method: String,
+    pub method: Cow<'a, str>,
     /// `params.name` for `tools/call` and `prompts/get`, `params.uri` for `resources/read`
     /// (required for those three); for other methods `params.name`, else `params.uri`, if set.
-    pub name: Option<String>,
+    pub name: Option<Cow<'a, str>>,
 }
 
 /// Why an MCP POST body or its headers were refused; `Display` is safe to show clients.
@@ -128,7 +129,7 @@ impl McpError {
 
 /// Parse a POST body: a single message or a batch array. Responses (objects with result/error
 /// and no method) are allowed in a POST body and yield no call.
-pub fn parse_body(body: &[u8]) -> Result<Vec<RpcCall>, McpError> {
+pub fn parse_body(body: &[u8]) -> Result<Vec<RpcCall<'_>>, McpError> {
     let mut de = serde_json::Deserializer::from_slice(body);
     let node = NodeSeed { top: true }
         .deserialize(&mut de)
@@ -157,7 +158,7 @@ pub fn parse_body(body: &[u8]) -> Result<Vec<RpcCall>, McpError> {
 /// With a batch every call must match them (see the module doc); with neither header, nothing
 /// is checked (clients before 2026-07-28 send none).
 pub fn check_headers(
-    calls: &[RpcCall],
+    calls: &[RpcCall<'_>],
     mcp_method: Option<&str>,
     mcp_name: Option<&str>,
 ) -> Result<(), McpError> {
@@ -221,19 +222,19 @@ fn decode_name_header(value: &str) -> Result<Cow<'_, str>, McpError> {
 // Body walking: only the members we need, with repeated or case-variant members flagged.
 
 /// A JSON value reduced to what the checks need.
-enum Atom {
-    Str(String),
+enum Atom<'de> {
+    Str(Cow<'de, str>),
     Num,
     Null,
     Other,
 }
 
-impl Atom {
+impl<'de> Atom<'de> {
     fn is_valid_id(&self) -> bool {
         matches!(self, Atom::Str(_) | Atom::Num | Atom::Null)
     }
 
-    fn non_empty_str(self) -> Option<String> {
+    fn non_empty_str(self) -> Option<Cow<'de, str>> {
         match self {
             Atom::Str(s) if !s.is_empty() => Some(s),
             _ => None,
@@ -241,7 +242,7 @@ impl Atom {
     }
 }
 
-impl<'de> de::Deserialize<'de> for Atom {
+impl<'de> de::Deserialize<'de> for Atom<'de> {
     fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
         d.deserialize_any(AtomVisitor)
     }
@@ -250,36 +251,39 @@ impl<'de> de::Deserialize<'de> for Atom {
 struct AtomVisitor;
 
 impl<'de> Visitor<'de> for AtomVisitor {
-    type Value = Atom;
+    type Value = Atom<'de>;
     fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
         f.write_str("any JSON value")
     }
-    fn visit_str<E>(self, v: &str) -> Result<Atom, E> {
-        Ok(Atom::Str(v.to_owned()))
+    fn visit_borrowed_str<E>(self, v: &'de str) -> Result<Atom<'de>, E> {
+        Ok(Atom::Str(Cow::Borrowed(v)))
     }
-    fn visit_string<E>(self, v: String) -> Result<Atom, E> {
-        Ok(Atom::Str(v))
+    fn visit_str<E>(self, v: &str) -> Result<Atom<'de>, E> {
+        Ok(Atom::Str(Cow::Owned(v.to_owned())))
     }
-    fn visit_i64<E>(self, _: i64) -> Result<Atom, E> {
+    fn visit_string<E>(self, v: String) -> Result<Atom<'de>, E> {
+        Ok(Atom::Str(Cow::Owned(v)))
+    }
+    fn visit_i64<E>(self, _: i64) -> Result<Atom<'de>, E> {
         Ok(Atom::Num)
     }
-    fn visit_u64<E>(self, _: u64) -> Result<Atom, E> {
+    fn visit_u64<E>(self, _: u64) -> Result<Atom<'de>, E> {
         Ok(Atom::Num)
     }
-    fn visit_f64<E>(self, _: f64) -> Result<Atom, E> {
+    fn visit_f64<E>(self, _: f64) -> Result<Atom<'de>, E> {
         Ok(Atom::Num)
     }
-    fn visit_bool<E>(self, _: bool) -> Result<Atom, E> {
+    fn visit_bool<E>(self, _: bool) -> Result<Atom<'de>, E> {
         Ok(Atom::Other)
     }
-    fn visit_unit<E>(self) -> Result<Atom, E> {
+    fn visit_unit<E>(self) -> Result<Atom<'de>, E> {
         Ok(Atom::Null)
     }
-    fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<Atom, A::Error> {
+    fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<Atom<'de>, A::Error> {
         while map.next_entry::<IgnoredAny, IgnoredAny>()?.is_some() {}
         Ok(Atom::Other)
     }
-    fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<Atom, A::Error> {
+    fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<Atom<'de>, A::Error> {
         while seq.next_element::<IgnoredAny>()?.is_some() {}
         Ok(Atom::Other)
     }
@@ -321,21 +325,21 @@ const MESSAGE_KEYS: &[&str] = &["jsonrpc", "method", "id", "params", "result", "
 const PARAMS_KEYS: &[&str] = &["name", "uri"];
 
 /// `params` reduced to its shape and the two members that name a call.
-enum Params {
+enum Params<'de> {
     Object {
-        name: Option<Atom>,
-        uri: Option<Atom>,
+        name: Option<Atom<'de>>,
+        uri: Option<Atom<'de>>,
     },
     Array,
     Invalid,
 }
 
 #[derive(Default)]
-struct RawMessage {
-    jsonrpc: Option<Atom>,
-    method: Option<Atom>,
-    id: Option<Atom>,
-    params: Option<Params>,
+struct RawMessage<'de> {
+    jsonrpc: Option<Atom<'de>>,
+    method: Option<Atom<'de>>,
+    id: Option<Atom<'de>>,
+    params: Option<Params<'de>>,
     has_result: bool,
     has_error: bool,
     ambiguous: bool,
@@ -350,7 +354,7 @@ fn set_once<T>(slot: &mut Option<T>, value: T, ambiguous: &mut bool) {
     }
 }
 
-fn read_message<'de, A: MapAccess<'de>>(mut map: A) -> Result<RawMessage, A::Error> {
+fn read_message<'de, A: MapAccess<'de>>(mut map: A) -> Result<RawMessage<'de>, A::Error> {
     let mut m = RawMessage::default();
     while let Some(key) = map.next_key_seed(KeySeed(MESSAGE_KEYS))? {
         match key {
@@ -388,14 +392,14 @@ fn read_message<'de, A: MapAccess<'de>>(mut map: A) -> Result<RawMessage, A::Err
 struct ParamsSeed;
 
 impl<'de> DeserializeSeed<'de> for ParamsSeed {
-    type Value = (Params, bool);
+    type Value = (Params<'de>, bool);
     fn deserialize<D: Deserializer<'de>>(self, d: D) -> Result<Self::Value, D::Error> {
         d.deserialize_any(self)
     }
 }
 
 impl<'de> Visitor<'de> for ParamsSeed {
-    type Value = (Params, bool);
+    type Value = (Params<'de>, bool);
     fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
         f.write_str("params")
     }
@@ -440,9 +444,9 @@ impl<'de> Visitor<'de> for ParamsSeed {
     }
 }
 
-impl RawMessage {
+impl<'de> RawMessage<'de> {
     /// Validate the message; a request or notification becomes a call, a response nothing.
-    fn into_call(self) -> Result<Option<RpcCall>, McpError> {
+    fn into_call(self) -> Result<Option<RpcCall<'de>>, McpError> {
         if self.ambiguous {
             return Err(McpError::AmbiguousMember);
         }
@@ -469,7 +473,7 @@ impl RawMessage {
             Some(Params::Invalid) => return Err(McpError::BadParams),
         };
         let missing = |method, field| McpError::MissingName { method, field };
-        let name = match method.as_str() {
+        let name = match method.as_ref() {
             TOOLS_CALL => Some(
                 name.and_then(Atom::non_empty_str)
                     .ok_or(missing(TOOLS_CALL, "name"))?,
@@ -491,9 +495,9 @@ impl RawMessage {
 }
 
 /// A top-level body or one batch element.
-enum Node {
-    Message(RawMessage),
-    Batch(Vec<Node>),
+enum Node<'de> {
+    Message(RawMessage<'de>),
+    Batch(Vec<Node<'de>>),
     NotObject,
 }
 
@@ -503,21 +507,21 @@ struct NodeSeed {
 }
 
 impl<'de> DeserializeSeed<'de> for NodeSeed {
-    type Value = Node;
-    fn deserialize<D: Deserializer<'de>>(self, d: D) -> Result<Node, D::Error> {
+    type Value = Node<'de>;
+    fn deserialize<D: Deserializer<'de>>(self, d: D) -> Result<Node<'de>, D::Error> {
         d.deserialize_any(self)
     }
 }
 
 impl<'de> Visitor<'de> for NodeSeed {
-    type Value = Node;
+    type Value = Node<'de>;
     fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
         f.write_str("a JSON-RPC message or batch")
     }
-    fn visit_map<A: MapAccess<'de>>(self, map: A) -> Result<Node, A::Error> {
+    fn visit_map<A: MapAccess<'de>>(self, map: A) -> Result<Node<'de>, A::Error> {
         read_message(map).map(Node::Message)
     }
-    fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<Node, A::Error> {
+    fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<Node<'de>, A::Error> {
         if !self.top {
             while seq.next_element::<IgnoredAny>()?.is_some() {}
             return Ok(Node::NotObject);
@@ -528,22 +532,22 @@ impl<'de> Visitor<'de> for NodeSeed {
         }
         Ok(Node::Batch(items))
     }
-    fn visit_str<E>(self, _: &str) -> Result<Node, E> {
+    fn visit_str<E>(self, _: &str) -> Result<Node<'de>, E> {
         Ok(Node::NotObject)
     }
-    fn visit_i64<E>(self, _: i64) -> Result<Node, E> {
+    fn visit_i64<E>(self, _: i64) -> Result<Node<'de>, E> {
         Ok(Node::NotObject)
     }
-    fn visit_u64<E>(self, _: u64) -> Result<Node, E> {
+    fn visit_u64<E>(self, _: u64) -> Result<Node<'de>, E> {
         Ok(Node::NotObject)
     }
-    fn visit_f64<E>(self, _: f64) -> Result<Node, E> {
+    fn visit_f64<E>(self, _: f64) -> Result<Node<'de>, E> {
         Ok(Node::NotObject)
     }
-    fn visit_bool<E>(self, _: bool) -> Result<Node, E> {
+    fn visit_bool<E>(self, _: bool) -> Result<Node<'de>, E> {
         Ok(Node::NotObject)
     }
-    fn visit_unit<E>(self) -> Result<Node, E> {
+    fn visit_unit<E>(self) -> Result<Node<'de>, E> {
         Ok(Node::NotObject)
     }
 }
@@ -607,7 +611,7 @@ struct Rule {
 }
 
 impl Rule {
-    fn matches(&self, call: &RpcCall) -> bool {
+    fn matches(&self, call: &RpcCall<'_>) -> bool {
         self.method.matches(&call.method)
             && match (&self.name, &call.name) {
                 (None, _) => true,
@@ -661,7 +665,7 @@ impl ScopeRules {
 
     /// The scopes a call needs: the first rule whose method (and name, if the rule has one)
     /// matches; no rule -> none needed.
-    pub fn required(&self, call: &RpcCall) -> &[String] {
+    pub fn required(&self, call: &RpcCall<'_>) -> &[String] {
         self.rules
             .iter()
             .find(|r| r.matches(call))
@@ -671,7 +675,7 @@ impl ScopeRules {
 
     /// Check every call against `granted`; on denial, return all the scopes the request needs
     /// (union over the calls, sorted, deduplicated) for the `WWW-Authenticate` `scope`.
-    pub fn authorize(&self, calls: &[RpcCall], granted: &[String]) -> Result<(), Vec<String>> {
+    pub fn authorize(&self, calls: &[RpcCall<'_>], granted: &[String]) -> Result<(), Vec<String>> {
         let allowed = calls
             .iter()
             .all(|c| self.required(c).iter().all(|s| granted.contains(s)));
@@ -785,14 +789,14 @@ mod tests {
     use super::*;
     use crate::auth::{OrgContext, TokenKind};
 
-    fn call(method: &str, name: Option<&str>) -> RpcCall {
+    fn call<'a>(method: &'a str, name: Option<&'a str>) -> RpcCall<'a> {
         RpcCall {
             method: method.into(),
             name: name.map(Into::into),
         }
     }
 
-    fn parse(body: &str) -> Result<Vec<RpcCall>, McpError> {
+    fn parse(body: &str) -> Result<Vec<RpcCall<'_>>, McpError> {
         parse_body(body.as_bytes())
     }
 

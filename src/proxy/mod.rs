@@ -21,7 +21,8 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use async_trait::async_trait;
-use bytes::Bytes;
+use bytes::{Bytes, BytesMut};
+use http::HeaderName;
 use pingora::http::{RequestHeader, ResponseHeader};
 use pingora::prelude::*;
 use pingora::proxy::FailToProxy;
@@ -41,6 +42,11 @@ use crate::policy::ratelimit::{self, Decision, Quota, RateLimiter};
 use crate::policy::sessions::SessionBindings;
 use crate::telemetry::access;
 use crate::telemetry::metrics::Metrics;
+
+const MCP_PROTOCOL_VERSION: HeaderName = HeaderName::from_static("mcp-protocol-version");
+const MCP_SESSION_ID: HeaderName = HeaderName::from_static("mcp-session-id");
+const MCP_METHOD: HeaderName = HeaderName::from_static("mcp-method");
+const MCP_NAME: HeaderName = HeaderName::from_static("mcp-name");
 
 /// Everything the request path reads, built once at startup.
 pub struct GatewayState {
@@ -128,7 +134,7 @@ impl CompiledRateRule {
 
     /// Units this request spends: the rule's cost, times the matching tool calls for a tool
     /// budget (zero when none match).
-    fn cost(&self, calls: Option<&[RpcCall]>) -> u32 {
+    fn cost(&self, calls: Option<&[RpcCall<'_>]>) -> u32 {
         match &self.tools {
             None => self.rule.cost,
             Some(set) => {
@@ -387,7 +393,7 @@ impl Gateway {
     fn transport_checks(&self, session: &Session) -> Result<(), GatewayError> {
         let policy = &self.state.settings.policy;
         let headers = &session.req_header().headers;
-        if let Some(v) = headers.get("mcp-protocol-version") {
+        if let Some(v) = headers.get(&MCP_PROTOCOL_VERSION) {
             let ok = policy.protocol_versions.is_empty()
                 || v.to_str()
                     .is_ok_and(|v| policy.protocol_versions.iter().any(|p| p == v.trim()));
@@ -408,13 +414,13 @@ impl Gateway {
         Ok(())
     }
 
-    /// Read and check the JSON-RPC body of an MCP POST (bounded; Pingora's retry buffer then
-    /// sends the same bytes upstream). `None` for requests that are not MCP POSTs.
-    async fn inspect_mcp(
+    /// Read the JSON-RPC body of an MCP POST (bounded; Pingora's retry buffer then sends the
+    /// same bytes upstream). `None` for requests that are not MCP POSTs.
+    async fn read_mcp_body(
         &self,
         session: &mut Session,
         path: &str,
-    ) -> Result<Option<Vec<RpcCall>>, GatewayError> {
+    ) -> Result<Option<Bytes>, GatewayError> {
         let policy = &self.state.settings.policy;
         if session.req_header().method != http::Method::POST
             || !policy.mcp_paths.iter().any(|p| p == path)
@@ -422,13 +428,21 @@ impl Gateway {
             return Ok(None);
         }
         session.as_downstream_mut().enable_retry_buffering();
-        let body = read_body(session, policy.inspect_max_bytes).await?;
-        let calls = mcp::parse_body(&body).map_err(|e| GatewayError::Invalid(e.to_string()))?;
+        read_body(session, policy.inspect_max_bytes).await.map(Some)
+    }
+
+    /// The calls in an MCP POST body, checked against its `Mcp-Method` / `Mcp-Name` headers.
+    fn inspect_mcp<'b>(
+        &self,
+        session: &Session,
+        body: &'b [u8],
+    ) -> Result<Vec<RpcCall<'b>>, GatewayError> {
+        let calls = mcp::parse_body(body).map_err(|e| GatewayError::Invalid(e.to_string()))?;
         let headers = &session.req_header().headers;
-        let header = |name: &str| headers.get(name).and_then(|v| v.to_str().ok());
-        mcp::check_headers(&calls, header("mcp-method"), header("mcp-name"))
+        let header = |name: &HeaderName| headers.get(name).and_then(|v| v.to_str().ok());
+        mcp::check_headers(&calls, header(&MCP_METHOD), header(&MCP_NAME))
             .map_err(|e| GatewayError::Invalid(e.to_string()))?;
-        Ok(Some(calls))
+        Ok(calls)
     }
 
     /// Spend the request's cost from every applicable budget keyed by one of `kinds`.
@@ -436,7 +450,7 @@ impl Gateway {
         &self,
         ctx: &mut RequestCtx,
         path: &str,
-        calls: Option<&[RpcCall]>,
+        calls: Option<&[RpcCall<'_>]>,
         kinds: &[RateKey],
     ) -> Result<(), GatewayError> {
         let Some(limiter) = &self.state.limiter else {
@@ -503,7 +517,11 @@ impl Gateway {
     }
 
     /// Org rules and per-method scopes, for authenticated callers.
-    fn authorize(&self, ctx: &RequestCtx, calls: Option<&[RpcCall]>) -> Result<(), GatewayError> {
+    fn authorize(
+        &self,
+        ctx: &RequestCtx,
+        calls: Option<&[RpcCall<'_>]>,
+    ) -> Result<(), GatewayError> {
         let Some(identity) = ctx.identity.as_deref() else {
             return Ok(());
         };
@@ -529,7 +547,7 @@ impl Gateway {
         let Some(sid) = session
             .req_header()
             .headers
-            .get("mcp-session-id")
+            .get(&MCP_SESSION_ID)
             .and_then(|v| v.to_str().ok())
         else {
             return Ok(());
@@ -624,18 +642,30 @@ impl Gateway {
     }
 }
 
-/// Read a request body of at most `max` bytes (413 beyond).
-async fn read_body(session: &mut Session, max: usize) -> Result<Vec<u8>, GatewayError> {
-    let mut body = Vec::new();
+/// Read a request body of at most `max` bytes (413 beyond). A body that arrives in one piece
+/// (the usual JSON-RPC message) is kept as it was read, without a copy.
+async fn read_body(session: &mut Session, max: usize) -> Result<Bytes, GatewayError> {
+    let mut first = Bytes::new();
+    let mut joined: Option<BytesMut> = None;
     loop {
         match session.read_request_body().await {
             Ok(Some(chunk)) => {
-                if body.len() + chunk.len() > max {
+                let len = joined.as_ref().map_or(first.len(), BytesMut::len);
+                if len + chunk.len() > max {
                     return Err(GatewayError::PayloadTooLarge);
                 }
-                body.extend_from_slice(&chunk);
+                match joined.as_mut() {
+                    Some(buf) => buf.extend_from_slice(&chunk),
+                    None if first.is_empty() => first = chunk,
+                    None => {
+                        let mut buf = BytesMut::with_capacity(len + chunk.len());
+                        buf.extend_from_slice(&first);
+                        buf.extend_from_slice(&chunk);
+                        joined = Some(buf);
+                    }
+                }
             }
-            Ok(None) => return Ok(body),
+            Ok(None) => return Ok(joined.map_or(first, BytesMut::freeze)),
             Err(_) => return Err(GatewayError::BadRequest("Could not read the request body")),
         }
     }
@@ -688,25 +718,31 @@ impl ProxyHttp for Gateway {
     }
 
     async fn request_filter(&self, session: &mut Session, ctx: &mut RequestCtx) -> Result<bool> {
-        let path = session.req_header().uri.path().to_string();
+        // A clone of the URI shares its buffer: the path is borrowed without a copy.
+        let uri = session.req_header().uri.clone();
+        let path = uri.path();
         let outcome = async {
-            if !headers::path_is_normalized(&path) {
+            if !headers::path_is_normalized(path) {
                 return Err(GatewayError::BadRequest(
                     "Request path must not contain dot segments or encoded separators",
                 ));
             }
             // Per-IP budgets guard every route, discovery and failed authentication included.
-            self.rate_limit(ctx, &path, None, &[RateKey::Ip]).await?;
-            if self.local_route(session, ctx, &path).await? {
+            self.rate_limit(ctx, path, None, &[RateKey::Ip]).await?;
+            if self.local_route(session, ctx, path).await? {
                 return Ok(true);
             }
             if self.cors(session, ctx).await? {
                 return Ok(true);
             }
             self.transport_checks(session)?;
-            self.authenticate(session, ctx, &path).await?;
-            let calls = self.inspect_mcp(session, &path).await?;
-            self.rate_limit(ctx, &path, calls.as_deref(), &[RateKey::User, RateKey::Org])
+            self.authenticate(session, ctx, path).await?;
+            let body = self.read_mcp_body(session, path).await?;
+            let calls = body
+                .as_deref()
+                .map(|b| self.inspect_mcp(session, b))
+                .transpose()?;
+            self.rate_limit(ctx, path, calls.as_deref(), &[RateKey::User, RateKey::Org])
                 .await?;
             self.authorize(ctx, calls.as_deref())?;
             self.check_session(session, ctx).await?;
@@ -779,7 +815,7 @@ impl ProxyHttp for Gateway {
         )?;
         let up = &s.settings.upstream;
         if !up.preserve_host {
-            upstream_request.insert_header(http::header::HOST, up.authority.as_str())?;
+            upstream_request.insert_header(http::header::HOST, up.host_header.clone())?;
         }
         // Origin-form only: an absolute-form target never names another host upstream.
         if !up.base_path.is_empty() || upstream_request.uri.authority().is_some() {
@@ -834,7 +870,7 @@ impl ProxyHttp for Gateway {
         if let (Some(bindings), Some(identity)) = (&self.state.sessions, ctx.identity.as_deref()) {
             if let Some(sid) = upstream_response
                 .headers
-                .get("mcp-session-id")
+                .get(&MCP_SESSION_ID)
                 .and_then(|v| v.to_str().ok())
             {
                 if let Err(e) = bindings.bind(sid, &session_owner(identity)).await {
