@@ -111,19 +111,61 @@ fn trusted_value(
 }
 
 /// A trusted peer's chain, to extend.
-fn trusted_chain(req: &RequestHeader, fwd: &Forwarding<'_>, name: &HeaderName) -> Option<String> {
-    trusted_value(req, fwd, name).and_then(|v| v.to_str().ok().map(str::to_string))
+fn trusted_chain<'r>(
+    req: &'r RequestHeader,
+    fwd: &Forwarding<'_>,
+    name: &HeaderName,
+) -> Option<&'r str> {
+    if !fwd.peer_trusted {
+        return None;
+    }
+    req.headers.get(name).and_then(|v| v.to_str().ok())
 }
 
-/// Append `, ` and `element` to a chain, or start one.
-fn extend_chain(chain: Option<String>, element: String) -> String {
-    match chain {
-        Some(mut chain) => {
-            chain.push_str(", ");
-            chain.push_str(&element);
-            chain
-        }
+/// `chain, element`, or `element` alone, as a header value. Buffers are filled to their exact
+/// capacity, so each value costs one allocation.
+fn chain_value(chain: Option<&str>, element: Vec<u8>) -> pingora::Result<HeaderValue> {
+    let bytes = match chain {
         None => element,
+        Some(chain) => {
+            let mut v = Vec::with_capacity(chain.len() + 2 + element.len());
+            v.extend_from_slice(chain.as_bytes());
+            v.extend_from_slice(b", ");
+            v.extend_from_slice(&element);
+            v
+        }
+    };
+    HeaderValue::from_maybe_shared(bytes::Bytes::from(bytes)).map_err(|e| {
+        pingora::Error::because(pingora::ErrorType::InternalError, "forwarding header", e)
+    })
+}
+
+/// Remove a header; a lookup first spares Pingora's two-map removal when it is absent.
+fn remove(req: &mut RequestHeader, name: &HeaderName) {
+    if req.headers.contains_key(name) {
+        req.remove_header(name);
+    }
+}
+
+/// The textual form of an address, written without allocating.
+struct IpText {
+    buf: [u8; 48],
+    len: usize,
+}
+
+impl IpText {
+    fn new(ip: IpAddr) -> Self {
+        use std::io::Write as _;
+        let mut buf = [0u8; 48];
+        let mut rest = &mut buf[..];
+        // The longest address text (IPv4-mapped IPv6) is 45 bytes: this cannot fail.
+        let _ = write!(rest, "{ip}");
+        let len = 48 - rest.len();
+        Self { buf, len }
+    }
+
+    fn as_bytes(&self) -> &[u8] {
+        &self.buf[..self.len]
     }
 }
 
@@ -135,54 +177,63 @@ pub fn rewrite(
     identity_headers: &IdentityHeaders,
 ) -> pingora::Result<()> {
     for name in &CREDENTIAL_HEADERS {
-        req.remove_header(name);
+        remove(req, name);
     }
 
     // Forwarding: a trusted proxy's chain is extended; anyone else's is replaced.
-    let prior_xff = trusted_chain(req, fwd, &X_FORWARDED_FOR);
-    let prior_forwarded = trusted_chain(req, fwd, &FORWARDED);
     let proto = trusted_value(req, fwd, &X_FORWARDED_PROTO).unwrap_or(HeaderValue::from_static(
         if fwd.tls { "https" } else { "http" },
     ));
     let host = trusted_value(req, fwd, &X_FORWARDED_HOST).or_else(|| fwd.host.clone());
-    for name in [
-        &X_FORWARDED_FOR,
-        &X_FORWARDED_PROTO,
-        &X_FORWARDED_HOST,
-        &FORWARDED,
-    ] {
-        req.remove_header(name);
-    }
     if let Some(peer) = fwd.peer {
-        let node = peer.to_string();
-        let mut element = String::with_capacity(64);
-        element.push_str("for=");
+        let node = IpText::new(peer);
+        let xff = chain_value(
+            trusted_chain(req, fwd, &X_FORWARDED_FOR),
+            node.as_bytes().to_vec(),
+        )?;
+        let proto = proto.as_bytes();
+        // The host goes in quoted, so only visible ASCII without quotes or backslashes.
+        let host = host
+            .as_ref()
+            .and_then(|h| h.to_str().ok())
+            .map_or(&b""[..], str::as_bytes);
+        let quoted = |b: &&u8| !matches!(**b, b'"' | b'\\');
+        let host_len = host.iter().filter(quoted).count();
+        let len = 4 + node.len + usize::from(peer.is_ipv6()) * 4 + 7 + proto.len();
+        let len = len + if host.is_empty() { 0 } else { 8 + host_len };
+        let mut element = Vec::with_capacity(len);
+        element.extend_from_slice(b"for=");
         if peer.is_ipv6() {
-            element.push_str("\"[");
-            element.push_str(&node);
-            element.push_str("]\"");
+            element.extend_from_slice(b"\"[");
+            element.extend_from_slice(node.as_bytes());
+            element.extend_from_slice(b"]\"");
         } else {
-            element.push_str(&node);
+            element.extend_from_slice(node.as_bytes());
         }
-        element.push_str(";proto=");
-        element.push_str(proto.to_str().unwrap_or("http"));
-        if let Some(h) = host.as_ref().and_then(|h| h.to_str().ok()) {
-            element.push_str(";host=\"");
-            element.extend(h.chars().filter(|c| !matches!(c, '"' | '\\')));
-            element.push('"');
+        element.extend_from_slice(b";proto=");
+        element.extend_from_slice(proto);
+        if !host.is_empty() {
+            element.extend_from_slice(b";host=\"");
+            element.extend(host.iter().filter(quoted));
+            element.push(b'"');
         }
-        req.insert_header(wire::X_FORWARDED_FOR, extend_chain(prior_xff, node))?;
-        req.insert_header(wire::FORWARDED, extend_chain(prior_forwarded, element))?;
+        let forwarded = chain_value(trusted_chain(req, fwd, &FORWARDED), element)?;
+        req.insert_header(wire::X_FORWARDED_FOR, xff)?;
+        req.insert_header(wire::FORWARDED, forwarded)?;
+    } else {
+        remove(req, &X_FORWARDED_FOR);
+        remove(req, &FORWARDED);
     }
     req.insert_header(wire::X_FORWARDED_PROTO, proto)?;
-    if let Some(h) = host {
-        req.insert_header(wire::X_FORWARDED_HOST, h)?;
+    match host {
+        Some(h) => req.insert_header(wire::X_FORWARDED_HOST, h)?,
+        None => remove(req, &X_FORWARDED_HOST),
     }
     req.insert_header(wire::X_REQUEST_ID, fwd.request_id.header_value())?;
 
     // Identity: only keygate speaks for the caller.
     for name in identity_headers.names() {
-        req.remove_header(name);
+        remove(req, name);
     }
     if let Some(id) = identity {
         if let Some(h) = &identity_headers.user {
@@ -374,5 +425,56 @@ mod tests {
         assert_eq!(req.headers["x-forwarded-for"], "1.1.1.1, 10.0.0.9");
         assert_eq!(req.headers["x-forwarded-proto"], "https");
         assert_eq!(req.headers["x-forwarded-host"], "app.example.com");
+    }
+
+    #[test]
+    fn forwarded_quotes_ipv6_and_drops_quote_characters_from_the_host() {
+        let mut req = RequestHeader::build("GET", b"/mcp", None).expect("req");
+        req.insert_header("forwarded", "for=6.6.6.6").expect("h");
+        let fwd = Forwarding {
+            peer: Some("::ffff:255.255.255.255".parse().expect("ip")),
+            peer_trusted: false,
+            tls: true,
+            host: Some(HeaderValue::from_static("gw.example.com\"\\x")),
+            request_id: &request_id(None),
+        };
+        rewrite(&mut req, &fwd, None, &IdentityHeaders::default()).expect("rewrite");
+        assert_eq!(req.headers["x-forwarded-for"], "::ffff:255.255.255.255");
+        assert_eq!(
+            req.headers["forwarded"],
+            "for=\"[::ffff:255.255.255.255]\";proto=https;host=\"gw.example.comx\""
+        );
+        assert_eq!(req.headers.get_all("forwarded").iter().count(), 1);
+    }
+
+    #[test]
+    fn a_trusted_forwarded_chain_is_extended_and_no_peer_means_no_chain() {
+        let mut req = RequestHeader::build("GET", b"/mcp", None).expect("req");
+        req.insert_header("forwarded", "for=1.1.1.1").expect("h");
+        let mut fwd = Forwarding {
+            peer: Some("10.0.0.9".parse().expect("ip")),
+            peer_trusted: true,
+            tls: false,
+            host: None,
+            request_id: &request_id(None),
+        };
+        rewrite(&mut req, &fwd, None, &IdentityHeaders::default()).expect("rewrite");
+        assert_eq!(
+            req.headers["forwarded"],
+            "for=1.1.1.1, for=10.0.0.9;proto=http"
+        );
+
+        // Without a peer address keygate cannot vouch for any hop: the chains go.
+        let mut req = RequestHeader::build("GET", b"/mcp", None).expect("req");
+        req.insert_header("forwarded", "for=1.1.1.1").expect("h");
+        req.insert_header("x-forwarded-for", "1.1.1.1").expect("h");
+        req.insert_header("x-forwarded-host", "evil.example.com")
+            .expect("h");
+        fwd.peer = None;
+        fwd.peer_trusted = false;
+        rewrite(&mut req, &fwd, None, &IdentityHeaders::default()).expect("rewrite");
+        assert!(req.headers.get("forwarded").is_none());
+        assert!(req.headers.get("x-forwarded-for").is_none());
+        assert!(req.headers.get("x-forwarded-host").is_none());
     }
 }
