@@ -1,7 +1,7 @@
 //! Authentication: from an `Authorization` header to a verified [`Identity`], or a refusal.
 //!
 //! Owns bearer extraction, the verified-token cache (keyed by a SHA-256 of the token, never
-//! kept past the token's expiry), dispatch to the right verifier (a JWT issuer picked by exact
+//! served past the token's expiry), dispatch to the right verifier (a JWT issuer picked by exact
 //! `iss`, or Clerk's Backend API for opaque tokens), and readiness of the key sets.
 //! Discovery documents live in `auth::discovery`. Policy on *what* an identity may do does not
 //! live here.
@@ -15,7 +15,7 @@ pub mod jwt;
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
-use std::time::{Duration, Instant, SystemTime};
+use std::time::{Duration, SystemTime};
 
 use sha2::{Digest, Sha256};
 
@@ -118,29 +118,14 @@ pub fn kind_hint(token: &str) -> &'static str {
     }
 }
 
-struct IdentityExpiry;
-
-impl moka::Expiry<[u8; 32], Arc<Identity>> for IdentityExpiry {
-    fn expire_after_create(
-        &self,
-        _key: &[u8; 32],
-        value: &Arc<Identity>,
-        _created_at: Instant,
-    ) -> Option<Duration> {
-        let left = value
-            .expires_at
-            .and_then(|exp| exp.duration_since(SystemTime::now()).ok())
-            .unwrap_or(Duration::ZERO);
-        Some(left)
-    }
-}
-
 /// Verifies bearer tokens against every configured issuer.
 pub struct Authenticator {
     max_token_bytes: usize,
     issuers: HashMap<String, Arc<JwtIssuer>>,
     clerk: Option<ClerkBackend>,
-    verified: moka::sync::Cache<[u8; 32], Arc<Identity>>,
+    /// Verified identities by token hash. Entries are never returned past the token's `exp`;
+    /// expired ones are dropped when met, or evicted like any other when the cache is full.
+    verified: quick_cache::sync::Cache<[u8; 32], Arc<Identity>>,
     cache_hits: AtomicU64,
     cache_misses: AtomicU64,
 }
@@ -226,10 +211,9 @@ impl Authenticator {
             max_token_bytes: settings.auth.max_token_bytes,
             issuers,
             clerk,
-            verified: moka::sync::Cache::builder()
-                .max_capacity(settings.auth.verified_cache_max_entries)
-                .expire_after(IdentityExpiry)
-                .build(),
+            verified: quick_cache::sync::Cache::new(
+                usize::try_from(settings.auth.verified_cache_max_entries).unwrap_or(usize::MAX),
+            ),
             cache_hits: AtomicU64::new(0),
             cache_misses: AtomicU64::new(0),
         }
@@ -268,12 +252,16 @@ impl Authenticator {
             return Err(AuthError::TooLarge.into());
         }
         let hash: [u8; 32] = Sha256::digest(token.as_bytes()).into();
-        let identity = match self.verified.get(&hash) {
+        let cached = self.verified.get(&hash);
+        let identity = match cached {
             Some(id) if id.expires_at.is_some_and(|e| e > SystemTime::now()) => {
                 self.cache_hits.fetch_add(1, Ordering::Relaxed);
                 id
             }
             _ => {
+                if cached.is_some() {
+                    self.verified.remove(&hash);
+                }
                 self.cache_misses.fetch_add(1, Ordering::Relaxed);
                 self.verify_uncached(token, hash).await?
             }
@@ -298,7 +286,10 @@ impl Authenticator {
         let iss = jwt::peek_issuer(token)?;
         let issuer = self.issuers.get(&iss).ok_or(AuthError::UnknownIssuer)?;
         let identity = Arc::new(issuer.verify(token).await?);
-        self.verified.insert(hash, identity.clone());
+        // Only tokens that expire are kept (a verified JWT always has `exp`).
+        if identity.expires_at.is_some_and(|e| e > SystemTime::now()) {
+            self.verified.insert(hash, identity.clone());
+        }
         Ok(identity)
     }
 }
