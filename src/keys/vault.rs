@@ -5,10 +5,11 @@
 //! "no key"; a write is acknowledged only once the store acknowledged it). HTTP shapes live in
 //! `keys::api`; where the key goes upstream lives in `proxy::inject`.
 
+use std::collections::HashMap;
 use std::future::Future;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::Arc;
-use std::time::{Instant, SystemTime, UNIX_EPOCH};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use secrecy::{ExposeSecret, SecretString};
 use thiserror::Error;
@@ -61,11 +62,27 @@ pub struct RotateReport {
     pub failed: Vec<(String, String)>,
 }
 
+/// A lookup's outcome as cached: the key, or the fact that there is none.
+#[derive(Clone)]
+struct Cached {
+    key: Option<Arc<UserKey>>,
+    loaded: Instant,
+}
+
+/// One store read in flight for an owner; concurrent lookups wait for it rather than
+/// reading the store again, and all get its outcome, error included.
+type Load = Arc<tokio::sync::OnceCell<Result<Option<Arc<UserKey>>, VaultError>>>;
+
 /// The vault.
 pub struct Vault {
     store: Arc<dyn KeyStore>,
     keyring: Arc<Keyring>,
-    cache: moka::future::Cache<Owner, Option<Arc<UserKey>>>,
+    /// Decrypted keys by owner, each good for `ttl` after it was read.
+    cache: quick_cache::sync::Cache<Owner, Cached>,
+    ttl: Duration,
+    /// Store reads in flight. An invalidation removes the owner's entry, so a read that
+    /// started before a write never puts the old key in the cache.
+    loading: Mutex<HashMap<Owner, Load>>,
     metrics: Option<Arc<Metrics>>,
 }
 
@@ -82,10 +99,11 @@ impl Vault {
         Self {
             store,
             keyring,
-            cache: moka::future::Cache::builder()
-                .max_capacity(settings.cache_max_entries)
-                .time_to_live(settings.cache_ttl)
-                .build(),
+            cache: quick_cache::sync::Cache::new(
+                usize::try_from(settings.cache_max_entries).unwrap_or(usize::MAX),
+            ),
+            ttl: settings.cache_ttl,
+            loading: Mutex::new(HashMap::new()),
             metrics: None,
         }
     }
@@ -122,10 +140,22 @@ impl Vault {
 
     /// The owner's key, from the cache or the store. `Ok(None)`: no key stored.
     pub async fn lookup(&self, owner: &Owner) -> Result<Option<Arc<UserKey>>, VaultError> {
+        if let Some(hit) = self.cache.get(owner) {
+            if hit.loaded.elapsed() < self.ttl {
+                if let Some(m) = &self.metrics {
+                    m.key_cache_hit.inc();
+                }
+                return Ok(hit.key);
+            }
+        }
+        let load = self
+            .loading()
+            .entry(owner.clone())
+            .or_default()
+            .clone();
         let missed = AtomicBool::new(false);
-        let result = self
-            .cache
-            .try_get_with_by_ref(owner, async {
+        let result = load
+            .get_or_init(|| async {
                 missed.store(true, Ordering::Relaxed);
                 let Some(record) = self.timed("get", self.store.get(owner)).await? else {
                     return Ok(None);
@@ -133,7 +163,22 @@ impl Vault {
                 Ok(Some(Arc::new(self.open(owner, &record)?)))
             })
             .await
-            .map_err(|e: Arc<VaultError>| (*e).clone());
+            .clone();
+        {
+            // The first waiter to get here retires the read and caches what it found, unless
+            // an invalidation came in meanwhile (then the read may predate the write).
+            let mut loading = self.loading();
+            if loading.get(owner).is_some_and(|l| Arc::ptr_eq(l, &load)) {
+                loading.remove(owner);
+                if let Ok(key) = &result {
+                    let cached = Cached {
+                        key: key.clone(),
+                        loaded: Instant::now(),
+                    };
+                    self.cache.insert(owner.clone(), cached);
+                }
+            }
+        }
         if let Some(m) = &self.metrics {
             if missed.load(Ordering::Relaxed) {
                 m.key_cache_miss.inc();
@@ -145,6 +190,27 @@ impl Vault {
             }
         }
         result
+    }
+
+    fn loading(&self) -> std::sync::MutexGuard<'_, HashMap<Owner, Load>> {
+        // The map holds no invariant a panicking holder could break: keep using it.
+        self.loading
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    /// Forget the owner's cached key and any read of it in flight.
+    fn forget(&self, owner: &Owner) {
+        let mut loading = self.loading();
+        loading.remove(owner);
+        self.cache.remove(owner);
+    }
+
+    /// Forget every cached key.
+    fn forget_all(&self) {
+        let mut loading = self.loading();
+        loading.clear();
+        self.cache.clear();
     }
 
     fn open(&self, owner: &Owner, record: &StoredRecord) -> Result<UserKey, VaultError> {
@@ -210,7 +276,7 @@ impl Vault {
     }
 
     async fn invalidate(&self, owner: &Owner) {
-        self.cache.invalidate(owner).await;
+        self.forget(owner);
         if let Err(e) = self.store.publish_invalidation(owner).await {
             // Other replicas fall back to their cache TTL.
             tracing::warn!(error = %e, "could not publish a key invalidation");
@@ -223,9 +289,9 @@ impl Vault {
         let mut rx = self.store.subscribe_invalidations();
         loop {
             match rx.recv().await {
-                Ok(owner) => self.cache.invalidate(&owner).await,
+                Ok(owner) => self.forget(&owner),
                 Err(tokio::sync::broadcast::error::RecvError::Lagged(_)) => {
-                    self.cache.invalidate_all();
+                    self.forget_all();
                 }
                 Err(tokio::sync::broadcast::error::RecvError::Closed) => return,
             }
@@ -273,5 +339,249 @@ impl Vault {
             }
         }
         Ok(report)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use async_trait::async_trait;
+    use std::sync::atomic::AtomicUsize;
+    use tokio::sync::Semaphore;
+
+    /// An in-memory store that counts reads and can hold them: a read takes its snapshot of
+    /// the record, then waits for a permit when the gate is closed.
+    #[derive(Default)]
+    struct GatedStore {
+        records: Mutex<HashMap<Owner, StoredRecord>>,
+        gets: AtomicUsize,
+        gate: Option<Semaphore>,
+        fail: AtomicBool,
+        invalidations: std::sync::OnceLock<tokio::sync::broadcast::Sender<Owner>>,
+    }
+
+    impl GatedStore {
+        fn gated() -> Self {
+            Self {
+                gate: Some(Semaphore::new(0)),
+                ..Self::default()
+            }
+        }
+        fn open_gate(&self) {
+            if let Some(g) = &self.gate {
+                g.add_permits(1000);
+            }
+        }
+        fn gets(&self) -> usize {
+            self.gets.load(Ordering::SeqCst)
+        }
+        fn sender(&self) -> &tokio::sync::broadcast::Sender<Owner> {
+            self.invalidations
+                .get_or_init(|| tokio::sync::broadcast::channel(16).0)
+        }
+    }
+
+    #[async_trait]
+    impl KeyStore for GatedStore {
+        async fn get(&self, owner: &Owner) -> Result<Option<StoredRecord>, StoreError> {
+            self.gets.fetch_add(1, Ordering::SeqCst);
+            let snapshot = self.records.lock().expect("lock").get(owner).cloned();
+            if let Some(g) = &self.gate {
+                g.acquire().await.expect("gate").forget();
+            }
+            if self.fail.load(Ordering::SeqCst) {
+                return Err(StoreError::Unavailable("down".into()));
+            }
+            Ok(snapshot)
+        }
+        async fn put(&self, owner: &Owner, record: &StoredRecord) -> Result<(), StoreError> {
+            let mut records = self.records.lock().expect("lock");
+            records.insert(owner.clone(), record.clone());
+            Ok(())
+        }
+        async fn delete(&self, owner: &Owner) -> Result<bool, StoreError> {
+            Ok(self.records.lock().expect("lock").remove(owner).is_some())
+        }
+        async fn replace_if(
+            &self,
+            owner: &Owner,
+            _expected: &[u8],
+            record: &StoredRecord,
+        ) -> Result<bool, StoreError> {
+            self.put(owner, record).await.map(|()| true)
+        }
+        async fn owners(&self) -> Result<Vec<Owner>, StoreError> {
+            Ok(self.records.lock().expect("lock").keys().cloned().collect())
+        }
+        async fn ping(&self) -> Result<(), StoreError> {
+            Ok(())
+        }
+        async fn publish_invalidation(&self, owner: &Owner) -> Result<(), StoreError> {
+            let _ = self.sender().send(owner.clone());
+            Ok(())
+        }
+        fn subscribe_invalidations(&self) -> tokio::sync::broadcast::Receiver<Owner> {
+            self.sender().subscribe()
+        }
+        fn name(&self) -> &'static str {
+            "gated"
+        }
+    }
+
+    fn settings() -> KeysSettings {
+        let env: HashMap<String, String> = [
+            ("AUTH_ENABLED", "false"),
+            ("KEYGATE_UPSTREAM", "http://127.0.0.1:3000"),
+            (
+                "API_KEY_ENCRYPTION_SECRET",
+                "00112233445566778899aabbccddeeff00112233445566778899aabbccddeeff",
+            ),
+        ]
+        .into_iter()
+        .map(|(k, v)| (k.to_string(), v.to_string()))
+        .collect();
+        crate::config::load(None, &env).expect("valid").keys
+    }
+
+    fn vault(store: &Arc<GatedStore>, ttl: Duration) -> Arc<Vault> {
+        let mut s = settings();
+        s.cache_ttl = ttl;
+        let keyring = s.keyring.clone().expect("keyring");
+        Arc::new(Vault::new(store.clone(), keyring, &s))
+    }
+
+    fn secret(v: &str) -> SecretString {
+        SecretString::from(v.to_string())
+    }
+
+    fn key_of(found: Result<Option<Arc<UserKey>>, VaultError>) -> String {
+        let key = found.expect("lookup").expect("a key");
+        key.api_key.expose_secret().to_string()
+    }
+
+    /// Let spawned lookups run up to their first wait.
+    async fn settle() {
+        for _ in 0..20 {
+            tokio::task::yield_now().await;
+        }
+    }
+
+    fn spawn_lookups(v: &Arc<Vault>, owner: &Owner, n: usize) -> Vec<LookupTask> {
+        (0..n)
+            .map(|_| {
+                let (v, owner) = (v.clone(), owner.clone());
+                tokio::spawn(async move { v.lookup(&owner).await })
+            })
+            .collect()
+    }
+
+    type LookupTask = tokio::task::JoinHandle<Result<Option<Arc<UserKey>>, VaultError>>;
+
+    #[tokio::test]
+    async fn concurrent_cold_lookups_share_one_store_read() {
+        let store = Arc::new(GatedStore::gated());
+        let v = vault(&store, Duration::from_secs(60));
+        let owner = Owner::user("user_1");
+        v.put(&owner, &secret("tw_1"), None, None)
+            .await
+            .expect("put");
+        let waiters = spawn_lookups(&v, &owner, 5);
+        settle().await;
+        assert_eq!(store.gets(), 1, "the other lookups wait for the first read");
+        store.open_gate();
+        for w in waiters {
+            assert_eq!(key_of(w.await.expect("task")), "tw_1");
+        }
+        assert_eq!(key_of(v.lookup(&owner).await), "tw_1");
+        assert_eq!(store.gets(), 1, "then the key is served from the cache");
+    }
+
+    #[tokio::test]
+    async fn a_store_error_reaches_every_waiter_and_is_not_cached() {
+        let store = Arc::new(GatedStore::gated());
+        let v = vault(&store, Duration::from_secs(60));
+        let owner = Owner::user("user_1");
+        v.put(&owner, &secret("tw_1"), None, None)
+            .await
+            .expect("put");
+        store.fail.store(true, Ordering::SeqCst);
+        let waiters = spawn_lookups(&v, &owner, 3);
+        settle().await;
+        store.open_gate();
+        for w in waiters {
+            assert!(matches!(w.await.expect("task"), Err(VaultError::Store(_))));
+        }
+        assert_eq!(store.gets(), 1);
+        store.fail.store(false, Ordering::SeqCst);
+        assert_eq!(key_of(v.lookup(&owner).await), "tw_1");
+        assert_eq!(store.gets(), 2, "the next lookup asks the store again");
+    }
+
+    #[tokio::test]
+    async fn a_write_during_a_read_keeps_the_old_key_out_of_the_cache() {
+        let store = Arc::new(GatedStore::gated());
+        let v = vault(&store, Duration::from_secs(60));
+        let owner = Owner::user("user_1");
+        v.put(&owner, &secret("tw_old"), None, None)
+            .await
+            .expect("put");
+        // The read takes its snapshot (the old key), then the user writes a new one.
+        let reader = spawn_lookups(&v, &owner, 1);
+        settle().await;
+        v.put(&owner, &secret("tw_new"), None, None)
+            .await
+            .expect("put");
+        store.open_gate();
+        for r in reader {
+            assert_eq!(key_of(r.await.expect("task")), "tw_old");
+        }
+        assert_eq!(key_of(v.lookup(&owner).await), "tw_new");
+        assert_eq!(store.gets(), 2);
+    }
+
+    #[tokio::test]
+    async fn cached_keys_and_absences_expire_after_the_ttl() {
+        let store = Arc::new(GatedStore::default());
+        let v = vault(&store, Duration::from_millis(50));
+        let owner = Owner::user("user_1");
+        let nobody = Owner::user("user_2");
+        v.put(&owner, &secret("tw_1"), None, None)
+            .await
+            .expect("put");
+        assert_eq!(key_of(v.lookup(&owner).await), "tw_1");
+        assert!(v.lookup(&nobody).await.expect("lookup").is_none());
+        assert_eq!(key_of(v.lookup(&owner).await), "tw_1");
+        assert!(v.lookup(&nobody).await.expect("lookup").is_none());
+        assert_eq!(store.gets(), 2);
+        tokio::time::sleep(Duration::from_millis(80)).await;
+        assert_eq!(key_of(v.lookup(&owner).await), "tw_1");
+        assert!(v.lookup(&nobody).await.expect("lookup").is_none());
+        assert_eq!(store.gets(), 4);
+    }
+
+    #[tokio::test]
+    async fn an_invalidation_from_another_replica_drops_the_cached_key() {
+        let store = Arc::new(GatedStore::default());
+        let v = vault(&store, Duration::from_secs(60));
+        let follower = tokio::spawn(v.clone().follow_invalidations());
+        settle().await;
+        let owner = Owner::user("user_1");
+        v.put(&owner, &secret("tw_1"), None, None)
+            .await
+            .expect("put");
+        assert_eq!(key_of(v.lookup(&owner).await), "tw_1");
+        // Another replica writes straight to the shared store and announces it.
+        let sealed = v.keyring.seal(b"tw_2", &owner.slot()).expect("seal");
+        let record = StoredRecord {
+            sealed,
+            base_url: None,
+            updated_at: 1,
+        };
+        store.put(&owner, &record).await.expect("put");
+        assert_eq!(key_of(v.lookup(&owner).await), "tw_1", "still cached");
+        store.publish_invalidation(&owner).await.expect("publish");
+        settle().await;
+        assert_eq!(key_of(v.lookup(&owner).await), "tw_2");
+        follower.abort();
     }
 }
