@@ -148,11 +148,7 @@ impl Vault {
                 return Ok(hit.key);
             }
         }
-        let load = self
-            .loading()
-            .entry(owner.clone())
-            .or_default()
-            .clone();
+        let load = self.loading().entry(owner.clone()).or_default().clone();
         let missed = AtomicBool::new(false);
         let result = load
             .get_or_init(|| async {
