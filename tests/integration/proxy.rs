@@ -204,6 +204,34 @@ async fn slow_clients_are_cut_off_at_the_header_deadline() {
 }
 
 #[tokio::test]
+async fn a_stream_outlives_the_header_deadline() {
+    // The deadline bounds the headers only: a stream whose headers came in time runs on.
+    let env = setup_with("[server]\nrequest_header_timeout_secs = 1\n").await;
+    let sender = env.upstream.sse_sender();
+    let resp = client()
+        .get(env.gw.at("/sse"))
+        .bearer_auth(&env.token)
+        .send()
+        .await
+        .expect("request");
+    assert_eq!(resp.status(), 200);
+    let mut stream = resp.bytes_stream();
+    tokio::time::sleep(Duration::from_millis(2500)).await;
+    sender
+        .send("after-the-deadline".into())
+        .expect("upstream stream open");
+    let mut got = String::new();
+    while !got.contains("after-the-deadline") {
+        let chunk = tokio::time::timeout(Duration::from_secs(5), stream.next())
+            .await
+            .expect("an event 2.5 s into the stream came through")
+            .expect("stream still open")
+            .expect("chunk");
+        got.push_str(&String::from_utf8_lossy(&chunk));
+    }
+}
+
+#[tokio::test]
 async fn h2c_clients_are_served() {
     let env = setup_with("").await;
     let h2 = reqwest::Client::builder()
