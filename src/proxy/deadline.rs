@@ -6,6 +6,8 @@
 //! connection is dropped. The proxy marks "headers read" from `early_request_filter` through a
 //! task-local flag, which lives exactly as long as the request's task.
 
+use std::future::Future;
+use std::pin::Pin;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
@@ -52,11 +54,20 @@ impl<A> HttpServerApp for HeaderDeadline<A>
 where
     A: HttpServerApp + Send + Sync + 'static,
 {
-    async fn process_new_http(
-        self: &Arc<Self>,
+    // Written as a plain function returning the boxed future (the shape `async_trait` gives
+    // the trait method), so the session is handed to the inner app before any future state
+    // exists: what this wrapper keeps for the whole request (a long SSE stream included) is
+    // only the flag, the timer and the inner future's pointer.
+    fn process_new_http<'app, 'watch, 'fut>(
+        self: &'app Arc<Self>,
         mut session: ServerSession,
-        shutdown: &ShutdownWatch,
-    ) -> Option<ReusedHttpStream> {
+        shutdown: &'watch ShutdownWatch,
+    ) -> Pin<Box<dyn Future<Output = Option<ReusedHttpStream>> + Send + 'fut>>
+    where
+        'app: 'fut,
+        'watch: 'fut,
+        Self: 'fut,
+    {
         // The proxy leaves a marker on connections it keeps alive (see `ReusedConnection`).
         let reused = session.take_connection_user_context().is_some();
         let deadline = if reused {
@@ -65,22 +76,21 @@ where
             self.first_request
         };
         let flag = Arc::new(AtomicBool::new(false));
-        let inner = self.inner.clone();
-        let work = HEADERS_READ.scope(flag.clone(), async move {
-            inner.process_new_http(session, shutdown).await
-        });
-        tokio::pin!(work);
-        tokio::select! {
-            out = &mut work => out,
-            _ = tokio::time::sleep(deadline) => {
-                if flag.load(Ordering::Acquire) {
-                    work.await
-                } else {
-                    tracing::debug!(?deadline, "request headers not received in time; closing");
-                    None
+        let work = HEADERS_READ.scope(flag.clone(), self.inner.process_new_http(session, shutdown));
+        Box::pin(async move {
+            tokio::pin!(work);
+            tokio::select! {
+                out = &mut work => out,
+                _ = tokio::time::sleep(deadline) => {
+                    if flag.load(Ordering::Acquire) {
+                        work.await
+                    } else {
+                        tracing::debug!(?deadline, "request headers not received in time; closing");
+                        None
+                    }
                 }
             }
-        }
+        })
     }
 
     fn h2_options(&self) -> Option<pingora::protocols::http::v2::server::H2Options> {
