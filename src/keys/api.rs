@@ -120,18 +120,7 @@ mod tests {
 
     /// The validated defaults, with a small key limit and a loopback host allowed.
     fn settings() -> KeysSettings {
-        let env: std::collections::HashMap<String, String> = [
-            ("AUTH_ENABLED", "false"),
-            ("KEYGATE_UPSTREAM", "http://127.0.0.1:3000"),
-            (
-                "API_KEY_ENCRYPTION_SECRET",
-                "00112233445566778899aabbccddeeff00112233445566778899aabbccddeeff",
-            ),
-        ]
-        .into_iter()
-        .map(|(k, v)| (k.to_string(), v.to_string()))
-        .collect();
-        let mut keys = crate::config::load(None, &env).expect("valid").keys;
+        let mut keys = crate::keys::test_settings();
         keys.allowed_base_url_hosts.push("localhost".into());
         keys.max_key_bytes = 64;
         keys

@@ -22,3 +22,20 @@ pub fn keyring(settings: &KeysSettings) -> Result<Arc<crypto::Keyring>, String> 
         .clone()
         .ok_or_else(|| "keys.encryption_secret (API_KEY_ENCRYPTION_SECRET) is not set".to_string())
 }
+
+/// The validated default key settings (with a test encryption secret), for unit tests.
+#[cfg(test)]
+pub(crate) fn test_settings() -> KeysSettings {
+    let env: std::collections::HashMap<String, String> = [
+        ("AUTH_ENABLED", "false"),
+        ("KEYGATE_UPSTREAM", "http://127.0.0.1:3000"),
+        (
+            "API_KEY_ENCRYPTION_SECRET",
+            "00112233445566778899aabbccddeeff00112233445566778899aabbccddeeff",
+        ),
+    ]
+    .into_iter()
+    .map(|(k, v)| (k.to_string(), v.to_string()))
+    .collect();
+    crate::config::load(None, &env).expect("valid").keys
+}

@@ -424,26 +424,24 @@ mod tests {
         }
     }
 
-    fn settings() -> KeysSettings {
-        let env: HashMap<String, String> = [
-            ("AUTH_ENABLED", "false"),
-            ("KEYGATE_UPSTREAM", "http://127.0.0.1:3000"),
-            (
-                "API_KEY_ENCRYPTION_SECRET",
-                "00112233445566778899aabbccddeeff00112233445566778899aabbccddeeff",
-            ),
-        ]
-        .into_iter()
-        .map(|(k, v)| (k.to_string(), v.to_string()))
-        .collect();
-        crate::config::load(None, &env).expect("valid").keys
-    }
-
     fn vault(store: &Arc<GatedStore>, ttl: Duration) -> Arc<Vault> {
-        let mut s = settings();
+        let mut s = crate::keys::test_settings();
         s.cache_ttl = ttl;
         let keyring = s.keyring.clone().expect("keyring");
         Arc::new(Vault::new(store.clone(), keyring, &s))
+    }
+
+    /// A vault over `store` whose cache keeps entries for `ttl`, with `key` stored for user_1.
+    async fn vault_with_key(
+        store: GatedStore,
+        ttl: Duration,
+        key: &str,
+    ) -> (Arc<GatedStore>, Arc<Vault>, Owner) {
+        let store = Arc::new(store);
+        let v = vault(&store, ttl);
+        let owner = Owner::user("user_1");
+        v.put(&owner, &secret(key), None, None).await.expect("put");
+        (store, v, owner)
     }
 
     fn secret(v: &str) -> SecretString {
@@ -475,12 +473,8 @@ mod tests {
 
     #[tokio::test]
     async fn concurrent_cold_lookups_share_one_store_read() {
-        let store = Arc::new(GatedStore::gated());
-        let v = vault(&store, Duration::from_secs(60));
-        let owner = Owner::user("user_1");
-        v.put(&owner, &secret("tw_1"), None, None)
-            .await
-            .expect("put");
+        let (store, v, owner) =
+            vault_with_key(GatedStore::gated(), Duration::from_secs(60), "tw_1").await;
         let waiters = spawn_lookups(&v, &owner, 5);
         settle().await;
         assert_eq!(store.gets(), 1, "the other lookups wait for the first read");
@@ -494,12 +488,8 @@ mod tests {
 
     #[tokio::test]
     async fn a_store_error_reaches_every_waiter_and_is_not_cached() {
-        let store = Arc::new(GatedStore::gated());
-        let v = vault(&store, Duration::from_secs(60));
-        let owner = Owner::user("user_1");
-        v.put(&owner, &secret("tw_1"), None, None)
-            .await
-            .expect("put");
+        let (store, v, owner) =
+            vault_with_key(GatedStore::gated(), Duration::from_secs(60), "tw_1").await;
         store.fail.store(true, Ordering::SeqCst);
         let waiters = spawn_lookups(&v, &owner, 3);
         settle().await;
@@ -515,12 +505,8 @@ mod tests {
 
     #[tokio::test]
     async fn a_write_during_a_read_keeps_the_old_key_out_of_the_cache() {
-        let store = Arc::new(GatedStore::gated());
-        let v = vault(&store, Duration::from_secs(60));
-        let owner = Owner::user("user_1");
-        v.put(&owner, &secret("tw_old"), None, None)
-            .await
-            .expect("put");
+        let (store, v, owner) =
+            vault_with_key(GatedStore::gated(), Duration::from_secs(60), "tw_old").await;
         // The read takes its snapshot (the old key), then the user writes a new one.
         let reader = spawn_lookups(&v, &owner, 1);
         settle().await;
@@ -537,13 +523,9 @@ mod tests {
 
     #[tokio::test]
     async fn cached_keys_and_absences_expire_after_the_ttl() {
-        let store = Arc::new(GatedStore::default());
-        let v = vault(&store, Duration::from_millis(50));
-        let owner = Owner::user("user_1");
+        let (store, v, owner) =
+            vault_with_key(GatedStore::default(), Duration::from_millis(50), "tw_1").await;
         let nobody = Owner::user("user_2");
-        v.put(&owner, &secret("tw_1"), None, None)
-            .await
-            .expect("put");
         assert_eq!(key_of(v.lookup(&owner).await), "tw_1");
         assert!(v.lookup(&nobody).await.expect("lookup").is_none());
         assert_eq!(key_of(v.lookup(&owner).await), "tw_1");
@@ -557,14 +539,10 @@ mod tests {
 
     #[tokio::test]
     async fn an_invalidation_from_another_replica_drops_the_cached_key() {
-        let store = Arc::new(GatedStore::default());
-        let v = vault(&store, Duration::from_secs(60));
+        let (store, v, owner) =
+            vault_with_key(GatedStore::default(), Duration::from_secs(60), "tw_1").await;
         let follower = tokio::spawn(v.clone().follow_invalidations());
         settle().await;
-        let owner = Owner::user("user_1");
-        v.put(&owner, &secret("tw_1"), None, None)
-            .await
-            .expect("put");
         assert_eq!(key_of(v.lookup(&owner).await), "tw_1");
         // Another replica writes straight to the shared store and announces it.
         let sealed = v.keyring.seal(b"tw_2", &owner.slot()).expect("seal");

@@ -407,6 +407,17 @@ mod tests {
         }
     }
 
+    /// A plain-HTTP request relayed by the trusted proxy 10.0.0.9, without a Host.
+    fn via_trusted_proxy(request_id: &RequestId) -> Forwarding<'_> {
+        Forwarding {
+            peer: Some("10.0.0.9".parse().expect("ip")),
+            peer_trusted: true,
+            tls: false,
+            host: None,
+            request_id,
+        }
+    }
+
     #[test]
     fn trusted_chain_is_extended() {
         let mut req = RequestHeader::build("GET", b"/mcp", None).expect("req");
@@ -414,13 +425,8 @@ mod tests {
         req.insert_header("x-forwarded-proto", "https").expect("h");
         req.insert_header("x-forwarded-host", "app.example.com")
             .expect("h");
-        let fwd = Forwarding {
-            peer: Some("10.0.0.9".parse().expect("ip")),
-            peer_trusted: true,
-            tls: false,
-            host: None,
-            request_id: &request_id(None),
-        };
+        let rid = request_id(None);
+        let fwd = via_trusted_proxy(&rid);
         rewrite(&mut req, &fwd, None, &IdentityHeaders::default()).expect("rewrite");
         assert_eq!(req.headers["x-forwarded-for"], "1.1.1.1, 10.0.0.9");
         assert_eq!(req.headers["x-forwarded-proto"], "https");
@@ -451,13 +457,8 @@ mod tests {
     fn a_trusted_forwarded_chain_is_extended_and_no_peer_means_no_chain() {
         let mut req = RequestHeader::build("GET", b"/mcp", None).expect("req");
         req.insert_header("forwarded", "for=1.1.1.1").expect("h");
-        let mut fwd = Forwarding {
-            peer: Some("10.0.0.9".parse().expect("ip")),
-            peer_trusted: true,
-            tls: false,
-            host: None,
-            request_id: &request_id(None),
-        };
+        let rid = request_id(None);
+        let mut fwd = via_trusted_proxy(&rid);
         rewrite(&mut req, &fwd, None, &IdentityHeaders::default()).expect("rewrite");
         assert_eq!(
             req.headers["forwarded"],

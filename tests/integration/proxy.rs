@@ -28,6 +28,24 @@ async fn setup_with(extra: &str) -> Env {
     }
 }
 
+/// Read a response stream until `needle` has come through; fails after 5 s without it.
+async fn read_until<S, B, E>(stream: &mut S, needle: &str)
+where
+    S: futures::Stream<Item = Result<B, E>> + Unpin,
+    B: AsRef<[u8]>,
+    E: std::fmt::Debug,
+{
+    let mut got = String::new();
+    while !got.contains(needle) {
+        let chunk = tokio::time::timeout(Duration::from_secs(5), stream.next())
+            .await
+            .unwrap_or_else(|_| panic!("{needle} was held back by the proxy"))
+            .expect("stream open")
+            .expect("chunk");
+        got.push_str(&String::from_utf8_lossy(chunk.as_ref()));
+    }
+}
+
 #[tokio::test]
 async fn sse_events_arrive_one_by_one_before_the_next_is_sent() {
     let env = setup_with("").await;
@@ -48,15 +66,7 @@ async fn sse_events_arrive_one_by_one_before_the_next_is_sent() {
         let event = format!("event-{i}");
         sender.send(event.clone()).expect("upstream stream open");
         // The next event is only sent once this one has come through the proxy.
-        let mut got = String::new();
-        while !got.contains(&event) {
-            let chunk = tokio::time::timeout(Duration::from_secs(5), stream.next())
-                .await
-                .unwrap_or_else(|_| panic!("{event} was held back by the proxy"))
-                .expect("stream open")
-                .expect("chunk");
-            got.push_str(&String::from_utf8_lossy(&chunk));
-        }
+        read_until(&mut stream, &event).await;
     }
 }
 
@@ -220,15 +230,7 @@ async fn a_stream_outlives_the_header_deadline() {
     sender
         .send("after-the-deadline".into())
         .expect("upstream stream open");
-    let mut got = String::new();
-    while !got.contains("after-the-deadline") {
-        let chunk = tokio::time::timeout(Duration::from_secs(5), stream.next())
-            .await
-            .expect("an event 2.5 s into the stream came through")
-            .expect("stream still open")
-            .expect("chunk");
-        got.push_str(&String::from_utf8_lossy(&chunk));
-    }
+    read_until(&mut stream, "after-the-deadline").await;
 }
 
 #[tokio::test]
