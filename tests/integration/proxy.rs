@@ -28,6 +28,24 @@ async fn setup_with(extra: &str) -> Env {
     }
 }
 
+/// Open `GET /sse` through keygate: the upstream's event sender and the 200 response.
+async fn open_sse(
+    env: &Env,
+) -> (
+    tokio::sync::mpsc::UnboundedSender<String>,
+    reqwest::Response,
+) {
+    let sender = env.upstream.sse_sender();
+    let resp = client()
+        .get(env.gw.at("/sse"))
+        .bearer_auth(&env.token)
+        .send()
+        .await
+        .expect("request");
+    assert_eq!(resp.status(), 200);
+    (sender, resp)
+}
+
 /// Read a response stream until `needle` has come through; fails after 5 s without it.
 async fn read_until<S, B, E>(stream: &mut S, needle: &str)
 where
@@ -49,14 +67,7 @@ where
 #[tokio::test]
 async fn sse_events_arrive_one_by_one_before_the_next_is_sent() {
     let env = setup_with("").await;
-    let sender = env.upstream.sse_sender();
-    let resp = client()
-        .get(env.gw.at("/sse"))
-        .bearer_auth(&env.token)
-        .send()
-        .await
-        .expect("request");
-    assert_eq!(resp.status(), 200);
+    let (sender, resp) = open_sse(&env).await;
     assert!(resp.headers()["content-type"]
         .to_str()
         .expect("ascii")
@@ -217,14 +228,7 @@ async fn slow_clients_are_cut_off_at_the_header_deadline() {
 async fn a_stream_outlives_the_header_deadline() {
     // The deadline bounds the headers only: a stream whose headers came in time runs on.
     let env = setup_with("[server]\nrequest_header_timeout_secs = 1\n").await;
-    let sender = env.upstream.sse_sender();
-    let resp = client()
-        .get(env.gw.at("/sse"))
-        .bearer_auth(&env.token)
-        .send()
-        .await
-        .expect("request");
-    assert_eq!(resp.status(), 200);
+    let (sender, resp) = open_sse(&env).await;
     let mut stream = resp.bytes_stream();
     tokio::time::sleep(Duration::from_millis(2500)).await;
     sender
