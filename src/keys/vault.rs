@@ -1,5 +1,6 @@
 //! The vault: seals, stores, finds and deletes each owner's upstream API key, with a bounded
-//! in-process cache in front of the store that every replica invalidates on writes.
+//! in-process cache in front of the store that every replica invalidates on writes, and one
+//! shared store read for concurrent lookups of the same uncached owner.
 //!
 //! It owns the rules that tie crypto and storage together (a decrypt failure is an error, never
 //! "no key"; a write is acknowledged only once the store acknowledged it). HTTP shapes live in
