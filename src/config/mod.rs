@@ -230,9 +230,7 @@ pub struct UpstreamSettings {
     pub tls: bool,
     /// Host name for SNI and the `Host` header.
     pub host: String,
-    /// `host[:port]` as it goes in the `Host` header.
-    pub authority: String,
-    /// `authority` as a header value, built once.
+    /// `host[:port]` as it goes in the `Host` header, built once.
     pub host_header: http::HeaderValue,
     /// Resolved once at startup; nothing resolves names on the request path.
     pub addr: SocketAddr,
@@ -671,7 +669,6 @@ fn validate(f: FileConfig, base: &Path, problems: &mut Problems) -> Option<Setti
             Some(UpstreamSettings {
                 tls,
                 host,
-                authority,
                 host_header,
                 addr,
                 base_path,
