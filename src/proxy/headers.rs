@@ -96,35 +96,20 @@ pub struct Forwarding<'a> {
 }
 
 /// A forwarding header's value from a trusted peer (visible ASCII only), or none.
-fn trusted_value(
-    req: &RequestHeader,
-    fwd: &Forwarding<'_>,
-    name: &HeaderName,
-) -> Option<HeaderValue> {
-    if !fwd.peer_trusted {
-        return None;
-    }
-    req.headers
-        .get(name)
-        .filter(|v| v.to_str().is_ok())
-        .cloned()
-}
-
-/// A trusted peer's chain, to extend.
-fn trusted_chain<'r>(
+fn trusted_value<'r>(
     req: &'r RequestHeader,
     fwd: &Forwarding<'_>,
     name: &HeaderName,
-) -> Option<&'r str> {
+) -> Option<&'r HeaderValue> {
     if !fwd.peer_trusted {
         return None;
     }
-    req.headers.get(name).and_then(|v| v.to_str().ok())
+    req.headers.get(name).filter(|v| v.to_str().is_ok())
 }
 
 /// `chain, element`, or `element` alone, as a header value. Buffers are filled to their exact
 /// capacity, so each value costs one allocation.
-fn chain_value(chain: Option<&str>, element: Vec<u8>) -> pingora::Result<HeaderValue> {
+fn chain_value(chain: Option<&HeaderValue>, element: Vec<u8>) -> pingora::Result<HeaderValue> {
     let bytes = match chain {
         None => element,
         Some(chain) => {
@@ -181,14 +166,20 @@ pub fn rewrite(
     }
 
     // Forwarding: a trusted proxy's chain is extended; anyone else's is replaced.
-    let proto = trusted_value(req, fwd, &X_FORWARDED_PROTO).unwrap_or(HeaderValue::from_static(
-        if fwd.tls { "https" } else { "http" },
-    ));
-    let host = trusted_value(req, fwd, &X_FORWARDED_HOST).or_else(|| fwd.host.clone());
+    let proto = trusted_value(req, fwd, &X_FORWARDED_PROTO)
+        .cloned()
+        .unwrap_or(HeaderValue::from_static(if fwd.tls {
+            "https"
+        } else {
+            "http"
+        }));
+    let host = trusted_value(req, fwd, &X_FORWARDED_HOST)
+        .cloned()
+        .or_else(|| fwd.host.clone());
     if let Some(peer) = fwd.peer {
         let node = IpText::new(peer);
         let xff = chain_value(
-            trusted_chain(req, fwd, &X_FORWARDED_FOR),
+            trusted_value(req, fwd, &X_FORWARDED_FOR),
             node.as_bytes().to_vec(),
         )?;
         let proto = proto.as_bytes();
@@ -217,7 +208,8 @@ pub fn rewrite(
             element.extend(host.iter().filter(quoted));
             element.push(b'"');
         }
-        let forwarded = chain_value(trusted_chain(req, fwd, &FORWARDED), element)?;
+        debug_assert_eq!(element.len(), len, "the Forwarded element is sized exactly");
+        let forwarded = chain_value(trusted_value(req, fwd, &FORWARDED), element)?;
         req.insert_header(wire::X_FORWARDED_FOR, xff)?;
         req.insert_header(wire::FORWARDED, forwarded)?;
     } else {
