@@ -472,6 +472,19 @@ mod tests {
 
     type LookupTask = tokio::task::JoinHandle<Result<Option<Arc<UserKey>>, VaultError>>;
 
+    /// Let the held store reads finish; what each lookup got.
+    async fn release(
+        store: &GatedStore,
+        tasks: Vec<LookupTask>,
+    ) -> Vec<Result<Option<Arc<UserKey>>, VaultError>> {
+        store.open_gate();
+        let mut out = Vec::with_capacity(tasks.len());
+        for t in tasks {
+            out.push(t.await.expect("task"));
+        }
+        out
+    }
+
     #[tokio::test]
     async fn concurrent_cold_lookups_share_one_store_read() {
         let (store, v, owner) =
@@ -479,9 +492,8 @@ mod tests {
         let waiters = spawn_lookups(&v, &owner, 5);
         settle().await;
         assert_eq!(store.gets(), 1, "the other lookups wait for the first read");
-        store.open_gate();
-        for w in waiters {
-            assert_eq!(key_of(w.await.expect("task")), "tw_1");
+        for found in release(&store, waiters).await {
+            assert_eq!(key_of(found), "tw_1");
         }
         assert_eq!(key_of(v.lookup(&owner).await), "tw_1");
         assert_eq!(store.gets(), 1, "then the key is served from the cache");
@@ -494,9 +506,8 @@ mod tests {
         store.fail.store(true, Ordering::SeqCst);
         let waiters = spawn_lookups(&v, &owner, 3);
         settle().await;
-        store.open_gate();
-        for w in waiters {
-            assert!(matches!(w.await.expect("task"), Err(VaultError::Store(_))));
+        for found in release(&store, waiters).await {
+            assert!(matches!(found, Err(VaultError::Store(_))));
         }
         assert_eq!(store.gets(), 1);
         store.fail.store(false, Ordering::SeqCst);
@@ -514,9 +525,8 @@ mod tests {
         v.put(&owner, &secret("tw_new"), None, None)
             .await
             .expect("put");
-        store.open_gate();
-        for r in reader {
-            assert_eq!(key_of(r.await.expect("task")), "tw_old");
+        for found in release(&store, reader).await {
+            assert_eq!(key_of(found), "tw_old");
         }
         assert_eq!(key_of(v.lookup(&owner).await), "tw_new");
         assert_eq!(store.gets(), 2);
