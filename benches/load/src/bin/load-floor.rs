@@ -1,0 +1,233 @@
+//! The required-work floor: the passthrough plus, written as plainly as Pingora allows, the work
+//! keygate's specification makes every authenticated MCP request do, with nothing configurable,
+//! no metrics, no log and no token verification (every token is taken as valid; the ladder runs
+//! with warm caches, where keygate verifies nothing either). It answers one question: how much of
+//! keygate's cost over the bare passthrough any proxy doing the same job on Pingora would pay.
+//!
+//! Per request, as keygate's step 4 does:
+//! - the whole-header deadline (keygate's own wrapper, the same one);
+//! - the bearer token taken from `Authorization`, hashed with SHA-256, looked up in a verified
+//!   token map, then the user's key looked up by subject;
+//! - the JSON-RPC body read before the upstream is chosen (Pingora's retry buffer sends it on)
+//!   and its `method` and `params.name` read;
+//! - upstream headers: `Authorization`, `Proxy-Authorization` and `Cookie` removed;
+//!   `X-Forwarded-For`, `Forwarded`, `X-Forwarded-Proto`, `X-Forwarded-Host` and a generated
+//!   `X-Request-Id` set; `Host` set to the upstream's; the key appended as `?apiKey=`;
+//! - the upstream peer with read and write timeouts;
+//! - `X-Request-Id` returned in the response.
+//!
+//! Usage: `load-floor <listen addr> <upstream addr>`.
+
+use std::borrow::Cow;
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, RwLock};
+use std::time::Duration;
+
+use async_trait::async_trait;
+use bytes::{Bytes, BytesMut};
+use http::HeaderValue;
+use keygate::proxy::deadline::{mark_headers_read, HeaderDeadline};
+use pingora::prelude::*;
+use pingora::server::configuration::ServerConf;
+use pingora::services::listening::Service;
+use sha2::{Digest, Sha256};
+
+#[cfg(feature = "mimalloc")]
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
+#[derive(serde::Deserialize)]
+struct Rpc<'a> {
+    #[serde(borrow)]
+    method: Option<Cow<'a, str>>,
+    #[serde(borrow)]
+    params: Option<Params<'a>>,
+}
+
+#[derive(serde::Deserialize)]
+struct Params<'a> {
+    #[serde(borrow)]
+    name: Option<Cow<'a, str>>,
+}
+
+struct Floor {
+    upstream: SocketAddr,
+    host: HeaderValue,
+    /// Token hash -> subject (keygate: token hash -> verified identity).
+    verified: RwLock<HashMap<[u8; 32], Arc<str>>>,
+    /// Subject -> API key (keygate: the key cache).
+    keys: RwLock<HashMap<Arc<str>, Arc<str>>>,
+    next_id: AtomicU64,
+}
+
+#[derive(Default)]
+struct Ctx {
+    key: Option<Arc<str>>,
+    request_id: Option<HeaderValue>,
+    calls: usize,
+}
+
+impl Floor {
+    fn key_for(&self, token: &[u8]) -> Arc<str> {
+        let hash: [u8; 32] = Sha256::digest(token).into();
+        let known = self
+            .verified
+            .read()
+            .ok()
+            .and_then(|m| m.get(&hash).cloned());
+        let subject = known.unwrap_or_else(|| {
+            let subject: Arc<str> = format!(
+                "user_{:02x}{:02x}{:02x}{:02x}",
+                hash[0], hash[1], hash[2], hash[3]
+            )
+            .into();
+            if let Ok(mut m) = self.verified.write() {
+                m.insert(hash, subject.clone());
+            }
+            subject
+        });
+        let known = self.keys.read().ok().and_then(|m| m.get(&subject).cloned());
+        known.unwrap_or_else(|| {
+            let key: Arc<str> = format!("key-{subject}").into();
+            if let Ok(mut m) = self.keys.write() {
+                m.insert(subject, key.clone());
+            }
+            key
+        })
+    }
+}
+
+#[async_trait]
+impl ProxyHttp for Floor {
+    type CTX = Ctx;
+
+    fn new_ctx(&self) -> Ctx {
+        Ctx::default()
+    }
+
+    async fn early_request_filter(&self, _session: &mut Session, _ctx: &mut Ctx) -> Result<()> {
+        mark_headers_read();
+        Ok(())
+    }
+
+    async fn request_filter(&self, session: &mut Session, ctx: &mut Ctx) -> Result<bool> {
+        let token = session
+            .req_header()
+            .headers
+            .get(http::header::AUTHORIZATION)
+            .map(|v| v.as_bytes())
+            .filter(|v| v.len() > 7 && v[..7].eq_ignore_ascii_case(b"bearer "))
+            .map(|v| v[7..].to_vec());
+        let Some(token) = token else {
+            session.respond_error(401).await?;
+            return Ok(true);
+        };
+        ctx.key = Some(self.key_for(&token));
+
+        session.as_downstream_mut().enable_retry_buffering();
+        let mut body = BytesMut::new();
+        while let Some(chunk) = session.read_request_body().await? {
+            body.extend_from_slice(&chunk);
+        }
+        let body: Bytes = body.freeze();
+        if let Ok(rpc) = serde_json::from_slice::<Rpc<'_>>(&body) {
+            ctx.calls = usize::from(rpc.method.is_some())
+                + usize::from(rpc.params.and_then(|p| p.name).is_some());
+        }
+        Ok(false)
+    }
+
+    async fn upstream_peer(&self, _session: &mut Session, _ctx: &mut Ctx) -> Result<Box<HttpPeer>> {
+        let mut peer = HttpPeer::new(self.upstream, false, String::new());
+        peer.options.read_timeout = Some(Duration::from_secs(3600));
+        peer.options.write_timeout = Some(Duration::from_secs(30));
+        Ok(Box::new(peer))
+    }
+
+    async fn upstream_request_filter(
+        &self,
+        session: &mut Session,
+        req: &mut RequestHeader,
+        ctx: &mut Ctx,
+    ) -> Result<()> {
+        for name in [
+            http::header::AUTHORIZATION,
+            http::header::PROXY_AUTHORIZATION,
+            http::header::COOKIE,
+        ] {
+            req.remove_header(&name);
+        }
+        let peer = session
+            .client_addr()
+            .and_then(|a| a.as_inet())
+            .map(|a| a.ip().to_string())
+            .unwrap_or_default();
+        let host = req.headers.get(http::header::HOST).cloned();
+        let forwarded = match host.as_ref().and_then(|h| h.to_str().ok()) {
+            Some(h) => format!("for={peer};proto=http;host=\"{h}\""),
+            None => format!("for={peer};proto=http"),
+        };
+        req.insert_header("X-Forwarded-For", peer)?;
+        req.insert_header("Forwarded", forwarded)?;
+        req.insert_header("X-Forwarded-Proto", "http")?;
+        if let Some(h) = host {
+            req.insert_header("X-Forwarded-Host", h)?;
+        }
+        let id = format!("{:032x}", self.next_id.fetch_add(1, Ordering::Relaxed));
+        let id = HeaderValue::from_str(&id).map_err(|_| Error::new(ErrorType::InternalError))?;
+        req.insert_header("X-Request-Id", id.clone())?;
+        ctx.request_id = Some(id);
+        req.insert_header(http::header::HOST, self.host.clone())?;
+        if let Some(key) = &ctx.key {
+            let uri = match req.uri.query() {
+                Some(q) => format!("{}?{q}&apiKey={key}", req.uri.path()),
+                None => format!("{}?apiKey={key}", req.uri.path()),
+            };
+            let uri = http::Uri::try_from(uri).map_err(|_| Error::new(ErrorType::InternalError))?;
+            req.set_uri(uri);
+        }
+        Ok(())
+    }
+
+    async fn response_filter(
+        &self,
+        _session: &mut Session,
+        resp: &mut ResponseHeader,
+        ctx: &mut Ctx,
+    ) -> Result<()> {
+        if let Some(id) = ctx.request_id.take() {
+            resp.insert_header("X-Request-Id", id)?;
+        }
+        Ok(())
+    }
+}
+
+fn main() -> anyhow::Result<()> {
+    let mut args = std::env::args().skip(1);
+    let listen = args.next().unwrap_or_else(|| "127.0.0.1:8082".into());
+    let upstream: SocketAddr = args
+        .next()
+        .unwrap_or_else(|| "127.0.0.1:3000".into())
+        .parse()?;
+    let conf = ServerConf {
+        threads: 1,
+        ..ServerConf::default()
+    };
+    let mut server = Server::new_with_opt_and_conf(None, conf);
+    server.bootstrap();
+    let floor = Floor {
+        upstream,
+        host: HeaderValue::from_str(&upstream.to_string())?,
+        verified: RwLock::new(HashMap::new()),
+        keys: RwLock::new(HashMap::new()),
+        next_id: AtomicU64::new(1),
+    };
+    let proxy = pingora::proxy::http_proxy(&server.configuration, floor);
+    let app = HeaderDeadline::new(proxy, Duration::from_secs(10), Duration::from_secs(60));
+    let mut service = Service::new("load-floor".to_string(), app);
+    service.add_tcp(&listen);
+    server.add_service(service);
+    server.run_forever()
+}
