@@ -57,7 +57,8 @@ impl From<AuthFailure> for GatewayError {
 /// Pull the bearer token out of the request headers.
 ///
 /// `Ok(None)`: no bearer credential. Two `Authorization` headers are a bad request; a token
-/// over `max_bytes` is refused before anything parses it.
+/// over `max_bytes` is refused before anything parses it. The token's characters are checked
+/// by [`Authenticator::authenticate`] on a cache miss ([`is_b64token`]).
 pub fn bearer_token(
     headers: &http::HeaderMap,
     max_bytes: usize,
@@ -81,10 +82,19 @@ pub fn bearer_token(
     if token.len() > max_bytes {
         return Err(AuthError::TooLarge.into());
     }
-    // RFC 6750 b64token: ALPHA / DIGIT / "-" / "." / "_" / "~" / "+" / "/", then "=" padding.
+    if token.trim_end_matches('=').is_empty() {
+        return Err(AuthError::Malformed.into());
+    }
+    Ok(Some(token))
+}
+
+/// Whether `token` is an RFC 6750 `b64token`: ALPHA / DIGIT / "-" / "." / "_" / "~" / "+" /
+/// "/", then "=" padding. [`Authenticator::authenticate`] checks it before verifying a token it
+/// has not seen; a token found in the verified-token cache is byte-for-byte one that passed.
+pub fn is_b64token(token: &str) -> bool {
     let body = token.trim_end_matches('=');
     // Without early exit, so the check compiles to vector compares over the whole token.
-    let b64token = body.bytes().fold(true, |ok, b| {
+    let charset = body.bytes().fold(true, |ok, b| {
         ok & (b.is_ascii_alphanumeric()
             | (b == b'-')
             | (b == b'.')
@@ -93,10 +103,7 @@ pub fn bearer_token(
             | (b == b'+')
             | (b == b'/'))
     });
-    if body.is_empty() || !b64token {
-        return Err(AuthError::Malformed.into());
-    }
-    Ok(Some(token))
+    !body.is_empty() && charset
 }
 
 /// What kind of token this looks like, before (or without) verifying it: a label for the
@@ -263,6 +270,9 @@ impl Authenticator {
                     self.verified.remove(&hash);
                 }
                 self.cache_misses.fetch_add(1, Ordering::Relaxed);
+                if !is_b64token(token) {
+                    return Err(AuthError::Malformed.into());
+                }
                 self.verify_uncached(token, hash).await?
             }
         };
@@ -310,6 +320,15 @@ mod tests {
     }
 
     #[test]
+    fn b64token_charset() {
+        assert!(is_b64token("abc.DEF-_~+/09=="));
+        assert!(is_b64token("oat_abc"));
+        for bad in ["a b", "a$b", "a\"b", "ab=c", "===", "", "é"] {
+            assert!(!is_b64token(bad), "{bad:?} accepted");
+        }
+    }
+
+    #[test]
     fn bearer_extraction_rules() {
         assert_eq!(bearer_token(&headers(&[]), 100).ok(), Some(None));
         assert_eq!(
@@ -328,8 +347,13 @@ mod tests {
             bearer_token(&headers(&["Bearer a", "Bearer b"]), 100),
             Err(GatewayError::BadRequest(_))
         ));
+        // The charset is checked by `authenticate`, before verification (`is_b64token`).
+        assert_eq!(
+            bearer_token(&headers(&["Bearer a b"]), 100).ok(),
+            Some(Some("a b"))
+        );
         assert!(matches!(
-            bearer_token(&headers(&["Bearer a b"]), 100),
+            bearer_token(&headers(&["Bearer ==="]), 100),
             Err(GatewayError::Unauthorized(AuthError::Malformed))
         ));
         assert!(matches!(

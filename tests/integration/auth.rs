@@ -589,6 +589,30 @@ async fn disabled_opaque_kinds_are_refused_without_calling_clerk() {
 }
 
 #[tokio::test]
+async fn tokens_outside_the_b64token_charset_are_malformed_and_never_sent_to_clerk() {
+    let env = setup().await;
+    env.clerk.add_opaque(
+        "oat_good",
+        OpaqueSpec {
+            subject: "user_77".into(),
+            scopes: vec!["twenty:read".into()],
+            expires_at_ms: Some((keys::now() + 600) * 1000),
+            revoked: false,
+            expired: false,
+            client_id: "client_1".into(),
+        },
+    );
+    for token in ["oat_good$", "oat_go\"od", "oat_good=x"] {
+        let body = assert_rejected(&env, token).await;
+        assert_eq!(body["error_description"], "malformed token", "{token}");
+    }
+    assert_eq!(env.clerk.verify_calls(), 0);
+    // The same check does not stand in the way of the well-formed token.
+    assert_eq!(call(&env, "/mcp", "oat_good").await.status(), 200);
+    assert_eq!(env.clerk.verify_calls(), 1);
+}
+
+#[tokio::test]
 async fn two_authorization_headers_are_a_bad_request() {
     let env = setup().await;
     let token = access_token(&env);
