@@ -443,20 +443,22 @@ async fn keys_older_than_max_stale_fail_closed() {
     assert_eq!(resp.status(), 503);
 }
 
+/// A live opaque OAuth token for `user_77` with the `twenty:read` scope.
+fn live_oauth_spec() -> OpaqueSpec {
+    OpaqueSpec {
+        subject: "user_77".into(),
+        scopes: vec!["twenty:read".into()],
+        expires_at_ms: Some((keys::now() + 600) * 1000),
+        revoked: false,
+        expired: false,
+        client_id: "client_1".into(),
+    }
+}
+
 #[tokio::test]
 async fn opaque_oauth_token_is_verified_cached_and_revocation_applies_to_new_checks() {
     let env = setup().await;
-    env.clerk.add_opaque(
-        "oat_good",
-        OpaqueSpec {
-            subject: "user_77".into(),
-            scopes: vec!["twenty:read".into()],
-            expires_at_ms: Some((keys::now() + 600) * 1000),
-            revoked: false,
-            expired: false,
-            client_id: "client_1".into(),
-        },
-    );
+    env.clerk.add_opaque("oat_good", live_oauth_spec());
     let resp = call(&env, "/mcp", "oat_good").await;
     assert_eq!(resp.status(), 200);
     let seen = env.upstream.last().expect("forwarded");
@@ -591,17 +593,7 @@ async fn disabled_opaque_kinds_are_refused_without_calling_clerk() {
 #[tokio::test]
 async fn tokens_outside_the_b64token_charset_are_malformed_and_never_sent_to_clerk() {
     let env = setup().await;
-    env.clerk.add_opaque(
-        "oat_good",
-        OpaqueSpec {
-            subject: "user_77".into(),
-            scopes: vec!["twenty:read".into()],
-            expires_at_ms: Some((keys::now() + 600) * 1000),
-            revoked: false,
-            expired: false,
-            client_id: "client_1".into(),
-        },
-    );
+    env.clerk.add_opaque("oat_good", live_oauth_spec());
     for token in ["oat_good$", "oat_go\"od", "oat_good=x"] {
         let body = assert_rejected(&env, token).await;
         assert_eq!(body["error_description"], "malformed token", "{token}");
