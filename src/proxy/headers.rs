@@ -126,7 +126,7 @@ fn chain_value(chain: Option<&HeaderValue>, element: Vec<u8>) -> pingora::Result
 }
 
 /// Remove a header; a lookup first spares Pingora's two-map removal when it is absent.
-fn remove(req: &mut RequestHeader, name: &HeaderName) {
+pub(crate) fn remove(req: &mut RequestHeader, name: &HeaderName) {
     if req.headers.contains_key(name) {
         req.remove_header(name);
     }

@@ -39,7 +39,7 @@ pub fn apply(
     let targets = [&settings.api_key, &settings.base_url];
     for target in targets.iter().copied().flatten() {
         if let Some(h) = target.header_name() {
-            req.remove_header(h);
+            super::headers::remove(req, h);
         }
     }
     let values = key.map(|key| {
