@@ -218,6 +218,8 @@ pub fn build_state(settings: Settings) -> anyhow::Result<Arc<GatewayState>> {
         "service": "keygate",
         "authEnabled": settings.auth.enabled,
     });
+    // `/api/keys` is keygate's own only while the vault answers it.
+    let routes = crate::proxy::route::Routes::new(&settings.policy.mcp_paths, vault.is_some());
     Ok(Arc::new(GatewayState {
         resource_metadata: ResourceMetadata::new(&settings),
         as_metadata: AuthServerMetadata::new(&settings, client),
@@ -232,6 +234,7 @@ pub fn build_state(settings: Settings) -> anyhow::Result<Arc<GatewayState>> {
         fallback_limiter: rate_limits.fallback,
         metrics,
         sessions,
+        routes,
         auth,
         settings,
     }))

@@ -536,6 +536,23 @@ fn parse_inject(f: &file::InjectFile, problems: &mut Problems) -> InjectSettings
     }
 }
 
+/// Configured request paths in the normal form the route decision compares against
+/// (`proxy::route`); a path that has none is a problem naming the option.
+fn normal_paths(problems: &mut Problems, field: &str, raw: &[String]) -> Vec<String> {
+    raw.iter()
+        .filter_map(|p| {
+            let normal = crate::proxy::route::normal_config_path(p);
+            if normal.is_none() {
+                problems.push(
+                    field.to_string(),
+                    format!("{p:?} must be an absolute path without dot segments, encoded separators, query or fragment"),
+                );
+            }
+            normal
+        })
+        .collect()
+}
+
 fn resolve_path(base: &Path, raw: &str) -> PathBuf {
     let p = PathBuf::from(raw);
     if p.is_absolute() || p.exists() {
@@ -1056,7 +1073,7 @@ fn validate(f: FileConfig, base: &Path, problems: &mut Problems) -> Option<Setti
         protocol_versions: p.protocol_versions.clone(),
         bind_sessions: p.bind_sessions,
         session_ttl: secs(p.session_ttl_secs.max(60)),
-        mcp_paths: p.mcp_paths.clone(),
+        mcp_paths: normal_paths(problems, "policy.mcp_paths", &p.mcp_paths),
         scope_rules,
         org: p.org.clone(),
     };
@@ -1138,7 +1155,7 @@ fn validate(f: FileConfig, base: &Path, problems: &mut Problems) -> Option<Setti
             requests: rule.requests,
             period: secs(rule.period_secs),
             burst,
-            paths: rule.paths.clone(),
+            paths: normal_paths(problems, &format!("{field}.paths"), &rule.paths),
             tools: rule.tools.clone(),
             cost: rule.cost,
         });
@@ -1184,7 +1201,11 @@ fn validate(f: FileConfig, base: &Path, problems: &mut Problems) -> Option<Setti
             max_token_bytes: f.auth.max_token_bytes,
             leeway: secs(f.auth.leeway_secs),
             verified_cache_max_entries: f.auth.verified_cache_max_entries.max(1),
-            session_token_paths: f.auth.session_token_paths.clone(),
+            session_token_paths: normal_paths(
+                problems,
+                "auth.session_token_paths",
+                &f.auth.session_token_paths,
+            ),
             identity_headers,
         },
         clerk,

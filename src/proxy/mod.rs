@@ -15,6 +15,7 @@ pub mod deadline;
 pub mod headers;
 pub mod inject;
 pub mod respond;
+pub mod route;
 
 use std::net::IpAddr;
 use std::sync::Arc;
@@ -42,6 +43,7 @@ use crate::policy::ratelimit::{self, Decision, Quota, RateLimiter};
 use crate::policy::sessions::SessionBindings;
 use crate::telemetry::access;
 use crate::telemetry::metrics::Metrics;
+use route::{Classified, PathKind, Routes};
 
 const MCP_PROTOCOL_VERSION: HeaderName = HeaderName::from_static("mcp-protocol-version");
 const MCP_SESSION_ID: HeaderName = HeaderName::from_static("mcp-session-id");
@@ -72,6 +74,8 @@ pub struct GatewayState {
     pub metrics: Arc<Metrics>,
     /// Who opened which MCP session.
     pub sessions: Option<Arc<dyn SessionBindings>>,
+    /// The route table every request is classified by, once.
+    pub routes: Routes,
 }
 
 /// A rate-limit rule ready for the request path.
@@ -122,14 +126,11 @@ impl CompiledRateRule {
             .inc();
     }
 
-    fn applies_to(&self, path: &str) -> bool {
-        self.rule.paths.is_empty()
-            || self.rule.paths.iter().any(|p| {
-                path == p
-                    || path
-                        .strip_prefix(p.as_str())
-                        .is_some_and(|r| r.starts_with('/'))
-            })
+    /// Whether the request's path counts for this rule: its normal form starts with one of
+    /// the rule's paths, the way an upstream routing by prefix decides (`/mcpx` counts for
+    /// `/mcp`, as it is MCP too).
+    fn applies_to(&self, route: &Classified<'_>) -> bool {
+        self.rule.paths.is_empty() || self.rule.paths.iter().any(|p| route.starts_with(p))
     }
 
     /// Units this request spends: the rule's cost, times the matching tool calls for a tool
@@ -229,18 +230,13 @@ pub struct Gateway {
 }
 
 impl Gateway {
-    fn session_tokens_allowed(&self, path: &str) -> bool {
+    fn session_tokens_allowed(&self, route: &Classified<'_>) -> bool {
         self.state
             .settings
             .auth
             .session_token_paths
             .iter()
-            .any(|p| {
-                path == p
-                    || path
-                        .strip_prefix(p.as_str())
-                        .is_some_and(|r| r.starts_with('/'))
-            })
+            .any(|p| route.under(p))
     }
 
     /// Answer discovery and health routes; `Ok(true)` when answered.
@@ -344,7 +340,7 @@ impl Gateway {
         &self,
         session: &Session,
         ctx: &mut RequestCtx,
-        path: &str,
+        route: &Classified<'_>,
     ) -> Result<(), GatewayError> {
         let auth = &self.state.auth;
         let settings = &self.state.settings.auth;
@@ -368,7 +364,7 @@ impl Gateway {
             return Ok(());
         };
         match auth
-            .authenticate(token, self.session_tokens_allowed(path))
+            .authenticate(token, self.session_tokens_allowed(route))
             .await
         {
             Ok(identity) => {
@@ -415,16 +411,15 @@ impl Gateway {
     }
 
     /// Read the JSON-RPC body of an MCP POST (bounded; Pingora's retry buffer then sends the
-    /// same bytes upstream). `None` for requests that are not MCP POSTs.
+    /// same bytes upstream). `None` for requests that are not MCP POSTs — decided by the route,
+    /// so every spelling of an MCP path is read.
     async fn read_mcp_body(
         &self,
         session: &mut Session,
-        path: &str,
+        route: &Classified<'_>,
     ) -> Result<Option<Bytes>, GatewayError> {
         let policy = &self.state.settings.policy;
-        if session.req_header().method != http::Method::POST
-            || !policy.mcp_paths.iter().any(|p| p == path)
-        {
+        if route.kind != PathKind::Mcp || session.req_header().method != http::Method::POST {
             return Ok(None);
         }
         session.as_downstream_mut().enable_retry_buffering();
@@ -449,7 +444,7 @@ impl Gateway {
     async fn rate_limit(
         &self,
         ctx: &mut RequestCtx,
-        path: &str,
+        route: &Classified<'_>,
         calls: Option<&[RpcCall<'_>]>,
         kinds: &[RateKey],
     ) -> Result<(), GatewayError> {
@@ -459,7 +454,7 @@ impl Gateway {
         let mut tightest: Option<(&CompiledRateRule, Decision)> = None;
         for compiled in &self.state.rate_rules {
             let rule = &compiled.rule;
-            if !kinds.contains(&rule.per) || !compiled.applies_to(path) {
+            if !kinds.contains(&rule.per) || !compiled.applies_to(route) {
                 continue;
             }
             let ip;
@@ -722,32 +717,43 @@ impl ProxyHttp for Gateway {
         let uri = session.req_header().uri.clone();
         let path = uri.path();
         let outcome = async {
-            if !headers::path_is_normalized(path) {
-                return Err(GatewayError::BadRequest(
-                    "Request path must not contain dot segments or encoded separators",
-                ));
-            }
+            // The one route decision: every policy below reads `route`, never the raw path.
+            let route = self
+                .state
+                .routes
+                .classify(path)
+                .map_err(|e| GatewayError::BadRequest(e.as_str()))?;
             // Per-IP budgets guard every route, discovery and failed authentication included.
-            self.rate_limit(ctx, path, None, &[RateKey::Ip]).await?;
+            self.rate_limit(ctx, &route, None, &[RateKey::Ip]).await?;
             if self.local_route(session, ctx, path).await? {
                 return Ok(true);
+            }
+            if route.kind == PathKind::KeysOther {
+                // keygate's own namespace: never proxied, whatever the token.
+                ctx.route = Route::Local;
+                return Err(GatewayError::NotFound);
             }
             if self.cors(session, ctx).await? {
                 return Ok(true);
             }
             self.transport_checks(session)?;
-            self.authenticate(session, ctx, path).await?;
-            let body = self.read_mcp_body(session, path).await?;
+            self.authenticate(session, ctx, &route).await?;
+            let body = self.read_mcp_body(session, &route).await?;
             let calls = body
                 .as_deref()
                 .map(|b| self.inspect_mcp(session, b))
                 .transpose()?;
-            self.rate_limit(ctx, path, calls.as_deref(), &[RateKey::User, RateKey::Org])
-                .await?;
+            self.rate_limit(
+                ctx,
+                &route,
+                calls.as_deref(),
+                &[RateKey::User, RateKey::Org],
+            )
+            .await?;
             self.authorize(ctx, calls.as_deref())?;
             self.check_session(session, ctx).await?;
             if let Some(vault) = self.state.vault.clone() {
-                if path == "/api/keys" {
+                if route.kind == PathKind::Keys {
                     self.keys_api(session, ctx, &vault).await?;
                     return Ok(true);
                 }
@@ -1035,8 +1041,13 @@ mod tests {
             "edge:ip:10.0.0.1"
         );
         let r = rule("x", RateKey::Org);
-        assert!(r.applies_to("/mcp") && r.applies_to("/mcp/sub"));
-        assert!(!r.applies_to("/mcpx"));
+        let routes = Routes::new(&["/mcp".to_string()], true);
+        let applies = |p: &str| r.applies_to(&routes.classify(p).expect("path"));
+        // Every spelling an upstream routes to /mcp counts; other paths do not.
+        for p in ["/mcp", "/mcp/sub", "/mcpx", "//MCP", "/mcp;x"] {
+            assert!(applies(p), "{p}");
+        }
+        assert!(!applies("/x/mcp") && !applies("/health"));
     }
 
     #[test]

@@ -11,5 +11,6 @@ mod ops;
 mod policy;
 mod proxy;
 mod ratelimit;
+mod routes;
 mod stores;
 mod vault;
