@@ -362,3 +362,50 @@ mod tests {
         ));
     }
 }
+
+/// Property tests over bearer extraction, which reads whatever a client sends.
+#[cfg(test)]
+mod prop {
+    use proptest::prelude::*;
+
+    use super::{bearer_token, is_b64token, kind_hint};
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(3000))]
+
+        /// Any Authorization value is decided without a panic; a token handed on is within the
+        /// size cap, part of the header, and never empty or padding only.
+        #[test]
+        fn bearer_values_are_decided_within_bounds(
+            value in prop::collection::vec(any::<u8>(), 0..96),
+            scheme in prop::sample::select(vec!["Bearer ", "bearer ", "BEARER  ", "Basic ", ""]),
+            max in 1usize..64,
+        ) {
+            let mut raw = scheme.as_bytes().to_vec();
+            raw.extend_from_slice(&value);
+            let Ok(header) = http::HeaderValue::from_bytes(&raw) else {
+                return Ok(());
+            };
+            let mut headers = http::HeaderMap::new();
+            headers.insert(http::header::AUTHORIZATION, header.clone());
+            if let Ok(Some(token)) = bearer_token(&headers, max) {
+                prop_assert!(token.len() <= max);
+                prop_assert!(!token.trim_end_matches('=').is_empty());
+                let text = String::from_utf8_lossy(header.as_bytes()).into_owned();
+                prop_assert!(text.contains(token));
+                let _ = kind_hint(token);
+                let _ = is_b64token(token);
+            }
+            // A second Authorization header is always refused.
+            headers.append(http::header::AUTHORIZATION, header);
+            prop_assert!(bearer_token(&headers, max).is_err());
+        }
+
+        /// Token-shaped strings of any content are classified without a panic.
+        #[test]
+        fn any_token_text_is_classified(token in "\\PC{0,200}") {
+            let _ = kind_hint(&token);
+            let _ = is_b64token(&token);
+        }
+    }
+}

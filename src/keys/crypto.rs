@@ -783,3 +783,59 @@ mod tests {
         assert!(shown.len() < 80, "{shown}");
     }
 }
+
+/// Property tests over the envelope decoder, which reads whatever the store holds.
+#[cfg(test)]
+mod prop {
+    use proptest::prelude::*;
+
+    use super::Keyring;
+
+    const HEX: &str = "0f1e2d3c4b5a69788796a5b4c3d2e1f000112233445566778899aabbccddeeff";
+
+    fn ring() -> Keyring {
+        Keyring::from_secrets(HEX, &[]).unwrap_or_else(|e| panic!("keyring: {e}"))
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(2000))]
+
+        /// Arbitrary bytes never open (and never panic), whatever they start with.
+        #[test]
+        fn arbitrary_bytes_never_open(mut bytes in prop::collection::vec(any::<u8>(), 0..128), v1 in any::<bool>()) {
+            if v1 && !bytes.is_empty() {
+                bytes[0] = 1;
+            }
+            prop_assert!(ring().open(&bytes, "user:u").is_err());
+            let _ = Keyring::key_id_of(&bytes);
+        }
+
+        /// A sealed record opens for its own slot only, and any change to any byte of it, or
+        /// any truncation or extension, makes it fail to open.
+        #[test]
+        fn every_byte_of_an_envelope_is_authenticated(
+            key in prop::collection::vec(any::<u8>(), 1..96),
+            slot in "[a-z]{1,8}:[a-zA-Z0-9_|:/.]{1,24}",
+            other in "[a-z]{1,8}:[a-zA-Z0-9_|:/.]{1,24}",
+            at in any::<prop::sample::Index>(),
+            flip in 1u8..=255,
+            cut in any::<prop::sample::Index>(),
+            tail in prop::collection::vec(any::<u8>(), 1..4),
+        ) {
+            let ring = ring();
+            let sealed = ring.seal(&key, &slot).map_err(|e| TestCaseError::fail(e.to_string()))?;
+            let opened = ring.open(&sealed, &slot).map_err(|e| TestCaseError::fail(e.to_string()))?;
+            prop_assert_eq!(opened.as_slice(), key.as_slice());
+            if other != slot {
+                prop_assert!(ring.open(&sealed, &other).is_err());
+            }
+            let mut changed = sealed.clone();
+            changed[at.index(sealed.len())] ^= flip;
+            prop_assert!(ring.open(&changed, &slot).is_err());
+            prop_assert!(ring.open(&sealed[..cut.index(sealed.len())], &slot).is_err());
+            let mut longer = sealed.clone();
+            longer.extend_from_slice(&tail);
+            prop_assert!(ring.open(&longer, &slot).is_err());
+        }
+    }
+}

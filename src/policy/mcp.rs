@@ -1505,3 +1505,211 @@ mod tests {
         assert!(bad.is_err());
     }
 }
+
+/// Property tests: what the inspector decides about a body is what the upstream (a
+/// last-member-wins JSON parser, like `JSON.parse`) will act on, for hostile bodies too.
+#[cfg(test)]
+mod prop {
+    use proptest::prelude::*;
+    use serde_json::Value;
+
+    use super::parse_body;
+
+    /// A JSON string literal for `s`, sometimes with its letters as `\u` escapes.
+    fn lit(s: &str, escape: bool) -> String {
+        if escape {
+            let mut out = String::from("\"");
+            for c in s.chars() {
+                out.push_str(&format!("\\u{:04x}", c as u32));
+            }
+            out.push('"');
+            out
+        } else {
+            serde_json::to_string(s).unwrap_or_default()
+        }
+    }
+
+    fn key() -> impl Strategy<Value = &'static str> {
+        prop::sample::select(vec![
+            "jsonrpc",
+            "method",
+            "Method",
+            "METHOD",
+            "params",
+            "id",
+            "name",
+            "Name",
+            "uri",
+            "arguments",
+            "result",
+            "error",
+            "x",
+        ])
+    }
+
+    fn scalar() -> impl Strategy<Value = String> {
+        prop_oneof![
+            prop::sample::select(vec![
+                "\"2.0\"",
+                "\"tools/call\"",
+                "\"tools/list\"",
+                "\"delete_person\"",
+                "\"get_person\"",
+                "\"\"",
+                "1",
+                "null",
+                "true",
+                "[]",
+                "{}",
+                "\"resources/read\"",
+                "\"prompts/get\"",
+                "\"file:///x\"",
+            ])
+            .prop_map(str::to_string),
+            (
+                prop::sample::select(vec!["tools/call", "get_person", "delete_person", "2.0"]),
+                any::<bool>()
+            )
+                .prop_map(|(s, e)| lit(s, e)),
+        ]
+    }
+
+    /// Objects up to three levels deep, members possibly repeated or escaped.
+    fn object() -> impl Strategy<Value = String> {
+        let member = (key(), any::<bool>(), scalar());
+        let leaf = prop::collection::vec(member, 0..6).prop_map(|ms| {
+            let body: Vec<String> = ms
+                .iter()
+                .map(|(k, e, v)| format!("{}:{}", lit(k, *e), v))
+                .collect();
+            format!("{{{}}}", body.join(","))
+        });
+        leaf.prop_recursive(2, 24, 6, |inner| {
+            prop::collection::vec((key(), any::<bool>(), prop_oneof![scalar(), inner]), 0..6)
+                .prop_map(|ms| {
+                    let body: Vec<String> = ms
+                        .iter()
+                        .map(|(k, e, v)| format!("{}:{}", lit(k, *e), v))
+                        .collect();
+                    format!("{{{}}}", body.join(","))
+                })
+        })
+    }
+
+    fn members_to_object(ms: &[(String, String)]) -> String {
+        let body: Vec<String> = ms.iter().map(|(k, v)| format!("{k}:{v}")).collect();
+        format!("{{{}}}", body.join(","))
+    }
+
+    /// A valid-looking request (method, params with a name) with hostile extras mixed in:
+    /// repeated or case-varied members, escaped member names, nested junk, any order.
+    fn message() -> impl Strategy<Value = String> {
+        let method = prop::sample::select(vec![
+            "tools/call",
+            "tools/list",
+            "resources/read",
+            "prompts/get",
+            "ping",
+        ]);
+        let name = prop::sample::select(vec!["get_person", "delete_person", "file:///x"]);
+        let extra = (key(), any::<bool>(), prop_oneof![scalar(), object()])
+            .prop_map(|(k, e, v)| (lit(k, e), v));
+        let param_extra = (key(), any::<bool>(), scalar()).prop_map(|(k, e, v)| (lit(k, e), v));
+        (
+            method,
+            name,
+            prop::collection::vec(any::<bool>(), 5),
+            prop::collection::vec(param_extra, 0..3),
+            prop::collection::vec(extra, 0..3),
+            any::<u64>(),
+        )
+            .prop_map(|(method, name, esc, pextra, extra, seed)| {
+                let name_key = if method == "resources/read" {
+                    "uri"
+                } else {
+                    "name"
+                };
+                let mut params = vec![(lit(name_key, esc[0]), lit(name, esc[1]))];
+                params.extend(pextra);
+                let mut ms = vec![
+                    (lit("jsonrpc", esc[2]), "\"2.0\"".to_string()),
+                    (lit("id", false), "1".to_string()),
+                    (lit("method", esc[3]), lit(method, esc[4])),
+                    (lit("params", false), members_to_object(&params)),
+                ];
+                ms.extend(extra);
+                // A deterministic shuffle from the case's seed.
+                let mut order: Vec<(u64, (String, String))> = ms
+                    .into_iter()
+                    .enumerate()
+                    .map(|(i, m)| (seed.rotate_left(i as u32 * 7) ^ (i as u64), m))
+                    .collect();
+                order.sort_by_key(|(k, _)| *k);
+                members_to_object(&order.into_iter().map(|(_, m)| m).collect::<Vec<_>>())
+            })
+    }
+
+    fn body() -> impl Strategy<Value = String> {
+        prop_oneof![
+            4 => message(),
+            1 => object(),
+            1 => prop::collection::vec(message(), 0..4).prop_map(|v| format!("[{}]", v.join(","))),
+        ]
+    }
+
+    /// The method and name an upstream reads from one message.
+    fn upstream_view(m: &Value) -> (Option<String>, Option<String>) {
+        let method = m.get("method").and_then(Value::as_str).map(str::to_string);
+        let params = m.get("params");
+        let field = |f: &str| {
+            params
+                .and_then(|p| p.get(f))
+                .and_then(Value::as_str)
+                .map(str::to_string)
+        };
+        let name = match method.as_deref() {
+            Some("resources/read") => field("uri"),
+            _ => field("name").or_else(|| field("uri")),
+        };
+        (method, name)
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(3000))]
+
+        /// Whenever the inspector accepts a body, every request an upstream would act on is
+        /// among its calls, with the same method and name.
+        #[test]
+        fn accepted_bodies_mean_to_the_upstream_what_they_mean_to_keygate(body in body()) {
+            if let Ok(calls) = parse_body(body.as_bytes()) {
+                let value: Value = serde_json::from_str(&body)
+                    .map_err(|e| TestCaseError::fail(format!("accepted non-JSON {body}: {e}")))?;
+                let messages: Vec<&Value> = match &value {
+                    Value::Array(items) => items.iter().collect(),
+                    v => vec![v],
+                };
+                let requests: Vec<(Option<String>, Option<String>)> = messages
+                    .iter()
+                    .map(|m| upstream_view(m))
+                    .filter(|(method, _)| method.is_some())
+                    .collect();
+                prop_assert_eq!(requests.len(), calls.len(), "{}", body);
+                for ((method, name), call) in requests.iter().zip(&calls) {
+                    prop_assert_eq!(method.as_deref(), Some(call.method.as_ref()), "{}", body);
+                    if let Some(n) = call.name.as_deref() {
+                        prop_assert_eq!(name.as_deref(), Some(n), "{}", body);
+                    }
+                    if call.method == "tools/call" {
+                        prop_assert_eq!(name.as_deref(), call.name.as_deref(), "{}", body);
+                    }
+                }
+            }
+        }
+
+        /// Any bytes at all are decided without a panic.
+        #[test]
+        fn any_bytes_are_decided(bytes in prop::collection::vec(any::<u8>(), 0..256)) {
+            let _ = parse_body(&bytes);
+        }
+    }
+}
