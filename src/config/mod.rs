@@ -185,6 +185,9 @@ pub struct KeysSettings {
     pub encryption_secret: Option<SecretString>,
     pub previous_encryption_secrets: Vec<SecretString>,
     pub org_keys: bool,
+    /// The issuer whose users' key slots are named by subject alone, as they were before slots
+    /// named the issuer (see [`crate::keys::store::Owner::of`]); `None`: every slot is qualified.
+    pub legacy_slot_issuer: Option<String>,
     pub fallback_api_key: Option<SecretString>,
     pub default_base_url: Option<String>,
     pub allowed_base_url_hosts: Vec<String>,
@@ -536,6 +539,37 @@ fn parse_inject(f: &file::InjectFile, problems: &mut Problems) -> InjectSettings
     }
 }
 
+/// `keys.legacy_slot_issuer`: as set (empty for none, else a trusted issuer), or by default
+/// Clerk's issuer when Clerk is configured, else the issuer when exactly one is trusted — the
+/// issuer whose records were written as `user:<sub>` before slots named the issuer.
+fn legacy_slot_issuer(
+    set: Option<&str>,
+    clerk: Option<&str>,
+    issuers: &[IssuerSettings],
+    problems: &mut Problems,
+) -> Option<String> {
+    let trusted: Vec<&str> = clerk
+        .into_iter()
+        .chain(issuers.iter().map(|i| i.issuer.as_str()))
+        .collect();
+    match set {
+        Some("") => None,
+        Some(s) if trusted.contains(&s) => Some(s.to_string()),
+        Some(s) => {
+            problems.push(
+                "keys.legacy_slot_issuer",
+                format!("{s:?} is not a trusted issuer (Clerk's or an [[issuers]] entry's)"),
+            );
+            None
+        }
+        None => match (clerk, trusted.as_slice()) {
+            (Some(c), _) => Some(c.to_string()),
+            (None, [only]) => Some(only.to_string()),
+            _ => None,
+        },
+    }
+}
+
 /// Configured request paths in the normal form the route decision compares against
 /// (`proxy::route`); a path that has none is a problem naming the option.
 fn normal_paths(problems: &mut Problems, field: &str, raw: &[String]) -> Vec<String> {
@@ -841,6 +875,11 @@ fn validate(f: FileConfig, base: &Path, problems: &mut Problems) -> Option<Setti
             problems.push(format!("{field}.issuer"), "is required");
             continue;
         }
+        if iss.issuer.contains('|') {
+            // `|` separates issuer and subject in key slots, limiter keys and session bindings.
+            problems.push(format!("{field}.issuer"), "must not contain '|'");
+            continue;
+        }
         let keys = match (&iss.jwks_url, &iss.jwks_file) {
             (Some(_), Some(_)) => {
                 problems.push(&field, "set jwks_url or jwks_file, not both");
@@ -1002,6 +1041,12 @@ fn validate(f: FileConfig, base: &Path, problems: &mut Problems) -> Option<Setti
             .map(SecretString::from)
             .collect(),
         org_keys: k.org_keys,
+        legacy_slot_issuer: legacy_slot_issuer(
+            k.legacy_slot_issuer.as_deref(),
+            clerk.as_ref().map(|c| c.issuer.as_str()),
+            &issuers,
+            problems,
+        ),
         fallback_api_key: k.fallback_api_key.clone().map(SecretString::from),
         default_base_url,
         allowed_base_url_hosts,

@@ -5,6 +5,8 @@
 //! and `embedded` (one process, on disk).
 
 use async_trait::async_trait;
+
+use crate::auth::Identity;
 use serde::{Deserialize, Serialize};
 use thiserror::Error;
 
@@ -37,6 +39,26 @@ impl Owner {
         Self {
             kind: OwnerKind::Org,
             id: id.into(),
+        }
+    }
+
+    /// Whose slot `identity`'s key lives in: the org's with `org_keys` and an org context,
+    /// else the user's. Identity is (issuer, subject): the id is `<issuer>|<subject>` (or
+    /// `|<org id>`), so equal subjects of two issuers never share a slot — except for
+    /// `legacy_issuer`, whose slots stay `user:<subject>` as written before slots named the
+    /// issuer (and as imported from the Node server). Issuers never contain `|` (checked at
+    /// startup), so the id splits back at its first `|`.
+    pub fn of(identity: &Identity, org_keys: bool, legacy_issuer: Option<&str>) -> Self {
+        let id = |local: &str| {
+            if legacy_issuer == Some(identity.issuer.as_str()) {
+                local.to_string()
+            } else {
+                format!("{}|{local}", identity.issuer)
+            }
+        };
+        match (&identity.org, org_keys) {
+            (Some(org), true) => Self::org(id(&org.id)),
+            _ => Self::user(id(&identity.subject)),
         }
     }
 

@@ -102,10 +102,16 @@ impl CompiledRateRule {
         }
     }
 
-    /// The limiter key for one caller of this rule.
-    fn key(&self, who: &str) -> String {
-        let mut key = String::with_capacity(self.key_prefix.len() + who.len());
+    /// The limiter key for one caller of this rule: `who` as named by `issuer` (users and
+    /// orgs: identity is (issuer, subject)), or `who` alone (addresses).
+    fn key(&self, issuer: Option<&str>, who: &str) -> String {
+        let scope = issuer.map_or(0, |i| i.len() + 1);
+        let mut key = String::with_capacity(self.key_prefix.len() + scope + who.len());
         key.push_str(&self.key_prefix);
+        if let Some(issuer) = issuer {
+            key.push_str(issuer);
+            key.push('|');
+        }
         key.push_str(who);
         key
     }
@@ -157,12 +163,10 @@ fn session_owner(identity: &Identity) -> String {
 }
 
 impl GatewayState {
-    /// Whose slot an identity's key lives in.
+    /// Whose slot an identity's key lives in (see [`Owner::of`]).
     pub fn owner(&self, identity: &Identity) -> Owner {
-        match (&identity.org, self.settings.keys.org_keys) {
-            (Some(org), true) => Owner::org(org.id.clone()),
-            _ => Owner::user(identity.subject.clone()),
-        }
+        let keys = &self.settings.keys;
+        Owner::of(identity, keys.org_keys, keys.legacy_slot_issuer.as_deref())
     }
 }
 
@@ -458,27 +462,28 @@ impl Gateway {
                 continue;
             }
             let ip;
-            let who = match rule.per {
+            let identity = ctx.identity.as_deref();
+            let issuer = identity.map(|i| i.issuer.as_str());
+            let (issuer, who) = match rule.per {
                 RateKey::Ip => match ctx.client_ip {
                     Some(addr) => {
                         ip = addr.to_string();
-                        Some(ip.as_str())
+                        (None, Some(ip.as_str()))
                     }
-                    None => None,
+                    None => (None, None),
                 },
-                RateKey::User => ctx.identity.as_ref().map(|i| i.subject.as_str()),
-                RateKey::Org => ctx
-                    .identity
-                    .as_ref()
-                    .and_then(|i| i.org.as_ref())
-                    .map(|o| o.id.as_str()),
+                RateKey::User => (issuer, identity.map(|i| i.subject.as_str())),
+                RateKey::Org => (
+                    issuer,
+                    identity.and_then(|i| i.org.as_ref()).map(|o| o.id.as_str()),
+                ),
             };
             let Some(who) = who else { continue };
             let cost = compiled.cost(calls);
             if cost == 0 {
                 continue;
             }
-            let key = compiled.key(who);
+            let key = compiled.key(issuer, who);
             let decision = limiter
                 .check(&key, &compiled.quota, cost)
                 .await
@@ -583,11 +588,11 @@ impl Gateway {
                 .put(&owner, &new.api_key, new.base_url, None)
                 .await
                 .map_err(vault_error)?;
-            tracing::info!(target: "keygate::audit", event = "key_stored", owner = %owner.slot(), request_id = %ctx.request_id, client_ip = ?ctx.client_ip);
+            tracing::info!(target: "keygate::audit", event = "key_stored", owner = %owner.slot(), issuer = %identity.issuer, request_id = %ctx.request_id, client_ip = ?ctx.client_ip);
             keys_api::STORED.to_string()
         } else if method == http::Method::DELETE {
             let existed = vault.delete(&owner).await.map_err(vault_error)?;
-            tracing::info!(target: "keygate::audit", event = "key_deleted", owner = %owner.slot(), existed, request_id = %ctx.request_id, client_ip = ?ctx.client_ip);
+            tracing::info!(target: "keygate::audit", event = "key_deleted", owner = %owner.slot(), issuer = %identity.issuer, existed, request_id = %ctx.request_id, client_ip = ?ctx.client_ip);
             keys_api::DELETED.to_string()
         } else {
             return Err(GatewayError::MethodNotAllowed);
@@ -1033,11 +1038,11 @@ mod tests {
     #[test]
     fn limiter_keys_name_the_rule_the_kind_and_the_caller() {
         assert_eq!(
-            rule("per-user", RateKey::User).key("user_1"),
-            "per-user:user:user_1"
+            rule("per-user", RateKey::User).key(Some("https://idp.example"), "user_1"),
+            "per-user:user:https://idp.example|user_1"
         );
         assert_eq!(
-            rule("edge", RateKey::Ip).key("10.0.0.1"),
+            rule("edge", RateKey::Ip).key(None, "10.0.0.1"),
             "edge:ip:10.0.0.1"
         );
         let r = rule("x", RateKey::Org);

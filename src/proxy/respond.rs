@@ -124,6 +124,7 @@ pub async fn error(
         reason = err.reason(),
         client_ip = ?ctx.client_ip,
         user = ctx.identity.as_ref().map(|i| i.subject.as_str()),
+        issuer = ctx.identity.as_ref().map(|i| i.issuer.as_str()),
         "request refused"
     );
     let headers: Vec<(&str, &str)> = r.headers.iter().map(|(n, v)| (*n, v.as_str())).collect();
