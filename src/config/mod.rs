@@ -1287,7 +1287,7 @@ mod tests {
 
     const SECRET: (&str, &str) = (
         "API_KEY_ENCRYPTION_SECRET",
-        "00112233445566778899aabbccddeeff00112233445566778899aabbccddeeff",
+        "3f8a1c9e57b2d4067e1fa93c28d5b6409c7e2a15f3b8d06e4a91c7253df80b6e",
     );
 
     #[test]

@@ -4,8 +4,8 @@
 
 use secrecy::SecretString;
 use serde::Deserialize;
-use url::Url;
 
+use super::check::{KeyRules, Rejected};
 use super::vault::KeyMetadata;
 use crate::config::KeysSettings;
 use crate::error::GatewayError;
@@ -40,22 +40,12 @@ pub fn parse_post(body: &[u8], settings: &KeysSettings) -> Result<NewKey, Gatewa
         }
         Some(_) => return Err(GatewayError::BadRequest("API key must be a string")),
     };
-    let api_key = api_key.trim().to_string();
-    if api_key.is_empty() {
-        return Err(GatewayError::BadRequest("API key is required"));
-    }
-    if api_key.len() > settings.max_key_bytes {
-        return Err(GatewayError::BadRequest("API key is too long"));
-    }
-    if api_key.bytes().any(|b| b.is_ascii_control() || b == b' ') {
-        return Err(GatewayError::BadRequest(
-            "API key must not contain spaces or control characters",
-        ));
-    }
+    let rules = KeyRules::new(settings);
+    let api_key = rules.api_key(&api_key).map_err(invalid)?.to_string();
     let base_url = match parsed.base_url {
         None | Some(serde_json::Value::Null) => None,
         Some(serde_json::Value::String(s)) if s.trim().is_empty() => None,
-        Some(serde_json::Value::String(s)) => Some(check_base_url(s.trim(), settings)?),
+        Some(serde_json::Value::String(s)) => Some(rules.base_url(&s).map_err(invalid)?),
         Some(_) => return Err(GatewayError::BadRequest("baseUrl must be a string")),
     };
     Ok(NewKey {
@@ -64,33 +54,8 @@ pub fn parse_post(body: &[u8], settings: &KeysSettings) -> Result<NewKey, Gatewa
     })
 }
 
-fn check_base_url(raw: &str, settings: &KeysSettings) -> Result<String, GatewayError> {
-    let url = Url::parse(raw).map_err(|_| GatewayError::BadRequest("baseUrl is not a URL"))?;
-    let host = url.host_str().map(str::to_ascii_lowercase);
-    let allowed = host
-        .as_deref()
-        .is_some_and(|h| settings.allowed_base_url_hosts.iter().any(|a| a == h));
-    if !allowed {
-        return Err(GatewayError::Invalid(format!(
-            "baseUrl host is not allowed; allowed hosts: {}",
-            settings.allowed_base_url_hosts.join(", ")
-        )));
-    }
-    let loopback = matches!(host.as_deref(), Some("localhost" | "127.0.0.1" | "[::1]"));
-    if url.scheme() != "https" && !(url.scheme() == "http" && loopback) {
-        return Err(GatewayError::BadRequest("baseUrl must use https"));
-    }
-    if !url.username().is_empty() || url.password().is_some() {
-        return Err(GatewayError::BadRequest(
-            "baseUrl must not carry credentials",
-        ));
-    }
-    if url.query().is_some() || url.fragment().is_some() {
-        return Err(GatewayError::BadRequest(
-            "baseUrl must not carry a query or fragment",
-        ));
-    }
-    Ok(url.as_str().trim_end_matches('/').to_string())
+fn invalid(e: Rejected) -> GatewayError {
+    GatewayError::Invalid(e.to_string())
 }
 
 fn rfc3339(secs: i64) -> Option<String> {

@@ -22,9 +22,10 @@
 //!
 //! Rejected, with an error that names which secret is wrong but never shows it: an empty
 //! secret; anything shorter than 32 characters; a hex/base64 key whose 32 bytes take fewer than
-//! 8 distinct values (all zeros, a short repeated pattern); a passphrase with fewer than 10
-//! distinct characters or containing an obvious placeholder ("changeme", "replace-me",
-//! "your-secret", "placeholder", "example").
+//! 16 distinct values, repeat a shorter pattern, or mostly step by one constant amount (a
+//! sequence); a passphrase with fewer than 10 distinct characters, that repeats a shorter piece,
+//! that is mostly a run of consecutive characters, or that contains an obvious placeholder
+//! ("changeme", "replace-me", "your-secret", "placeholder", "example").
 //!
 //! # Keys and key ids
 //!
@@ -57,6 +58,20 @@
 //!
 //! with kind `"api_key"` and the owner slot such as `"user:user_123"`, so an envelope copied to
 //! another owner's record, or relabelled with another version or key id, fails to open.
+//!
+//! # Format version 2 (written since base URLs are authenticated)
+//!
+//! The same layout with version byte 0x02; its associated data adds the record's base URL — the
+//! one other stored field that steers where the key is sent:
+//!
+//! ```text
+//! (version 1's fields) || 0x00                                  no base URL
+//! (version 1's fields) || 0x01 || len(base url) u64 BE || url   with one
+//! ```
+//!
+//! so a base URL changed in the store makes the record fail to open. Version 1 envelopes still
+//! open (their base URL is not bound; the vault re-checks it against the allowlist when it
+//! injects, and `keygate keys rotate` rewrites them as version 2).
 
 use std::fmt;
 
@@ -73,8 +88,10 @@ use sha2::Sha256;
 use thiserror::Error;
 use zeroize::{Zeroize, Zeroizing};
 
-/// The envelope format version this build writes (and the only one it reads).
-pub const FORMAT_VERSION: u8 = 1;
+/// The envelope format version this build writes.
+pub const FORMAT_VERSION: u8 = 2;
+/// The first format, without the base URL in its associated data; still opened.
+pub const FORMAT_VERSION_1: u8 = 1;
 /// The record kind bound into every API-key envelope.
 pub const RECORD_KIND_API_KEY: &str = "api_key";
 /// Salt (label) of the scrypt stretch applied to passphrase secrets.
@@ -84,7 +101,9 @@ pub const MIN_SECRET_CHARS: usize = 32;
 /// Fewest distinct characters a passphrase may have.
 pub const MIN_PASSPHRASE_DISTINCT_CHARS: usize = 10;
 
-const MIN_RAW_DISTINCT_BYTES: usize = 8;
+/// Fewest distinct byte values 32 raw key bytes may have: random ones have ~30, and fewer
+/// than 16 happens to random bytes with odds far below 2^-100.
+const MIN_RAW_DISTINCT_BYTES: usize = 16;
 const SCRYPT_LOG_N: u8 = 15;
 const SCRYPT_R: u32 = 8;
 const SCRYPT_P: u32 = 1;
@@ -248,14 +267,43 @@ impl Keyring {
         self.retired.iter().map(|k| k.id.as_str())
     }
 
-    /// Seal `plaintext` for the record slot `owner_slot` (e.g. "user:user_123").
+    /// Seal `plaintext` for the record slot `owner_slot` (e.g. "user:user_123"), for a record
+    /// without a base URL.
     pub fn seal(&self, plaintext: &[u8], owner_slot: &str) -> Result<Vec<u8>, CryptoError> {
-        self.seal_kind(plaintext, RECORD_KIND_API_KEY, owner_slot)
+        self.seal_record(plaintext, owner_slot, None)
     }
 
-    /// Open an envelope sealed for `owner_slot`; the plaintext is wiped when dropped.
+    /// Open an envelope sealed for `owner_slot` and a record without a base URL; the plaintext
+    /// is wiped when dropped.
     pub fn open(&self, sealed: &[u8], owner_slot: &str) -> Result<Zeroizing<Vec<u8>>, CryptoError> {
-        self.open_kind(sealed, RECORD_KIND_API_KEY, owner_slot)
+        self.open_record(sealed, owner_slot, None)
+    }
+
+    /// Seal `plaintext` for `owner_slot` and the record's `base_url`, both bound into the
+    /// envelope (format version 2).
+    pub fn seal_record(
+        &self,
+        plaintext: &[u8],
+        owner_slot: &str,
+        base_url: Option<&str>,
+    ) -> Result<Vec<u8>, CryptoError> {
+        self.seal_kind(plaintext, RECORD_KIND_API_KEY, owner_slot, base_url)
+    }
+
+    /// Open a record's envelope: a version 2 envelope opens only with the `base_url` it was
+    /// sealed with; a version 1 envelope binds no base URL.
+    pub fn open_record(
+        &self,
+        sealed: &[u8],
+        owner_slot: &str,
+        base_url: Option<&str>,
+    ) -> Result<Zeroizing<Vec<u8>>, CryptoError> {
+        self.open_kind(sealed, RECORD_KIND_API_KEY, owner_slot, base_url)
+    }
+
+    /// The format version of an envelope, when it is one this build reads.
+    pub fn version_of(sealed: &[u8]) -> Option<u8> {
+        Header::parse(sealed).ok().map(|h| h.version)
     }
 
     /// The key id a sealed envelope names (rotation uses it to find records not under the active key).
@@ -269,6 +317,7 @@ impl Keyring {
         plaintext: &[u8],
         kind: &str,
         owner_slot: &str,
+        base_url: Option<&str>,
     ) -> Result<Vec<u8>, CryptoError> {
         let key = &self.active;
         let mut nonce = [0u8; NONCE_LEN];
@@ -280,7 +329,13 @@ impl Keyring {
         out.extend_from_slice(key.id.as_bytes());
         out.extend_from_slice(&nonce);
         out.extend_from_slice(plaintext);
-        let aad = associated_data(FORMAT_VERSION, key.id.as_bytes(), kind, owner_slot);
+        let aad = associated_data(
+            FORMAT_VERSION,
+            key.id.as_bytes(),
+            kind,
+            owner_slot,
+            base_url,
+        );
         match key
             .cipher
             .encrypt_in_place_detached(&Nonce::from(nonce), &aad, &mut out[BODY_AT..])
@@ -302,6 +357,7 @@ impl Keyring {
         sealed: &[u8],
         kind: &str,
         owner_slot: &str,
+        base_url: Option<&str>,
     ) -> Result<Zeroizing<Vec<u8>>, CryptoError> {
         let header = Header::parse(sealed)?;
         let key = self.find(header.key_id).ok_or_else(|| {
@@ -314,7 +370,7 @@ impl Keyring {
         let tag: [u8; TAG_LEN] = sealed[tag_at..]
             .try_into()
             .map_err(|_| CryptoError::Malformed)?;
-        let aad = associated_data(header.version, header.key_id, kind, owner_slot);
+        let aad = associated_data(header.version, header.key_id, kind, owner_slot, base_url);
         let mut plain = Zeroizing::new(sealed[BODY_AT..tag_at].to_vec());
         key.cipher
             .decrypt_in_place_detached(&Nonce::from(nonce), &aad, &mut plain, &Tag::from(tag))
@@ -347,7 +403,7 @@ struct Header<'a> {
 impl<'a> Header<'a> {
     fn parse(sealed: &'a [u8]) -> Result<Self, CryptoError> {
         let version = *sealed.first().ok_or(CryptoError::Malformed)?;
-        if version != FORMAT_VERSION {
+        if version != FORMAT_VERSION && version != FORMAT_VERSION_1 {
             return Err(CryptoError::UnsupportedVersion(version));
         }
         if sealed.len() < ENVELOPE_OVERHEAD {
@@ -364,14 +420,32 @@ impl<'a> Header<'a> {
     }
 }
 
-fn associated_data(version: u8, key_id: &[u8], kind: &str, owner_slot: &str) -> Vec<u8> {
-    let mut aad = Vec::with_capacity(1 + key_id.len() + 16 + kind.len() + owner_slot.len());
+fn associated_data(
+    version: u8,
+    key_id: &[u8],
+    kind: &str,
+    owner_slot: &str,
+    base_url: Option<&str>,
+) -> Vec<u8> {
+    let url_len = base_url.map_or(0, |u| 8 + u.len());
+    let mut aad =
+        Vec::with_capacity(1 + key_id.len() + 17 + kind.len() + owner_slot.len() + url_len);
     aad.push(version);
     aad.extend_from_slice(key_id);
     aad.extend_from_slice(&(kind.len() as u64).to_be_bytes());
     aad.extend_from_slice(kind.as_bytes());
     aad.extend_from_slice(&(owner_slot.len() as u64).to_be_bytes());
     aad.extend_from_slice(owner_slot.as_bytes());
+    if version >= FORMAT_VERSION {
+        match base_url {
+            None => aad.push(0),
+            Some(url) => {
+                aad.push(1);
+                aad.extend_from_slice(&(url.len() as u64).to_be_bytes());
+                aad.extend_from_slice(url.as_bytes());
+            }
+        }
+    }
     aad
 }
 
@@ -448,13 +522,34 @@ fn check_raw(
         present[usize::from(*b)] = 1;
     }
     let distinct = present.iter().filter(|p| **p == 1).count();
-    if distinct < MIN_RAW_DISTINCT_BYTES {
+    if distinct < MIN_RAW_DISTINCT_BYTES || repeats(&key[..]) || runs_in_steps(&key[..]) {
         return Err(KeyringError::Weak {
             which: which.to_string(),
-            reason: "its 32 bytes are a repeated pattern, not random (try `openssl rand -hex 32`)",
+            reason: "its 32 bytes are a repeated pattern or a sequence, not random \
+                     (try `openssl rand -hex 32`)",
         });
     }
     Ok(key)
+}
+
+/// Whether `s` is one shorter piece repeated (`abcabcabc…`, `0123456789abcdef` four times).
+fn repeats<T: PartialEq>(s: &[T]) -> bool {
+    (1..=s.len() / 2).any(|period| s.iter().zip(&s[period..]).all(|(a, b)| a == b))
+}
+
+/// Whether most neighbours differ by one constant step (`abcdefgh…`, `0246…`, `zyxw…`):
+/// three quarters of the steps at least.
+fn runs_in_steps(s: &[u8]) -> bool {
+    if s.len() < 4 {
+        return false;
+    }
+    let steps: Vec<u8> = s.windows(2).map(|w| w[1].wrapping_sub(w[0])).collect();
+    let most = steps
+        .iter()
+        .map(|d| steps.iter().filter(|e| *e == d).count())
+        .max()
+        .unwrap_or(0);
+    most * 4 >= steps.len() * 3
 }
 
 fn check_passphrase(s: &str, which: &str) -> Result<(), KeyringError> {
@@ -473,6 +568,15 @@ fn check_passphrase(s: &str, which: &str) -> Result<(), KeyringError> {
     }
     if distinct < MIN_PASSPHRASE_DISTINCT_CHARS {
         return Err(weak("a passphrase needs at least 10 distinct characters"));
+    }
+    let chars: Vec<char> = s.chars().collect();
+    if repeats(&chars) {
+        return Err(weak("a passphrase must not be one piece repeated"));
+    }
+    if runs_in_steps(s.as_bytes()) {
+        return Err(weak(
+            "a passphrase must not be a run of consecutive characters",
+        ));
     }
     let lower = Zeroizing::new(s.to_lowercase());
     if PLACEHOLDERS.iter().any(|p| lower.contains(p)) {
@@ -573,6 +677,36 @@ mod tests {
     }
 
     #[test]
+    fn the_base_url_is_bound_into_version_2_envelopes() {
+        let k = ring(HEX, &[]);
+        let url = Some("https://crm.example.com");
+        let sealed = k.seal_record(b"tw_key", SLOT, url).expect("seal");
+        assert_eq!(sealed[0], FORMAT_VERSION);
+        assert_eq!(
+            k.open_record(&sealed, SLOT, url).expect("open").as_slice(),
+            b"tw_key"
+        );
+        for other in [None, Some("http://169.254.169.254/latest"), Some("")] {
+            assert_eq!(
+                k.open_record(&sealed, SLOT, other),
+                Err(CryptoError::Failed),
+                "{other:?}"
+            );
+        }
+        // No base URL and an empty one are different records.
+        let none = k.seal(b"tw_key", SLOT).expect("seal");
+        assert!(k.open_record(&none, SLOT, Some("")).is_err());
+        // Version 1 records (golden vector) still open, whatever base URL they carry.
+        let golden = unhex(GOLDEN);
+        assert_eq!(golden[0], FORMAT_VERSION_1);
+        assert!(k
+            .open_record(&golden, SLOT, Some("https://x.example"))
+            .is_ok());
+        assert_eq!(Keyring::version_of(&golden), Some(FORMAT_VERSION_1));
+        assert_eq!(Keyring::version_of(&sealed), Some(FORMAT_VERSION));
+    }
+
+    #[test]
     fn each_seal_uses_a_fresh_nonce() {
         let k = ring(HEX, &[]);
         let a = k.seal(b"same", SLOT).expect("seal");
@@ -599,12 +733,12 @@ mod tests {
     #[test]
     fn record_kind_is_bound() {
         let k = ring(HEX, &[]);
-        let sealed = k.seal_kind(b"tw_1", "api_key", SLOT).expect("seal");
+        let sealed = k.seal_kind(b"tw_1", "api_key", SLOT, None).expect("seal");
         assert_eq!(
-            k.open_kind(&sealed, "org_key", SLOT),
+            k.open_kind(&sealed, "org_key", SLOT, None),
             Err(CryptoError::Failed)
         );
-        assert!(k.open_kind(&sealed, "api_key", SLOT).is_ok());
+        assert!(k.open_kind(&sealed, "api_key", SLOT, None).is_ok());
     }
 
     #[test]
@@ -619,8 +753,12 @@ mod tests {
             }
         }
         let mut bad = sealed.clone();
-        bad[0] = 2;
-        assert_eq!(k.open(&bad, SLOT), Err(CryptoError::UnsupportedVersion(2)));
+        bad[0] = 3;
+        assert_eq!(k.open(&bad, SLOT), Err(CryptoError::UnsupportedVersion(3)));
+        // A version 2 envelope relabelled as version 1 (to shed its base URL binding) fails.
+        let mut relabelled = sealed.clone();
+        relabelled[0] = FORMAT_VERSION_1;
+        assert!(k.open(&relabelled, SLOT).is_err());
         let tag_at = sealed.len() - TAG_LEN;
         let mut bad = sealed.clone();
         bad[tag_at] ^= 1;
@@ -743,6 +881,12 @@ mod tests {
             ("AAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAA=", "too weak"),
             (&"x".repeat(40), "too weak"),
             (&"abcabc123".repeat(5), "too weak"),
+            // Repeats and sequences with enough distinct values to pass a count.
+            (&"0123456789abcdef".repeat(4), "too weak"),
+            (&"0123456789abcdefghij".repeat(2), "too weak"),
+            ("abcdefghijklmnopqrstuvwxyz0123456789", "too weak"),
+            ("0123456789ABCDEFGHIJKLMNOPQRSTUVWXYZ", "too weak"),
+            (&"00112233445566778899aabbccddeeff".repeat(2), "too weak"),
             ("please-changeme-before-deploying-this-thing", "too weak"),
             ("an example secret for the keygate docs page", "too weak"),
         ];

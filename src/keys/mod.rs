@@ -1,9 +1,10 @@
 //! The per-user key vault: each user's upstream API key sealed with AES-256-GCM
 //! (`crypto`), kept in a store (`redis_store` or `embedded`, behind `store::KeyStore`), cached
 //! and invalidated across replicas (`vault`), served at `/api/keys` (`api`), and migrated from
-//! the Node Twenty MCP server (`import`).
+//! the Node Twenty MCP server (`import`); every key entering it is checked by `check`.
 
 pub mod api;
+pub mod check;
 pub mod crypto;
 pub mod embedded;
 pub mod import;
@@ -31,7 +32,7 @@ pub(crate) fn test_settings() -> KeysSettings {
         ("KEYGATE_UPSTREAM", "http://127.0.0.1:3000"),
         (
             "API_KEY_ENCRYPTION_SECRET",
-            "00112233445566778899aabbccddeeff00112233445566778899aabbccddeeff",
+            "3f8a1c9e57b2d4067e1fa93c28d5b6409c7e2a15f3b8d06e4a91c7253df80b6e",
         ),
     ]
     .into_iter()

@@ -15,7 +15,8 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 use secrecy::{ExposeSecret, SecretString};
 use thiserror::Error;
 
-use super::crypto::Keyring;
+use super::check::{KeyRules, Rejected};
+use super::crypto::{Keyring, FORMAT_VERSION};
 use super::store::{KeyStore, Owner, StoreError, StoredRecord};
 use crate::config::KeysSettings;
 use crate::telemetry::metrics::Metrics;
@@ -49,9 +50,16 @@ pub enum VaultError {
     #[error("{0}")]
     Store(#[from] StoreError),
     /// A stored record does not open under any key we hold, or is not bound to this owner.
-    /// Never treated as "no key": the request fails closed (500).
+    /// Never treated as "no key": the request fails closed (500). Also a record that is not
+    /// an envelope at all, or whose base URL is no longer allowed.
     #[error("stored key cannot be decrypted")]
     Decrypt,
+    /// A key or base URL that may not be stored (400); the same rules for every way in.
+    #[error("{0}")]
+    Invalid(#[from] Rejected),
+    /// Sealing failed (no randomness): nothing was stored.
+    #[error("the key could not be sealed")]
+    Seal,
 }
 
 /// Outcome of `keygate keys rotate`.
@@ -85,6 +93,8 @@ pub struct Vault {
     /// started before a write never puts the old key in the cache.
     loading: Mutex<HashMap<Owner, Load>>,
     metrics: Option<Arc<Metrics>>,
+    /// What may be stored, and what a stored base URL must still be when it is injected.
+    rules: KeyRules,
 }
 
 fn now_secs() -> i64 {
@@ -106,6 +116,7 @@ impl Vault {
             ttl: settings.cache_ttl,
             loading: Mutex::new(HashMap::new()),
             metrics: None,
+            rules: KeyRules::new(settings),
         }
     }
 
@@ -154,7 +165,8 @@ impl Vault {
         let result = load
             .get_or_init(|| async {
                 missed.store(true, Ordering::Relaxed);
-                let Some(record) = self.timed("get", self.store.get(owner)).await? else {
+                let record = self.timed("get", self.store.get(owner)).await;
+                let Some(record) = self.readable(owner, record)? else {
                     return Ok(None);
                 };
                 Ok(Some(Arc::new(self.open(owner, &record)?)))
@@ -210,40 +222,77 @@ impl Vault {
         self.cache.clear();
     }
 
-    fn open(&self, owner: &Owner, record: &StoredRecord) -> Result<UserKey, VaultError> {
-        let plain = self
-            .keyring
-            .open(&record.sealed, &owner.slot())
-            .map_err(|e| {
+    /// A store answer, with a record that is damaged beyond reading (not an envelope, not
+    /// JSON, a value of the wrong type) turned into the same fail-closed error as one that
+    /// does not decrypt: permanent, audited, never "retry later".
+    fn readable(
+        &self,
+        owner: &Owner,
+        got: Result<Option<StoredRecord>, StoreError>,
+    ) -> Result<Option<StoredRecord>, VaultError> {
+        match got {
+            Err(StoreError::Corrupt(reason)) => {
                 tracing::error!(
                     target: "keygate::audit",
                     event = "key_decrypt_failed",
                     owner = %owner.slot(),
-                    error = %e,
-                    "stored API key failed to decrypt"
+                    error = %reason,
+                    "stored API key record is damaged"
                 );
-                VaultError::Decrypt
-            })?;
-        let text = String::from_utf8(plain.to_vec()).map_err(|_| VaultError::Decrypt)?;
+                Err(VaultError::Decrypt)
+            }
+            other => Ok(other?),
+        }
+    }
+
+    fn open(&self, owner: &Owner, record: &StoredRecord) -> Result<UserKey, VaultError> {
+        let refuse = |error: &dyn std::fmt::Display| {
+            tracing::error!(
+                target: "keygate::audit",
+                event = "key_decrypt_failed",
+                owner = %owner.slot(),
+                error = %error,
+                "stored API key failed to decrypt"
+            );
+            VaultError::Decrypt
+        };
+        // A base URL decides where the key goes: checked again on every read, whatever wrote it.
+        if let Some(url) = record.base_url.as_deref() {
+            if !self.rules.stored_base_url_ok(url) {
+                return Err(refuse(
+                    &"its base URL is not on keys.allowed_base_url_hosts",
+                ));
+            }
+        }
+        let plain = self
+            .keyring
+            .open_record(&record.sealed, &owner.slot(), record.base_url.as_deref())
+            .map_err(|e| refuse(&e))?;
+        let text = String::from_utf8(plain.to_vec()).map_err(|_| refuse(&"not UTF-8"))?;
+        // Older records went in by other ways: the key must still be one `put` would store.
+        let key = self
+            .rules
+            .api_key(&text)
+            .map_err(|e| refuse(&e))?
+            .to_string();
         Ok(UserKey {
-            api_key: SecretString::from(text),
+            api_key: SecretString::from(key),
             base_url: record.base_url.clone(),
         })
     }
 
     /// Metadata of the owner's record, straight from the store.
     pub async fn metadata(&self, owner: &Owner) -> Result<Option<KeyMetadata>, VaultError> {
-        Ok(self
-            .timed("get", self.store.get(owner))
-            .await?
-            .map(|r| KeyMetadata {
-                updated_at: r.updated_at,
-                base_url: r.base_url,
-            }))
+        let record = self.timed("get", self.store.get(owner)).await;
+        Ok(self.readable(owner, record)?.map(|r| KeyMetadata {
+            updated_at: r.updated_at,
+            base_url: r.base_url,
+        }))
     }
 
-    /// Seal and store the owner's key; returns once the store acknowledged the write.
-    /// `updated_at` defaults to now (imports keep the original time).
+    /// Check, seal and store the owner's key; returns once the store acknowledged the write.
+    /// Every way in (`/api/keys`, import) comes through here, so every key meets the same
+    /// rules ([`KeyRules`]). `updated_at` defaults to now (imports keep the original time).
     pub async fn put(
         &self,
         owner: &Owner,
@@ -251,10 +300,12 @@ impl Vault {
         base_url: Option<String>,
         updated_at: Option<i64>,
     ) -> Result<(), VaultError> {
+        let key = self.rules.api_key(api_key.expose_secret())?;
+        let base_url = base_url.map(|b| self.rules.base_url(&b)).transpose()?;
         let sealed = self
             .keyring
-            .seal(api_key.expose_secret().as_bytes(), &owner.slot())
-            .map_err(|_| VaultError::Decrypt)?;
+            .seal_record(key.as_bytes(), &owner.slot(), base_url.as_deref())
+            .map_err(|_| VaultError::Seal)?;
         let record = StoredRecord {
             sealed,
             base_url,
@@ -295,8 +346,10 @@ impl Vault {
         }
     }
 
-    /// Re-encrypt every record that is not under the active key. Safe while serving: a record
-    /// a user changed meanwhile is left alone (compare-and-swap).
+    /// Re-encrypt every record that is not under the active key or not in the current format
+    /// (so base URLs become authenticated). Safe while serving: a record a user changed
+    /// meanwhile is left alone (compare-and-swap). A record whose base URL is no longer allowed
+    /// is reported as failed, never re-sealed.
     pub async fn rotate(&self) -> Result<RotateReport, VaultError> {
         let mut report = RotateReport::default();
         let active = self.keyring.active_key_id().to_string();
@@ -304,19 +357,29 @@ impl Vault {
             let Some(record) = self.store.get(&owner).await? else {
                 continue;
             };
-            if Keyring::key_id_of(&record.sealed).as_deref() == Some(active.as_str()) {
+            if Keyring::key_id_of(&record.sealed).as_deref() == Some(active.as_str())
+                && Keyring::version_of(&record.sealed) == Some(FORMAT_VERSION)
+            {
                 report.already_current += 1;
                 continue;
             }
             let slot = owner.slot();
-            let plain = match self.keyring.open(&record.sealed, &slot) {
+            let base_url = record.base_url.as_deref();
+            if base_url.is_some_and(|b| !self.rules.stored_base_url_ok(b)) {
+                report.failed.push((
+                    slot,
+                    "base URL is not on keys.allowed_base_url_hosts".into(),
+                ));
+                continue;
+            }
+            let plain = match self.keyring.open_record(&record.sealed, &slot, base_url) {
                 Ok(p) => p,
                 Err(e) => {
                     report.failed.push((slot, e.to_string()));
                     continue;
                 }
             };
-            let sealed = match self.keyring.seal(&plain, &slot) {
+            let sealed = match self.keyring.seal_record(&plain, &slot, base_url) {
                 Ok(s) => s,
                 Err(e) => {
                     report.failed.push((slot, e.to_string()));

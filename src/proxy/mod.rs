@@ -177,6 +177,8 @@ fn vault_error(e: VaultError) -> GatewayError {
             retry_after: std::time::Duration::from_secs(5),
         },
         VaultError::Decrypt => GatewayError::KeyDecrypt,
+        VaultError::Invalid(e) => GatewayError::Invalid(e.to_string()),
+        VaultError::Seal => GatewayError::Internal,
     }
 }
 

@@ -67,7 +67,7 @@ fn the_dev_config_is_valid_offline() {
         .env("CLERK_SECRET_KEY", "sk_test_x")
         .env(
             "API_KEY_ENCRYPTION_SECRET",
-            "0f1e2d3c4b5a69788796a5b4c3d2e1f00112233445566778899aabbccddeef0f",
+            "0f1e2d3c4b5a69788796a5b4c3d2e1f09d3b7e15a2c8f4607e1b9d35c2a8f6e0",
         )
         .output()
         .expect("run keygate");

@@ -61,7 +61,7 @@ const EXPORTED_METRICS: [&str; 18] = [
 ];
 
 /// Values that pass keygate's validation, standing in for the real secrets.
-const TEST_SECRET: &str = "00112233445566778899aabbccddeeff00112233445566778899aabbccddeeff";
+const TEST_SECRET: &str = "3f8a1c9e57b2d4067e1fa93c28d5b6409c7e2a15f3b8d06e4a91c7253df80b6e";
 const TEST_PUBLISHABLE_KEY: &str = "pk_test_Y2xlcmsuZXhhbXBsZS5jb20k";
 
 // ---------------------------------------------------------------------------------------------

@@ -15,3 +15,4 @@ mod ratelimit;
 mod routes;
 mod stores;
 mod vault;
+mod vault_records;

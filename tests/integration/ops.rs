@@ -112,7 +112,7 @@ async fn metrics_reflect_the_traffic() {
 async fn no_secret_reaches_the_logs_or_metrics() {
     let s = Stack::start("").await;
     let data = std::env::temp_dir().join(format!("keygate-ops-{}", free_port()));
-    let secret = "c0ffee00112233445566778899aabbccddeeff00112233445566778899aabbcc";
+    let secret = "c0ffee5a81d3f7264b9e0c2a7f4d18e3b65c90a2d7f14e8b3c6a05d9e2f7b1c4";
     let toml = clerk_config(
         &s.clerk.url(),
         s.clerk.secret_key(),

@@ -183,7 +183,7 @@ async fn the_keys_namespace_is_answered_by_keygate_only() {
             clerk.secret_key(),
             &format!(
                 "[keys]\nencryption_secret = \"{}\"\ndata_dir = \"{}\"\n",
-                "00112233445566778899aabbccddeeff00112233445566778899aabbccddeeff",
+                "3f8a1c9e57b2d4067e1fa93c28d5b6409c7e2a15f3b8d06e4a91c7253df80b6e",
                 dir.display()
             ),
         ),

@@ -13,8 +13,8 @@ use crate::common::redis::RedisServer;
 use crate::common::upstream::Upstream;
 use crate::common::{clerk_config, client, Keygate, RESOURCE};
 
-const SECRET_A: &str = "00112233445566778899aabbccddeeff00112233445566778899aabbccddeeff";
-const SECRET_B: &str = "ffeeddccbbaa99887766554433221100ffeeddccbbaa99887766554433221100";
+const SECRET_A: &str = "3f8a1c9e57b2d4067e1fa93c28d5b6409c7e2a15f3b8d06e4a91c7253df80b6e";
+const SECRET_B: &str = "a6c3e91f0b7d2485f16e8c3a9d40b2e75c1f8a63e2d9047b8f35a1c6e02d97b4";
 
 struct Env {
     clerk: FakeClerk,
