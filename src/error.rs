@@ -143,6 +143,13 @@ pub struct ChallengeParams<'a> {
     pub scope: Option<&'a str>,
 }
 
+/// A `Retry-After` value: whole seconds, rounded up (a client that waits what it is told must
+/// not be refused again), and at least one.
+fn retry_after_value(d: Duration) -> String {
+    let secs = d.as_secs() + u64::from(d.subsec_nanos() > 0);
+    secs.max(1).to_string()
+}
+
 fn json_body(error: &str, description: &str) -> String {
     serde_json::json!({ "error": error, "error_description": description }).to_string()
 }
@@ -252,7 +259,7 @@ impl GatewayError {
                 retry_after,
                 headers: extra,
             } => {
-                headers.push(("retry-after", retry_after.as_secs().max(1).to_string()));
+                headers.push(("retry-after", retry_after_value(*retry_after)));
                 headers.extend(extra.iter().cloned());
                 (429, json_body("rate_limited", "Too many requests"))
             }
@@ -261,7 +268,7 @@ impl GatewayError {
                 (405, json_body("method_not_allowed", "Method not allowed"))
             }
             GatewayError::Unavailable { what, retry_after } => {
-                headers.push(("retry-after", retry_after.as_secs().max(1).to_string()));
+                headers.push(("retry-after", retry_after_value(*retry_after)));
                 (
                     503,
                     json_body(
@@ -348,5 +355,30 @@ mod tests {
         .response(&CH);
         assert_eq!(r.status, 503);
         assert!(r.headers.contains(&("retry-after", "5".to_string())));
+    }
+
+    #[test]
+    fn retry_after_is_rounded_up_to_whole_seconds() {
+        let limited = |d| GatewayError::RateLimited {
+            retry_after: d,
+            headers: Vec::new(),
+        };
+        let unavailable = |d| GatewayError::Unavailable {
+            what: "key store",
+            retry_after: d,
+        };
+        for (d, want) in [
+            (Duration::from_millis(1200), "2"),
+            (Duration::from_millis(300), "1"),
+            (Duration::from_secs(2), "2"),
+            (Duration::from_nanos(2_000_000_001), "3"),
+            (Duration::ZERO, "1"),
+        ] {
+            for err in [limited(d), unavailable(d)] {
+                let r = err.response(&CH);
+                let got = r.headers.iter().find(|(n, _)| *n == "retry-after");
+                assert_eq!(got.map(|(_, v)| v.as_str()), Some(want), "{d:?}");
+            }
+        }
     }
 }

@@ -1,6 +1,7 @@
 //! The rules a JWT must pass, per issuer: algorithms pinned by configuration (never taken from
 //! the token), `kid` required, no `jku`/`x5u`/`jwk`/`x5c`/`crit`, `iss` exact, `exp` required,
-//! `nbf` checked with a small leeway, `sub` required, and token kinds kept apart: an OAuth
+//! `nbf` checked with a small leeway (each NumericDate a JSON number, fractions allowed,
+//! `iat` included), `sub` required, and token kinds kept apart: an OAuth
 //! access token (`typ` at+jwt) must name this resource in `aud`; a Clerk session token (`sid`)
 //! passes the `azp` allowlist and must not be `pending`.
 //!
@@ -88,10 +89,48 @@ struct OrgClaim {
     per: Option<String>,
 }
 
+/// An RFC 7519 NumericDate: seconds since the epoch as a JSON number, which may have a
+/// fraction (section 2). Strings, booleans, arrays, objects and negative or unrepresentable
+/// values are refused.
+#[derive(Debug, Clone, Copy)]
+struct NumericDate(f64);
+
+impl<'de> Deserialize<'de> for NumericDate {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let secs = f64::deserialize(d)?;
+        if secs.is_finite() && (0.0..u64::MAX as f64).contains(&secs) {
+            Ok(Self(secs))
+        } else {
+            Err(serde::de::Error::custom("NumericDate out of range"))
+        }
+    }
+}
+
+impl NumericDate {
+    /// The instant, exactly (fraction included); `None` past what the clock can represent.
+    fn instant(self) -> Option<SystemTime> {
+        UNIX_EPOCH.checked_add(Duration::try_from_secs_f64(self.0).ok()?)
+    }
+}
+
+/// An optional NumericDate that, when present, is one: `null` is not a number either.
+fn present<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Option<NumericDate>, D::Error> {
+    NumericDate::deserialize(d).map(Some)
+}
+
+/// The claims keygate reads. `exp` and `nbf` are compared with the clock by `jsonwebtoken`
+/// (which reads fractional NumericDates to the nearest second, within the configured leeway);
+/// here each NumericDate must also be one, `iat` included.
 #[derive(Deserialize)]
 struct Claims {
     sub: String,
-    exp: i64,
+    exp: NumericDate,
+    #[allow(dead_code)] // read for its type: a non-number is refused
+    #[serde(default, deserialize_with = "present")]
+    nbf: Option<NumericDate>,
+    #[allow(dead_code)] // read for its type: a non-number is refused
+    #[serde(default, deserialize_with = "present")]
+    iat: Option<NumericDate>,
     aud: Option<OneOrMany>,
     azp: Option<String>,
     sid: Option<String>,
@@ -262,9 +301,7 @@ impl JwtIssuer {
                 permissions: Vec::new(),
             }),
         };
-        let expires_at = u64::try_from(claims.exp)
-            .ok()
-            .map(|s| UNIX_EPOCH + Duration::from_secs(s));
+        let expires_at = claims.exp.instant();
         Ok(Identity {
             subject: claims.sub,
             issuer: self.issuer.clone(),
@@ -297,5 +334,149 @@ mod tests {
         assert!(is_access_token_typ(Some("application/AT+JWT")));
         assert!(!is_access_token_typ(Some("JWT")));
         assert!(!is_access_token_typ(None));
+    }
+
+    const RSA_A: &[u8] = include_bytes!("../../tests/fixtures/rsa-a.pem");
+    const ISSUER: &str = "https://issuer.example";
+    const AUDIENCE: &str = "https://mcp.example.com/mcp";
+
+    /// An issuer whose keys come from a JWKS file holding the public half of `rsa-a.pem`.
+    async fn issuer() -> JwtIssuer {
+        let encoding = jsonwebtoken::EncodingKey::from_rsa_pem(RSA_A).expect("key");
+        let mut jwk = serde_json::to_value(
+            jsonwebtoken::jwk::Jwk::from_encoding_key(&encoding, Algorithm::RS256).expect("jwk"),
+        )
+        .expect("json");
+        jwk["kid"] = serde_json::json!("kid-a");
+        jwk["alg"] = serde_json::json!("RS256");
+        let path = std::env::temp_dir().join(format!(
+            "keygate-jwt-test-{}-{}.json",
+            std::process::id(),
+            rand::random::<u64>()
+        ));
+        std::fs::write(&path, serde_json::json!({ "keys": [jwk] }).to_string()).expect("write");
+        let settings = crate::config::JwksSettings {
+            refresh_interval: Duration::from_secs(300),
+            unknown_kid_cooldown: Duration::from_secs(30),
+            max_stale: Duration::from_secs(3600),
+            fetch_timeout: Duration::from_secs(5),
+            max_bytes: 64 * 1024,
+            max_keys: 16,
+        };
+        let jwks = Arc::new(JwksCache::from_file(
+            ISSUER,
+            path.clone(),
+            vec![Algorithm::RS256],
+            &settings,
+            reqwest::Client::new(),
+        ));
+        jwks.refresh().await.expect("keys load");
+        let _ = std::fs::remove_file(&path);
+        JwtIssuer::new(
+            ISSUER,
+            jwks,
+            vec![AUDIENCE.into()],
+            &[Algorithm::RS256],
+            Duration::from_secs(5),
+            None,
+        )
+    }
+
+    fn now() -> f64 {
+        SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .expect("clock")
+            .as_secs_f64()
+            .floor()
+    }
+
+    /// An RS256 access token with the usual claims, `edit`ed.
+    fn token(edit: impl FnOnce(&mut serde_json::Value)) -> String {
+        let now = now() as i64;
+        let mut claims = serde_json::json!({
+            "iss": ISSUER, "sub": "user_1", "aud": AUDIENCE, "scope": "twenty:read",
+            "iat": now, "nbf": now - 5, "exp": now + 600,
+        });
+        edit(&mut claims);
+        let mut header = jsonwebtoken::Header::new(Algorithm::RS256);
+        header.kid = Some("kid-a".into());
+        header.typ = Some("at+jwt".into());
+        let key = jsonwebtoken::EncodingKey::from_rsa_pem(RSA_A).expect("key");
+        jsonwebtoken::encode(&header, &claims, &key).expect("sign")
+    }
+
+    async fn verdict(issuer: &JwtIssuer, token: String) -> Result<Identity, AuthError> {
+        issuer.verify(&token).await.map_err(|e| match e {
+            AuthFailure::Rejected(e) => e,
+            AuthFailure::Unavailable(what) => panic!("{what} unavailable"),
+        })
+    }
+
+    #[tokio::test]
+    async fn numeric_dates_may_be_fractional() {
+        let issuer = issuer().await;
+        let now = now();
+        let id = verdict(
+            &issuer,
+            token(|c| {
+                c["exp"] = serde_json::json!(now + 600.5);
+                c["nbf"] = serde_json::json!(now - 1.25);
+                c["iat"] = serde_json::json!(now - 0.75);
+            }),
+        )
+        .await
+        .expect("a fractional NumericDate is a NumericDate");
+        // The credential ends at its exact `exp`, not a rounded one.
+        let expires = id.expires_at.expect("expiry");
+        let exp = UNIX_EPOCH + Duration::from_secs_f64(now + 600.5);
+        assert_eq!(expires, exp);
+        assert_eq!(
+            verdict(&issuer, token(|c| c["exp"] = serde_json::json!(now - 10.5)))
+                .await
+                .err(),
+            Some(AuthError::Expired)
+        );
+        assert_eq!(
+            verdict(
+                &issuer,
+                token(|c| c["nbf"] = serde_json::json!(now + 600.5))
+            )
+            .await
+            .err(),
+            Some(AuthError::NotYetValid)
+        );
+    }
+
+    #[tokio::test]
+    async fn numeric_dates_must_be_numbers() {
+        let issuer = issuer().await;
+        let now = now();
+        for claim in ["exp", "nbf", "iat"] {
+            for bad in [
+                serde_json::json!((now + 600.0).to_string()),
+                serde_json::json!([now + 600.0]),
+                serde_json::json!({"t": now + 600.0}),
+                serde_json::json!(true),
+                serde_json::json!(null),
+                serde_json::json!(-1),
+                serde_json::json!(-1.5),
+            ] {
+                let result = verdict(&issuer, token(|c| c[claim] = bad.clone())).await;
+                assert!(result.is_err(), "{claim} = {bad}");
+            }
+        }
+        // Without `exp` there is no token; `nbf` and `iat` are optional.
+        let no_exp = token(|c| {
+            c.as_object_mut().map(|o| o.remove("exp"));
+        });
+        assert!(verdict(&issuer, no_exp).await.is_err());
+        assert!(verdict(&issuer, token(|_| {})).await.is_ok());
+        let neither = token(|c| {
+            c.as_object_mut().map(|o| {
+                o.remove("nbf");
+                o.remove("iat")
+            });
+        });
+        assert!(verdict(&issuer, neither).await.is_ok());
     }
 }

@@ -49,7 +49,10 @@ impl Default for PolicyFile {
         Self {
             max_body_bytes: 4 * 1024 * 1024,
             inspect_max_bytes: 64 * 1024,
+            // Every version the official SDKs offer (the TypeScript SDK still sends
+            // 2024-10-07), and the revisions since.
             protocol_versions: vec![
+                "2024-10-07".into(),
                 "2024-11-05".into(),
                 "2025-03-26".into(),
                 "2025-06-18".into(),

@@ -1,5 +1,7 @@
 //! Header hygiene on the way upstream: client credentials removed, spoofable forwarding and
-//! identity headers replaced by keygate's own, the request id carried through.
+//! identity headers replaced by keygate's own, the request id carried through; the client's
+//! address behind trusted proxies; and the request-head rules every request must meet (one
+//! valid `Host`, no repeated single-valued MCP header).
 
 use std::net::IpAddr;
 
@@ -10,6 +12,7 @@ use pingora::http::RequestHeader;
 
 use crate::auth::Identity;
 use crate::config::IdentityHeaders;
+use crate::error::GatewayError;
 
 /// Headers that carry the client's own credentials; they never reach the upstream.
 const CREDENTIAL_HEADERS: [HeaderName; 3] = [AUTHORIZATION, PROXY_AUTHORIZATION, COOKIE];
@@ -63,26 +66,54 @@ pub fn is_trusted(peer: Option<IpAddr>, trusted: &[IpNet]) -> bool {
 }
 
 /// The client's address: the peer itself, or — when the peer is a trusted proxy — the
-/// nearest address in its `X-Forwarded-For` chain that is not a trusted proxy too.
+/// nearest hop of its `X-Forwarded-For` chain that is not a trusted proxy too.
+///
+/// Every field line counts, joined in order (a proxy may append its own line rather than
+/// extend the client's). The walk goes from the right: trusted hops are passed, the first
+/// untrusted one is the client. A hop that cannot be read (`unknown`, an obfuscated name, a
+/// broken address) ends the walk as well, but it names nobody: the client is then the nearest
+/// trusted hop to its right, or the peer — never a hop further left, which anyone could have
+/// written. A chain of trusted hops only yields the leftmost of them. Hops may be `a.b.c.d`,
+/// `a.b.c.d:port`, a bare IPv6 address, `[v6]` or `[v6]:port`; IPv4-mapped IPv6 addresses
+/// are the IPv4 client they map (the peer's too).
 pub fn client_ip(
     peer: Option<IpAddr>,
-    xff: Option<&http::HeaderValue>,
+    headers: &http::HeaderMap,
     trusted: &[IpNet],
 ) -> Option<IpAddr> {
+    let peer = peer.map(|ip| ip.to_canonical());
     if !is_trusted(peer, trusted) {
         return peer;
     }
-    let chain = xff.and_then(|v| v.to_str().ok()).unwrap_or("");
-    let hops: Vec<IpAddr> = chain
-        .split(',')
-        .filter_map(|h| h.trim().parse().ok())
-        .collect();
-    hops.iter()
-        .rev()
-        .find(|ip| !is_trusted(Some(**ip), trusted))
-        .or(hops.first())
-        .copied()
-        .or(peer)
+    // The nearest hop vouched for so far.
+    let mut nearest = peer;
+    for line in headers.get_all(X_FORWARDED_FOR).iter().rev() {
+        let Ok(line) = line.to_str() else {
+            return nearest;
+        };
+        for hop in line.rsplit(',').map(str::trim).filter(|h| !h.is_empty()) {
+            match parse_hop(hop) {
+                Some(ip) if is_trusted(Some(ip), trusted) => nearest = Some(ip),
+                Some(ip) => return Some(ip),
+                None => return nearest,
+            }
+        }
+    }
+    nearest
+}
+
+/// One `X-Forwarded-For` hop: an address with or without a port, IPv6 bare or bracketed,
+/// in canonical form.
+fn parse_hop(hop: &str) -> Option<IpAddr> {
+    let ip = if let Ok(ip) = hop.parse::<IpAddr>() {
+        ip
+    } else if let Ok(addr) = hop.parse::<std::net::SocketAddr>() {
+        addr.ip()
+    } else {
+        let inner = hop.strip_prefix('[')?.strip_suffix(']')?;
+        IpAddr::V6(inner.parse().ok()?)
+    };
+    Some(ip.to_canonical())
 }
 
 /// Everything the rewrite needs about the downstream request.
@@ -107,18 +138,38 @@ fn trusted_value<'r>(
     req.headers.get(name).filter(|v| v.to_str().is_ok())
 }
 
-/// `chain, element`, or `element` alone, as a header value. Buffers are filled to their exact
-/// capacity, so each value costs one allocation.
-fn chain_value(chain: Option<&HeaderValue>, element: Vec<u8>) -> pingora::Result<HeaderValue> {
-    let bytes = match chain {
-        None => element,
-        Some(chain) => {
-            let mut v = Vec::with_capacity(chain.len() + 2 + element.len());
-            v.extend_from_slice(chain.as_bytes());
+/// A trusted peer's chain in a list header: all its field lines, in order (each visible
+/// ASCII, or the chain is not kept). Empty when the peer is not trusted.
+fn trusted_chain<'r>(
+    req: &'r RequestHeader,
+    fwd: &Forwarding<'_>,
+    name: &HeaderName,
+) -> Vec<&'r HeaderValue> {
+    if !fwd.peer_trusted {
+        return Vec::new();
+    }
+    let lines: Vec<&HeaderValue> = req.headers.get_all(name).iter().collect();
+    if lines.iter().all(|v| v.to_str().is_ok()) {
+        lines
+    } else {
+        Vec::new()
+    }
+}
+
+/// `line, line, …, element`, or `element` alone, as one header value. Buffers are filled to
+/// their exact capacity, so each value costs one allocation.
+fn chain_value(chain: &[&HeaderValue], element: Vec<u8>) -> pingora::Result<HeaderValue> {
+    let bytes = if chain.is_empty() {
+        element
+    } else {
+        let len = chain.iter().map(|v| v.len() + 2).sum::<usize>() + element.len();
+        let mut v = Vec::with_capacity(len);
+        for line in chain {
+            v.extend_from_slice(line.as_bytes());
             v.extend_from_slice(b", ");
-            v.extend_from_slice(&element);
-            v
         }
+        v.extend_from_slice(&element);
+        v
     };
     HeaderValue::from_maybe_shared(bytes::Bytes::from(bytes)).map_err(|e| {
         pingora::Error::because(pingora::ErrorType::InternalError, "forwarding header", e)
@@ -179,7 +230,7 @@ pub fn rewrite(
     if let Some(peer) = fwd.peer {
         let node = IpText::new(peer);
         let xff = chain_value(
-            trusted_value(req, fwd, &X_FORWARDED_FOR),
+            &trusted_chain(req, fwd, &X_FORWARDED_FOR),
             node.as_bytes().to_vec(),
         )?;
         let proto = proto.as_bytes();
@@ -209,7 +260,7 @@ pub fn rewrite(
             element.push(b'"');
         }
         debug_assert_eq!(element.len(), len, "the Forwarded element is sized exactly");
-        let forwarded = chain_value(trusted_value(req, fwd, &FORWARDED), element)?;
+        let forwarded = chain_value(&trusted_chain(req, fwd, &FORWARDED), element)?;
         req.insert_header(wire::X_FORWARDED_FOR, xff)?;
         req.insert_header(wire::FORWARDED, forwarded)?;
     } else {
@@ -244,42 +295,102 @@ pub fn rewrite(
     Ok(())
 }
 
-/// Whether `path` is free of dot segments, raw or percent-encoded, and of encoded slashes.
-///
-/// Route decisions (which paths accept session tokens, which are local) are made on the path
-/// as sent; an upstream that normalises `/api/keys/../mcp` would otherwise see another route.
-pub fn path_is_normalized(path: &str) -> bool {
-    if path.contains('\\') {
-        return false;
-    }
-    !path.split('/').any(|seg| {
-        let bytes = seg.as_bytes();
-        // Percent escapes: an encoded slash or backslash anywhere is refused.
-        if bytes.windows(3).any(|w| {
-            w[0] == b'%'
-                && (w[1..].eq_ignore_ascii_case(b"2f") || w[1..].eq_ignore_ascii_case(b"5c"))
-        }) {
-            return true;
+/// Request headers that may appear at most once: a second copy could be read by the upstream
+/// where keygate checked the first.
+const SINGLE_VALUED: [(HeaderName, &str); 4] = [
+    (
+        HeaderName::from_static("mcp-session-id"),
+        "Mcp-Session-Id must appear at most once",
+    ),
+    (
+        HeaderName::from_static("mcp-protocol-version"),
+        "MCP-Protocol-Version must appear at most once",
+    ),
+    (
+        HeaderName::from_static("mcp-method"),
+        "Mcp-Method must appear at most once",
+    ),
+    (
+        HeaderName::from_static("mcp-name"),
+        "Mcp-Name must appear at most once",
+    ),
+];
+
+/// Rules on the request head that hold for every route, local answers included: exactly one
+/// valid `Host` on HTTP/1.1 (RFC 9112 section 3.2; at most one, valid, on other versions,
+/// where HTTP/2 names the authority in its own pseudo-header), and no repeated single-valued
+/// MCP header.
+pub fn check_request_head(req: &RequestHeader) -> Result<(), GatewayError> {
+    let mut hosts = req.headers.get_all(http::header::HOST).iter();
+    match (hosts.next(), hosts.next()) {
+        (None, _) if req.version == http::Version::HTTP_11 => {
+            return Err(GatewayError::BadRequest("Host header is required"));
         }
-        is_dot_segment(bytes)
-    })
+        (None, _) => {}
+        (Some(_), Some(_)) => {
+            return Err(GatewayError::BadRequest("Host header must appear once"));
+        }
+        (Some(host), None) if !is_valid_host(host.as_bytes()) => {
+            return Err(GatewayError::BadRequest("Host header is not a valid host"));
+        }
+        (Some(_), None) => {}
+    }
+    for (name, problem) in &SINGLE_VALUED {
+        let mut values = req.headers.get_all(name).iter();
+        if values.next().is_some() && values.next().is_some() {
+            return Err(GatewayError::BadRequest(problem));
+        }
+    }
+    Ok(())
 }
 
-/// `.` or `..`, each dot raw or as `%2e` in either case.
-fn is_dot_segment(seg: &[u8]) -> bool {
-    let mut dots = 0;
-    let mut rest = seg;
-    while !rest.is_empty() {
-        if rest[0] == b'.' {
-            rest = &rest[1..];
-        } else if rest.len() >= 3 && rest[0] == b'%' && rest[1..3].eq_ignore_ascii_case(b"2e") {
-            rest = &rest[3..];
-        } else {
+/// RFC 3986 `host [ ":" port ]` with a non-empty host: an IPv6 literal in brackets, or a
+/// reg-name (which covers IPv4 addresses): unreserved, percent-encoded and sub-delim
+/// characters only.
+fn is_valid_host(value: &[u8]) -> bool {
+    let (host_ok, port) = if let Some(rest) = value.strip_prefix(b"[") {
+        let Some(end) = rest.iter().position(|&b| b == b']') else {
             return false;
-        }
-        dots += 1;
+        };
+        let literal = std::str::from_utf8(&rest[..end])
+            .is_ok_and(|s| s.parse::<std::net::Ipv6Addr>().is_ok());
+        (literal, &rest[end + 1..])
+    } else {
+        let end = value.iter().position(|&b| b == b':').unwrap_or(value.len());
+        (is_reg_name(&value[..end]), &value[end..])
+    };
+    let port_ok = match port.split_first() {
+        None => true,
+        Some((b':', digits)) => digits.iter().all(u8::is_ascii_digit),
+        Some(_) => false,
+    };
+    host_ok && port_ok
+}
+
+/// A non-empty RFC 3986 reg-name.
+fn is_reg_name(name: &[u8]) -> bool {
+    if name.is_empty() {
+        return false;
     }
-    dots == 1 || dots == 2
+    let mut i = 0;
+    while i < name.len() {
+        match name[i] {
+            b'%' => {
+                let hex = name.get(i + 1..i + 3);
+                if !hex.is_some_and(|h| h.iter().all(u8::is_ascii_hexdigit)) {
+                    return false;
+                }
+                i += 3;
+                continue;
+            }
+            b if b.is_ascii_alphanumeric() => {}
+            b'-' | b'.' | b'_' | b'~' => {}
+            b'!' | b'$' | b'&' | b'\'' | b'(' | b')' | b'*' | b'+' | b',' | b';' | b'=' => {}
+            _ => return false,
+        }
+        i += 1;
+    }
+    true
 }
 
 /// A request id from the client is kept when it is short and plain; otherwise a new one.
@@ -309,38 +420,197 @@ pub fn request_id(incoming: Option<&HeaderValue>) -> RequestId {
 mod tests {
     use super::*;
 
-    #[test]
-    fn dot_segments_and_encoded_separators_are_not_normal() {
-        assert!(path_is_normalized("/mcp"));
-        assert!(path_is_normalized("/api/keys/v1.2/x..y"));
-        assert!(!path_is_normalized("/api/keys/../mcp"));
-        assert!(!path_is_normalized("/api/keys/%2e%2E/mcp"));
-        assert!(!path_is_normalized("/api/keys/./x"));
-        assert!(!path_is_normalized("/api%2Fkeys"));
-        assert!(!path_is_normalized("/api/keys/.."));
-        assert!(!path_is_normalized("/api/keys/.%2e/mcp"));
-        assert!(!path_is_normalized("/api/keys/%2E/mcp"));
-        assert!(!path_is_normalized("/api%5ckeys"));
-        assert!(!path_is_normalized("/api\\keys"));
-        assert!(path_is_normalized("/api/keys/.../x"));
-        assert!(path_is_normalized("/api/keys/%2e%2e%2e"));
-        assert!(path_is_normalized("/100%25/x"));
+    fn ip(s: &str) -> IpAddr {
+        s.parse().expect("ip")
+    }
+
+    /// Request headers with one `X-Forwarded-For` field line per entry of `lines`.
+    fn xff(lines: &[&'static str]) -> http::HeaderMap {
+        let mut h = http::HeaderMap::new();
+        for line in lines {
+            h.append(X_FORWARDED_FOR, HeaderValue::from_static(line));
+        }
+        h
     }
 
     #[test]
     fn the_client_is_the_nearest_untrusted_hop() {
         let trusted: Vec<IpNet> = vec!["10.0.0.0/8".parse().expect("net")];
-        let xff = http::HeaderValue::from_static("6.6.6.6, 203.0.113.7, 10.0.0.5");
-        let lb = Some("10.0.0.1".parse().expect("ip"));
-        assert_eq!(
-            client_ip(lb, Some(&xff), &trusted),
-            Some("203.0.113.7".parse().expect("ip"))
-        );
+        let chain = xff(&["6.6.6.6, 203.0.113.7, 10.0.0.5"]);
+        let lb = Some(ip("10.0.0.1"));
+        assert_eq!(client_ip(lb, &chain, &trusted), Some(ip("203.0.113.7")));
         // An untrusted peer's claims are ignored.
-        let direct = Some("198.51.100.2".parse().expect("ip"));
-        assert_eq!(client_ip(direct, Some(&xff), &trusted), direct);
+        let direct = Some(ip("198.51.100.2"));
+        assert_eq!(client_ip(direct, &chain, &trusted), direct);
         // A trusted peer without a chain is the client.
-        assert_eq!(client_ip(lb, None, &trusted), lb);
+        assert_eq!(client_ip(lb, &xff(&[]), &trusted), lb);
+        // A chain of trusted proxies only: the furthest of them.
+        assert_eq!(
+            client_ip(lb, &xff(&["10.0.0.7, 10.0.0.5"]), &trusted),
+            Some(ip("10.0.0.7"))
+        );
+    }
+
+    #[test]
+    fn every_forwarded_for_field_line_is_read_in_order() {
+        let trusted: Vec<IpNet> = vec!["10.0.0.0/8".parse().expect("net")];
+        let lb = Some(ip("10.0.0.1"));
+        // The client's own line first, the proxy's appended line after it.
+        let chain = xff(&["6.6.6.6", "203.0.113.7"]);
+        assert_eq!(client_ip(lb, &chain, &trusted), Some(ip("203.0.113.7")));
+        let chain = xff(&["6.6.6.6, 7.7.7.7", "10.0.0.4, 10.0.0.5", "10.0.0.6"]);
+        assert_eq!(client_ip(lb, &chain, &trusted), Some(ip("7.7.7.7")));
+        // Empty list elements are list syntax, not hops.
+        let chain = xff(&["6.6.6.6", "203.0.113.7,", " , 10.0.0.5"]);
+        assert_eq!(client_ip(lb, &chain, &trusted), Some(ip("203.0.113.7")));
+    }
+
+    #[test]
+    fn hops_with_ports_brackets_and_mapped_addresses_are_parsed() {
+        let trusted: Vec<IpNet> = vec![
+            "10.0.0.0/8".parse().expect("net"),
+            "2001:db8:ffff::/48".parse().expect("net"),
+        ];
+        let lb = Some(ip("10.0.0.1"));
+        for (hop, client) in [
+            ("203.0.113.7:4711", "203.0.113.7"),
+            ("2001:db8::7", "2001:db8::7"),
+            ("[2001:db8::7]", "2001:db8::7"),
+            ("[2001:db8::7]:4711", "2001:db8::7"),
+            ("::ffff:203.0.113.7", "203.0.113.7"),
+            ("[::ffff:203.0.113.7]:80", "203.0.113.7"),
+        ] {
+            let mut h = http::HeaderMap::new();
+            let line = format!("6.6.6.6, {hop}, 10.0.0.5:80, [2001:db8:ffff::1]:443");
+            h.append(X_FORWARDED_FOR, line.parse().expect("value"));
+            assert_eq!(client_ip(lb, &h, &trusted), Some(ip(client)), "{hop}");
+        }
+        // A trusted proxy seen through an IPv4-mapped peer address is still trusted.
+        let mapped = Some(ip("::ffff:10.0.0.1"));
+        assert_eq!(
+            client_ip(mapped, &xff(&["203.0.113.7"]), &trusted),
+            Some(ip("203.0.113.7"))
+        );
+        // And an untrusted mapped peer is the same client as its IPv4 form.
+        let mapped = Some(ip("::ffff:198.51.100.2"));
+        assert_eq!(
+            client_ip(mapped, &xff(&["6.6.6.6"]), &trusted),
+            Some(ip("198.51.100.2"))
+        );
+    }
+
+    #[test]
+    fn an_unparseable_hop_ends_the_walk_and_is_never_skipped() {
+        let trusted: Vec<IpNet> = vec!["10.0.0.0/8".parse().expect("net")];
+        let lb = Some(ip("10.0.0.1"));
+        for garbage in [
+            "unknown",
+            "[2001:db8::x]",
+            "203.0.113.7:x",
+            "2001:db8::1:4711:x",
+            "_hidden",
+            "203.0.113.7 6.6.6.6",
+            "[203.0.113.7]",
+        ] {
+            let mut h = http::HeaderMap::new();
+            h.append(X_FORWARDED_FOR, "6.6.6.6".parse().expect("value"));
+            h.append(X_FORWARDED_FOR, garbage.parse().expect("value"));
+            // Nothing trusted to its right: the peer itself is the client.
+            assert_eq!(client_ip(lb, &h, &trusted), lb, "{garbage}");
+            // A trusted hop to its right: that hop is the client.
+            h.append(X_FORWARDED_FOR, "10.0.0.5".parse().expect("value"));
+            assert_eq!(
+                client_ip(lb, &h, &trusted),
+                Some(ip("10.0.0.5")),
+                "{garbage}"
+            );
+        }
+        // A field line that is not text is one unparseable hop too.
+        let mut h = xff(&["6.6.6.6"]);
+        h.append(
+            X_FORWARDED_FOR,
+            HeaderValue::from_bytes(b"\xff203.0.113.7").expect("value"),
+        );
+        assert_eq!(client_ip(lb, &h, &trusted), lb);
+    }
+
+    fn head(version: http::Version, headers: &[(&'static str, &'static [u8])]) -> RequestHeader {
+        let mut req = RequestHeader::build("POST", b"/mcp", None).expect("req");
+        req.set_version(version);
+        for (name, value) in headers {
+            let value = HeaderValue::from_bytes(value).expect("value");
+            req.append_header(*name, value).expect("h");
+        }
+        req
+    }
+
+    #[test]
+    fn http11_needs_exactly_one_valid_host() {
+        let v11 = http::Version::HTTP_11;
+        for good in [
+            &b"localhost"[..],
+            b"example.com:8080",
+            b"127.0.0.1",
+            b"127.0.0.1:80",
+            b"[::1]",
+            b"[2001:db8::1]:443",
+            b"a-b_c~d.%41!$&'()*+,;=",
+            b"example.com:",
+        ] {
+            let req = head(v11, &[("host", good)]);
+            assert!(check_request_head(&req).is_ok(), "{good:?}");
+        }
+        for bad in [
+            &b""[..],
+            b"a b",
+            b"host:80:x",
+            b"example.com:8o",
+            b":80",
+            b"exa\tmple",
+            b"ex\"ample",
+            b"example.com/x",
+            b"user@example.com",
+            b"[::1",
+            b"[::1]x",
+            b"[v1.x]",
+            b"[example.com]",
+            b"%4",
+            b"%zz.example",
+            b"caf\xc3\xa9.example",
+        ] {
+            let req = head(v11, &[("host", bad)]);
+            assert!(check_request_head(&req).is_err(), "{bad:?}");
+        }
+        assert!(check_request_head(&head(v11, &[])).is_err(), "no Host");
+        let two = head(v11, &[("host", b"a.example"), ("host", b"a.example")]);
+        assert!(check_request_head(&two).is_err(), "two Hosts");
+    }
+
+    #[test]
+    fn other_versions_may_omit_host_but_not_repeat_or_garble_it() {
+        for version in [http::Version::HTTP_10, http::Version::HTTP_2] {
+            assert!(check_request_head(&head(version, &[])).is_ok());
+            assert!(check_request_head(&head(version, &[("host", b"a b")])).is_err());
+            let two = head(version, &[("host", b"a"), ("host", b"b")]);
+            assert!(check_request_head(&two).is_err());
+        }
+    }
+
+    #[test]
+    fn single_valued_mcp_headers_may_not_repeat() {
+        let v11 = http::Version::HTTP_11;
+        for name in [
+            "mcp-session-id",
+            "mcp-protocol-version",
+            "mcp-method",
+            "mcp-name",
+        ] {
+            let once = head(v11, &[("host", b"h"), (name, b"a")]);
+            assert!(check_request_head(&once).is_ok(), "{name}");
+            let twice = head(v11, &[("host", b"h"), (name, b"a"), (name, b"a")]);
+            let err = check_request_head(&twice).expect_err(name);
+            assert!(matches!(err, GatewayError::BadRequest(_)), "{name}");
+        }
     }
 
     #[test]
@@ -423,6 +693,29 @@ mod tests {
         assert_eq!(req.headers["x-forwarded-for"], "1.1.1.1, 10.0.0.9");
         assert_eq!(req.headers["x-forwarded-proto"], "https");
         assert_eq!(req.headers["x-forwarded-host"], "app.example.com");
+    }
+
+    #[test]
+    fn every_field_line_of_a_trusted_chain_is_extended() {
+        let mut req = RequestHeader::build("GET", b"/mcp", None).expect("req");
+        req.append_header("x-forwarded-for", "1.1.1.1").expect("h");
+        req.append_header("x-forwarded-for", "2.2.2.2, 3.3.3.3")
+            .expect("h");
+        req.append_header("forwarded", "for=1.1.1.1").expect("h");
+        req.append_header("forwarded", "for=2.2.2.2").expect("h");
+        let rid = request_id(None);
+        let fwd = via_trusted_proxy(&rid);
+        rewrite(&mut req, &fwd, None, &IdentityHeaders::default()).expect("rewrite");
+        assert_eq!(
+            req.headers["x-forwarded-for"],
+            "1.1.1.1, 2.2.2.2, 3.3.3.3, 10.0.0.9"
+        );
+        assert_eq!(req.headers.get_all("x-forwarded-for").iter().count(), 1);
+        assert_eq!(
+            req.headers["forwarded"],
+            "for=1.1.1.1, for=2.2.2.2, for=10.0.0.9;proto=http"
+        );
+        assert_eq!(req.headers.get_all("forwarded").iter().count(), 1);
     }
 
     #[test]

@@ -707,13 +707,14 @@ impl ProxyHttp for Gateway {
         ctx.in_flight = true;
         ctx.request_id =
             headers::request_id(session.req_header().headers.get(headers::X_REQUEST_ID));
+        // `::ffff:a.b.c.d` (a dual-stack listener's view of an IPv4 peer) is that IPv4 peer.
         ctx.peer_ip = session
             .client_addr()
             .and_then(|a| a.as_inet())
-            .map(|a| a.ip());
+            .map(|a| a.ip().to_canonical());
         ctx.client_ip = headers::client_ip(
             ctx.peer_ip,
-            session.req_header().headers.get(headers::X_FORWARDED_FOR),
+            &session.req_header().headers,
             &self.state.settings.server.trusted_proxies,
         );
         Ok(())
@@ -724,6 +725,7 @@ impl ProxyHttp for Gateway {
         let uri = session.req_header().uri.clone();
         let path = uri.path();
         let outcome = async {
+            headers::check_request_head(session.req_header())?;
             // The one route decision: every policy below reads `route`, never the raw path.
             let route = self
                 .state
@@ -865,6 +867,21 @@ impl ProxyHttp for Gateway {
             return Error::e_explain(ErrorType::HTTPStatus(413), "request body over the limit");
         }
         Ok(())
+    }
+
+    /// A client that closes its connection (an SSE stream it is done with, a request it gave
+    /// up on) is not an error of keygate's: counted, logged at debug, never at error.
+    fn suppress_error_log(&self, _session: &Session, _ctx: &RequestCtx, error: &Error) -> bool {
+        let disconnect = error.esource() == &ErrorSource::Downstream
+            && matches!(
+                error.etype(),
+                ErrorType::ConnectionClosed | ErrorType::ReadError | ErrorType::WriteError
+            );
+        if disconnect {
+            self.state.metrics.downstream_disconnects.inc();
+            tracing::debug!(error = %error, "client went away");
+        }
+        disconnect
     }
 
     fn request_summary(&self, session: &Session, _ctx: &RequestCtx) -> String {

@@ -73,6 +73,8 @@ pub struct Metrics {
     pub in_flight: IntGauge,
     /// SSE responses being streamed now.
     pub sse_open: IntGauge,
+    /// Requests that ended because the client closed its connection or stopped reading.
+    pub downstream_disconnects: IntCounter,
     /// Authentication outcomes by token kind, outcome and reason.
     pub auth: IntCounterVec,
     /// JWKS fetch attempts by issuer and result.
@@ -149,6 +151,12 @@ impl Metrics {
         let sse_open = IntGauge::new("keygate_sse_streams_open", "SSE responses streaming now.")
             .unwrap_or_else(|e| unreachable_metric("keygate_sse_streams_open", e));
         register(&r, Box::new(sse_open.clone()), "sse_open");
+        let downstream_disconnects = IntCounter::new(
+            "keygate_downstream_disconnects_total",
+            "Requests that ended because the client closed its connection or stopped reading.",
+        )
+        .unwrap_or_else(|e| unreachable_metric("keygate_downstream_disconnects_total", e));
+        register(&r, Box::new(downstream_disconnects.clone()), "disconnects");
         let jwks_age = IntGaugeVec::new(
             Opts::new(
                 "keygate_jwks_age_seconds",
@@ -204,6 +212,7 @@ impl Metrics {
             upstream_duration,
             in_flight,
             sse_open,
+            downstream_disconnects,
             auth: counter(
                 &r,
                 "keygate_auth_total",

@@ -3,6 +3,7 @@
 mod auth;
 mod cli;
 mod common;
+mod conformance;
 mod deploy;
 mod devmode;
 mod discovery;
