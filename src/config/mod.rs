@@ -87,6 +87,8 @@ pub struct PolicySettings {
     /// Configured rules, then the built-in Twenty rules when `default_scopes = "twenty"`.
     pub scope_rules: crate::policy::mcp::ScopeRules,
     pub org: crate::policy::mcp::OrgRulesConfig,
+    /// The per-client-IP failed-authentication budget.
+    pub auth_failures: crate::policy::auth_failures::AuthFailuresSettings,
 }
 
 /// What a rate-limit rule counts by.
@@ -303,6 +305,12 @@ pub struct ClerkSettings {
     pub opaque_negative_ttl: Duration,
     pub opaque_max_ttl: Duration,
     pub backend_timeout: Duration,
+    /// Backend API calls in flight at once, at most (>= 1).
+    pub backend_max_in_flight: usize,
+    /// Backend API calls started: `backend_rate_per_sec` per second, bursts of `backend_burst`.
+    pub backend_rate: crate::policy::ratelimit::Quota,
+    /// The longest a call waits for a slot; never more than `backend_timeout`.
+    pub backend_max_wait: Duration,
 }
 
 #[derive(Debug, Clone)]
@@ -794,6 +802,32 @@ fn validate(f: FileConfig, base: &Path, problems: &mut Problems) -> Option<Setti
         } else {
             c.audiences.clone()
         };
+        let backend_timeout = Duration::from_millis(c.backend_timeout_ms.max(1));
+        let backend_max_wait = Duration::from_millis(c.backend_max_wait_ms);
+        if backend_max_wait > backend_timeout {
+            problems.push(
+                "clerk.backend_max_wait_ms",
+                format!(
+                    "{} is longer than clerk.backend_timeout_ms ({}): a call never waits longer than the timeout",
+                    c.backend_max_wait_ms, c.backend_timeout_ms
+                ),
+            );
+        }
+        if c.backend_max_in_flight == 0 {
+            problems.push("clerk.backend_max_in_flight", "must be at least 1");
+        }
+        let backend_rate = crate::policy::ratelimit::Quota::new(
+            c.backend_rate_per_sec,
+            Duration::from_secs(1),
+            c.backend_burst,
+        )
+        .map_err(|e| {
+            problems.push(
+                "clerk.backend_rate_per_sec / clerk.backend_burst",
+                format!("both must be at least 1 ({e})"),
+            )
+        })
+        .ok()?;
         Some(ClerkSettings {
             frontend_api,
             issuer,
@@ -812,7 +846,11 @@ fn validate(f: FileConfig, base: &Path, problems: &mut Problems) -> Option<Setti
             api_keys: c.api_keys,
             opaque_negative_ttl: secs(c.opaque_negative_ttl_secs),
             opaque_max_ttl: secs(c.opaque_max_ttl_secs.max(1)),
-            backend_timeout: Duration::from_millis(c.backend_timeout_ms.max(1)),
+            backend_timeout,
+            backend_max_in_flight: usize::try_from(c.backend_max_in_flight.max(1))
+                .unwrap_or(usize::MAX),
+            backend_rate,
+            backend_max_wait: backend_max_wait.min(backend_timeout),
         })
     });
 
@@ -1050,6 +1088,7 @@ fn validate(f: FileConfig, base: &Path, problems: &mut Problems) -> Option<Setti
             crate::policy::mcp::ScopeRules::twenty_default()
         }
     };
+    let auth_failures = p.auth_failures.validate("policy.auth_failures", problems);
     let policy = PolicySettings {
         max_body_bytes: p.max_body_bytes,
         inspect_max_bytes: p.inspect_max_bytes.min(64 * 1024),
@@ -1059,6 +1098,7 @@ fn validate(f: FileConfig, base: &Path, problems: &mut Problems) -> Option<Setti
         mcp_paths: p.mcp_paths.clone(),
         scope_rules,
         org: p.org.clone(),
+        auth_failures,
     };
 
     // [rate_limits]

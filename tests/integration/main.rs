@@ -6,6 +6,7 @@ mod common;
 mod deploy;
 mod devmode;
 mod discovery;
+mod floods;
 mod harness_selfcheck;
 mod ops;
 mod policy;
