@@ -355,6 +355,41 @@ impl ClerkBackend {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::policy::ratelimit::Quota;
+
+    const MS: Duration = Duration::from_millis(1);
+
+    #[test]
+    fn the_pacer_lets_a_burst_start_at_once_then_books_one_start_per_interval() {
+        // 10 per second (T = 100 ms), bursts of 3.
+        let pacer = Pacer::new(&Quota::new(10, Duration::from_secs(1), 3).unwrap());
+        let t0 = Instant::now();
+        let latest = t0 + 250 * MS;
+        for _ in 0..3 {
+            assert_eq!(pacer.reserve(t0, latest), Ok(t0));
+        }
+        assert_eq!(pacer.reserve(t0, latest), Ok(t0 + 100 * MS));
+        assert_eq!(pacer.reserve(t0, latest), Ok(t0 + 200 * MS));
+        // The next start would be at 300 ms, past the latest acceptable: nothing is booked.
+        assert_eq!(pacer.reserve(t0, latest), Err(300 * MS));
+        assert_eq!(pacer.reserve(t0, t0 + 300 * MS), Ok(t0 + 300 * MS));
+        // After a quiet second the whole burst is back.
+        let later = t0 + Duration::from_secs(2);
+        for _ in 0..3 {
+            assert_eq!(pacer.reserve(later, later), Ok(later));
+        }
+        assert_eq!(pacer.reserve(later, later), Err(100 * MS));
+    }
+
+    #[test]
+    fn retry_after_is_whole_seconds_rounded_up() {
+        assert_eq!(whole_secs(300 * MS), Duration::from_secs(1));
+        assert_eq!(
+            whole_secs(Duration::from_millis(1_001)),
+            Duration::from_secs(2)
+        );
+        assert_eq!(whole_secs(Duration::from_secs(2)), Duration::from_secs(2));
+    }
 
     #[test]
     fn prefixes_pick_the_kind() {

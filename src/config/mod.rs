@@ -1472,6 +1472,50 @@ mod tests {
     }
 
     #[test]
+    fn clerk_call_bounds_and_the_failure_budget_are_checked_naming_the_option() {
+        let dir = std::env::temp_dir().join(format!("keygate-bounds-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).expect("tmp dir");
+        let path = dir.join("bounds.toml");
+        std::fs::write(
+            &path,
+            "[clerk]\nfrontend_api_url = \"https://clerk.example.com\"\nsecret_key = \"sk_test_x\"\n\
+             backend_timeout_ms = 1000\nbackend_max_wait_ms = 1500\nbackend_max_in_flight = 0\n\
+             [policy.auth_failures]\nwindow_secs = 0\n",
+        )
+        .expect("write");
+        let problems = load(Some(&path), &env(&[SECRET])).expect_err("bad bounds");
+        let fields: Vec<&str> = problems.0.iter().map(|p| p.field.as_str()).collect();
+        assert!(fields.contains(&"clerk.backend_max_wait_ms"), "{problems}");
+        assert!(
+            fields.contains(&"clerk.backend_max_in_flight"),
+            "{problems}"
+        );
+        assert!(
+            fields
+                .iter()
+                .any(|f| f.contains("policy.auth_failures.window_secs")),
+            "{problems}"
+        );
+
+        std::fs::write(
+            &path,
+            "[clerk]\nfrontend_api_url = \"https://clerk.example.com\"\nsecret_key = \"sk_test_x\"\n",
+        )
+        .expect("write");
+        let s = load(Some(&path), &env(&[SECRET])).expect("defaults are valid");
+        let c = s.clerk.expect("clerk");
+        assert_eq!(c.backend_max_in_flight, 32);
+        assert_eq!((c.backend_rate.requests, c.backend_rate.burst), (50, 100));
+        // Below Clerk's production limit (1000 per 10 s) even in the worst 10 s.
+        assert!(c.backend_rate.burst + 10 * c.backend_rate.requests < 1000);
+        assert!(c.backend_max_wait <= c.backend_timeout);
+        let f = &s.policy.auth_failures;
+        assert!(f.enabled);
+        assert_eq!(f.budget.requests, 20);
+        assert_eq!(f.lockout, Duration::from_secs(60));
+    }
+
+    #[test]
     fn unknown_options_are_rejected() {
         let dir = std::env::temp_dir().join(format!("keygate-cfg-{}", std::process::id()));
         std::fs::create_dir_all(&dir).expect("tmp dir");

@@ -380,6 +380,53 @@ mod tests {
         assert!(f.locked(ip("2001:db8:1:3::1")).is_none());
     }
 
+    /// Log lines, collected.
+    #[derive(Clone, Default)]
+    struct Logs(Arc<Mutex<Vec<u8>>>);
+
+    impl std::io::Write for Logs {
+        fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+            self.0.lock().unwrap().extend_from_slice(buf);
+            Ok(buf.len())
+        }
+
+        fn flush(&mut self) -> std::io::Result<()> {
+            Ok(())
+        }
+    }
+
+    #[tokio::test]
+    async fn a_lockout_is_one_audit_event_naming_the_client() {
+        // Register the event's callsite first, on this thread: installing the subscriber then
+        // recomputes its interest, whichever other test threads hit it meanwhile.
+        let (warm_up, _, _) = failures(1);
+        for _ in 0..2 {
+            warm_up.record_failure(ip("192.0.2.250")).await;
+        }
+        let logs = Logs::default();
+        let writer = logs.clone();
+        let subscriber = tracing_subscriber::fmt()
+            .json()
+            .with_writer(move || writer.clone())
+            .finish();
+        let _guard = tracing::subscriber::set_default(subscriber);
+        let (f, _, _) = failures(1);
+        for _ in 0..4 {
+            f.record_failure(ip("198.51.100.4")).await;
+        }
+        let text = String::from_utf8(logs.0.lock().unwrap().clone()).unwrap();
+        let events: Vec<serde_json::Value> = text
+            .lines()
+            .map(|l| serde_json::from_str(l).expect("json line"))
+            .filter(|e: &serde_json::Value| e["fields"]["event"] == "lockout_started")
+            .collect();
+        assert_eq!(events.len(), 1, "{text}");
+        let e = &events[0];
+        assert_eq!(e["target"], "keygate::audit");
+        assert_eq!(e["fields"]["client_ip"], "198.51.100.4");
+        assert_eq!(e["fields"]["lockout_secs"], 30);
+    }
+
     #[test]
     fn the_lock_table_is_bounded_and_drops_ended_locks_first() {
         let table = LockTable::new(8);
