@@ -28,6 +28,7 @@ use crate::keys::embedded::EmbeddedStore;
 use crate::keys::redis_store::{RedisConn, RedisSettings, RedisStore};
 use crate::keys::store::KeyStore;
 use crate::keys::vault::{UserKey, Vault};
+use crate::policy::auth_failures::AuthFailures;
 use crate::policy::cors::Cors;
 use crate::policy::ratelimit::{
     FallbackLimiter, LocalLimiter, OnRedisError, Quota, RateLimiter, RedisLimiter,
@@ -135,6 +136,29 @@ fn build_rate_limits(
     })
 }
 
+/// The failed-authentication budget, when enabled: shared through Redis when there is one
+/// (falling back to this replica's own count while Redis fails), else local.
+fn build_auth_failures(
+    settings: &Settings,
+    conn: Option<&Arc<RedisConn>>,
+    metrics: &Metrics,
+) -> Option<Arc<AuthFailures>> {
+    let s = &settings.policy.auth_failures;
+    if !s.enabled || !settings.auth.enabled {
+        return None;
+    }
+    let local = LocalLimiter::new(s.max_tracked_ips);
+    let limiter: Arc<dyn RateLimiter> = match conn {
+        Some(conn) => Arc::new(FallbackLimiter::new(
+            RedisLimiter::new(conn.clone()),
+            OnRedisError::Local,
+            local,
+        )),
+        None => Arc::new(local),
+    };
+    AuthFailures::new(s, limiter, metrics).map(Arc::new)
+}
+
 /// The key store the settings name: Redis when `REDIS_URL` is set, else the embedded store.
 pub fn build_store(settings: &Settings) -> anyhow::Result<Arc<dyn KeyStore>> {
     Ok(match redis_settings(settings) {
@@ -212,7 +236,9 @@ pub fn build_state(settings: Settings) -> anyhow::Result<Arc<GatewayState>> {
             base_url: None,
         })
     });
-    let auth = Authenticator::new(&settings, client.clone());
+    let mut auth = Authenticator::new(&settings, client.clone());
+    auth.attach_metrics(&metrics);
+    let auth_failures = build_auth_failures(&settings, conn.as_ref(), &metrics);
     let health = serde_json::json!({
         "status": "healthy",
         "service": "keygate",
@@ -236,6 +262,7 @@ pub fn build_state(settings: Settings) -> anyhow::Result<Arc<GatewayState>> {
         sessions,
         routes,
         auth,
+        auth_failures,
         settings,
     }))
 }

@@ -5,8 +5,16 @@
 //! invalid one for a short negative TTL. Concurrent checks of one token share one call. When
 //! the Backend API cannot answer, only live cache entries are trusted: everything else fails
 //! closed.
+//!
+//! Calls are bounded, so that a flood of made-up tokens cannot spend Clerk's rate limit (per
+//! Clerk instance, shared by every replica) that real users' new tokens need: at most
+//! `backend_max_in_flight` at once, started at most `backend_rate_per_sec` per second in the
+//! long run (bursts of `backend_burst`). A call waits for a slot at most `backend_max_wait`;
+//! a call that gets none is not made and its request is answered 503 with `Retry-After` (never
+//! "valid"). `backend_timeout` bounds the whole verification, the wait for a slot included.
+//! Cache hits never wait for a slot. The bound is per replica.
 
-use std::sync::Arc;
+use std::sync::{Arc, Mutex, PoisonError};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use secrecy::{ExposeSecret, SecretString};
@@ -59,6 +67,102 @@ impl moka::Expiry<[u8; 32], (Outcome, SystemTime)> for OutcomeExpiry {
     }
 }
 
+/// Start times for Backend API calls, by reservation: GCRA (see `policy::ratelimit`) where a
+/// call that does not conform yet may book the moment it will, if that is soon enough.
+struct Pacer {
+    /// Emission interval `T`.
+    interval: Duration,
+    /// `τ = T × burst`.
+    tolerance: Duration,
+    /// The theoretical arrival time; `None` (or a past one) is a full bucket.
+    tat: Mutex<Option<Instant>>,
+}
+
+impl Pacer {
+    fn new(quota: &crate::policy::ratelimit::Quota) -> Self {
+        // The quota was checked at startup; an unusable one leaves calls unpaced (the
+        // in-flight bound still holds).
+        let interval = quota.emission_interval().unwrap_or(Duration::ZERO);
+        Self {
+            interval,
+            tolerance: interval.saturating_mul(quota.burst),
+            tat: Mutex::new(None),
+        }
+    }
+
+    /// Book the earliest start at or after `now` the rate allows, if it is no later than
+    /// `latest`; otherwise book nothing and say how long until one would be free.
+    fn reserve(&self, now: Instant, latest: Instant) -> Result<Instant, Duration> {
+        let mut tat = self.tat.lock().unwrap_or_else(PoisonError::into_inner);
+        let new_tat = tat.map_or(now, |t| t.max(now)) + self.interval;
+        let start = new_tat
+            .checked_sub(self.tolerance)
+            .map_or(now, |s| s.max(now));
+        if start > latest {
+            return Err(start - now);
+        }
+        *tat = Some(new_tat);
+        Ok(start)
+    }
+}
+
+/// What keygate allows itself to ask of the Backend API.
+struct CallBound {
+    slots: tokio::sync::Semaphore,
+    pacer: Pacer,
+    max_wait: Duration,
+    timeout: Duration,
+    /// `keygate_clerk_backend_refused_total` by reason, once metrics are attached.
+    refused: Option<[prometheus::IntCounter; 2]>,
+}
+
+/// Which limit refused a call.
+#[derive(Debug, Clone, Copy)]
+enum Limit {
+    Concurrency = 0,
+    Rate = 1,
+}
+
+/// `Retry-After` suggested when no call slot freed up in time.
+const RETRY_WHEN_SATURATED: Duration = Duration::from_secs(1);
+
+/// Whole seconds, rounded up (at least one).
+fn whole_secs(d: Duration) -> Duration {
+    Duration::from_secs((d.as_secs() + u64::from(d.subsec_nanos() > 0)).max(1))
+}
+
+impl CallBound {
+    /// Wait for a slot and a start time, then run `call` within what is left of the timeout.
+    async fn run<T>(
+        &self,
+        call: impl std::future::Future<Output = Result<T, BackendError>>,
+    ) -> Result<T, BackendError> {
+        let started = Instant::now();
+        let give_up = started + self.max_wait;
+        let Ok(Ok(_permit)) = tokio::time::timeout(self.max_wait, self.slots.acquire()).await
+        else {
+            return Err(self.refuse(Limit::Concurrency, RETRY_WHEN_SATURATED));
+        };
+        let start = match self.pacer.reserve(Instant::now(), give_up) {
+            Ok(start) => start,
+            Err(wait) => return Err(self.refuse(Limit::Rate, whole_secs(wait))),
+        };
+        tokio::time::sleep_until(start.into()).await;
+        let left = self.timeout.saturating_sub(started.elapsed());
+        match tokio::time::timeout(left, call).await {
+            Ok(result) => result,
+            Err(_) => Err(BackendError::TimedOut),
+        }
+    }
+
+    fn refuse(&self, limit: Limit, retry_after: Duration) -> BackendError {
+        if let Some(counters) = &self.refused {
+            counters[limit as usize].inc();
+        }
+        BackendError::Saturated { limit, retry_after }
+    }
+}
+
 /// Verifies opaque Clerk credentials through the Backend API, with caching and coalescing.
 pub struct ClerkBackend {
     client: reqwest::Client,
@@ -68,7 +172,7 @@ pub struct ClerkBackend {
     oauth: bool,
     m2m: bool,
     api_keys: bool,
-    timeout: Duration,
+    bound: CallBound,
     cache: moka::future::Cache<[u8; 32], (Outcome, SystemTime)>,
 }
 
@@ -93,6 +197,11 @@ enum BackendError {
     Http(#[from] reqwest::Error),
     #[error("status {0}")]
     Status(u16),
+    #[error("no answer within the timeout")]
+    TimedOut,
+    /// keygate's own bound refused the call; it was not made.
+    #[error("calls saturated ({limit:?} limit)")]
+    Saturated { limit: Limit, retry_after: Duration },
 }
 
 impl ClerkBackend {
@@ -110,7 +219,13 @@ impl ClerkBackend {
             oauth: settings.oauth_opaque_tokens,
             m2m: settings.m2m_tokens,
             api_keys: settings.api_keys,
-            timeout: settings.backend_timeout,
+            bound: CallBound {
+                slots: tokio::sync::Semaphore::new(settings.backend_max_in_flight),
+                pacer: Pacer::new(&settings.backend_rate),
+                max_wait: settings.backend_max_wait.min(settings.backend_timeout),
+                timeout: settings.backend_timeout,
+                refused: None,
+            },
             cache: moka::future::Cache::builder()
                 .max_capacity(100_000)
                 .expire_after(OutcomeExpiry {
@@ -119,6 +234,12 @@ impl ClerkBackend {
                 })
                 .build(),
         })
+    }
+
+    /// Count calls refused by the bound in `metrics`.
+    pub fn attach_metrics(&mut self, metrics: &crate::telemetry::metrics::Metrics) {
+        let counter = |reason: &str| metrics.clerk_backend_refused.with_label_values(&[reason]);
+        self.bound.refused = Some([counter("concurrency"), counter("rate")]);
     }
 
     fn enabled(&self, kind: TokenKind) -> bool {
@@ -143,7 +264,7 @@ impl ClerkBackend {
         let outcome = self
             .cache
             .try_get_with(hash, async {
-                let outcome = self.call(kind, token).await?;
+                let outcome = self.bound.run(self.call(kind, token)).await?;
                 Ok::<_, BackendError>((outcome, SystemTime::now()))
             })
             .await;
@@ -155,10 +276,16 @@ impl ClerkBackend {
                 Ok(id)
             }
             Ok((Outcome::Rejected(e), _)) => Err(e.into()),
-            Err(e) => {
-                tracing::warn!(error = %e, kind = kind.as_str(), "Clerk Backend API verification failed");
-                Err(AuthFailure::Unavailable("token verification"))
-            }
+            Err(e) => match &*e {
+                BackendError::Saturated { limit, retry_after } => {
+                    tracing::debug!(?limit, "Clerk Backend API call refused by keygate's bound");
+                    Err(AuthFailure::Saturated(*retry_after))
+                }
+                other => {
+                    tracing::warn!(error = %other, kind = kind.as_str(), "Clerk Backend API verification failed");
+                    Err(AuthFailure::Unavailable("token verification"))
+                }
+            },
         }
     }
 
@@ -185,7 +312,6 @@ impl ClerkBackend {
             .post(format!("{base}/{path}"))
             .bearer_auth(secret)
             .json(&body)
-            .timeout(self.timeout)
             .send()
             .await?;
         let status = resp.status().as_u16();
@@ -229,6 +355,41 @@ impl ClerkBackend {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::policy::ratelimit::Quota;
+
+    const MS: Duration = Duration::from_millis(1);
+
+    #[test]
+    fn the_pacer_lets_a_burst_start_at_once_then_books_one_start_per_interval() {
+        // 10 per second (T = 100 ms), bursts of 3.
+        let pacer = Pacer::new(&Quota::new(10, Duration::from_secs(1), 3).unwrap());
+        let t0 = Instant::now();
+        let latest = t0 + 250 * MS;
+        for _ in 0..3 {
+            assert_eq!(pacer.reserve(t0, latest), Ok(t0));
+        }
+        assert_eq!(pacer.reserve(t0, latest), Ok(t0 + 100 * MS));
+        assert_eq!(pacer.reserve(t0, latest), Ok(t0 + 200 * MS));
+        // The next start would be at 300 ms, past the latest acceptable: nothing is booked.
+        assert_eq!(pacer.reserve(t0, latest), Err(300 * MS));
+        assert_eq!(pacer.reserve(t0, t0 + 300 * MS), Ok(t0 + 300 * MS));
+        // After a quiet second the whole burst is back.
+        let later = t0 + Duration::from_secs(2);
+        for _ in 0..3 {
+            assert_eq!(pacer.reserve(later, later), Ok(later));
+        }
+        assert_eq!(pacer.reserve(later, later), Err(100 * MS));
+    }
+
+    #[test]
+    fn retry_after_is_whole_seconds_rounded_up() {
+        assert_eq!(whole_secs(300 * MS), Duration::from_secs(1));
+        assert_eq!(
+            whole_secs(Duration::from_millis(1_001)),
+            Duration::from_secs(2)
+        );
+        assert_eq!(whole_secs(Duration::from_secs(2)), Duration::from_secs(2));
+    }
 
     #[test]
     fn prefixes_pick_the_kind() {

@@ -409,6 +409,7 @@ mod tests {
         issuer.verify(&token).await.map_err(|e| match e {
             AuthFailure::Rejected(e) => e,
             AuthFailure::Unavailable(what) => panic!("{what} unavailable"),
+            AuthFailure::Saturated(_) => panic!("a JWT issuer is never saturated"),
         })
     }
 

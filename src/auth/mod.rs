@@ -34,6 +34,9 @@ pub enum AuthFailure {
     Rejected(AuthError),
     /// A dependency needed to decide is down; fail closed (503).
     Unavailable(&'static str),
+    /// Verification would need a Backend API call keygate's own bound refuses right now;
+    /// fail closed (503), retry after this long (whole seconds).
+    Saturated(Duration),
 }
 
 impl From<AuthError> for AuthFailure {
@@ -49,6 +52,10 @@ impl From<AuthFailure> for GatewayError {
             AuthFailure::Unavailable(what) => GatewayError::Unavailable {
                 what,
                 retry_after: Duration::from_secs(5),
+            },
+            AuthFailure::Saturated(retry_after) => GatewayError::Unavailable {
+                what: "token verification",
+                retry_after,
             },
         }
     }
@@ -223,6 +230,13 @@ impl Authenticator {
             ),
             cache_hits: AtomicU64::new(0),
             cache_misses: AtomicU64::new(0),
+        }
+    }
+
+    /// Count Backend API calls refused by keygate's bound in `metrics`.
+    pub fn attach_metrics(&mut self, metrics: &crate::telemetry::metrics::Metrics) {
+        if let Some(clerk) = self.clerk.as_mut() {
+            clerk.attach_metrics(metrics);
         }
     }
 

@@ -42,6 +42,8 @@ pub struct PolicyFile {
     pub default_scopes: String,
     pub scopes: Vec<crate::policy::mcp::ScopeRuleConfig>,
     pub org: crate::policy::mcp::OrgRulesConfig,
+    /// `[policy.auth_failures]`: the per-client-IP failed-authentication budget.
+    pub auth_failures: crate::policy::auth_failures::AuthFailuresConfig,
 }
 
 impl Default for PolicyFile {
@@ -65,6 +67,7 @@ impl Default for PolicyFile {
             default_scopes: "none".into(),
             scopes: Vec::new(),
             org: crate::policy::mcp::OrgRulesConfig::default(),
+            auth_failures: crate::policy::auth_failures::AuthFailuresConfig::default(),
         }
     }
 }
@@ -353,6 +356,14 @@ pub struct ClerkFile {
     pub opaque_negative_ttl_secs: u64,
     pub opaque_max_ttl_secs: u64,
     pub backend_timeout_ms: u64,
+    /// Backend API calls in flight at once, at most.
+    pub backend_max_in_flight: u32,
+    /// Backend API calls started per second, in the long run.
+    pub backend_rate_per_sec: u32,
+    /// Backend API calls that may start at once when the rate budget is full.
+    pub backend_burst: u32,
+    /// How long a call may wait for a slot (in flight and rate) before its request gets 503.
+    pub backend_max_wait_ms: u64,
 }
 
 impl Default for ClerkFile {
@@ -372,6 +383,10 @@ impl Default for ClerkFile {
             opaque_negative_ttl_secs: 30,
             opaque_max_ttl_secs: 300,
             backend_timeout_ms: 3000,
+            backend_max_in_flight: 32,
+            backend_rate_per_sec: 50,
+            backend_burst: 100,
+            backend_max_wait_ms: 250,
         }
     }
 }

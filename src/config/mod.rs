@@ -87,6 +87,8 @@ pub struct PolicySettings {
     /// Configured rules, then the built-in Twenty rules when `default_scopes = "twenty"`.
     pub scope_rules: crate::policy::mcp::ScopeRules,
     pub org: crate::policy::mcp::OrgRulesConfig,
+    /// The per-client-IP failed-authentication budget.
+    pub auth_failures: crate::policy::auth_failures::AuthFailuresSettings,
 }
 
 /// What a rate-limit rule counts by.
@@ -306,6 +308,12 @@ pub struct ClerkSettings {
     pub opaque_negative_ttl: Duration,
     pub opaque_max_ttl: Duration,
     pub backend_timeout: Duration,
+    /// Backend API calls in flight at once, at most (>= 1).
+    pub backend_max_in_flight: usize,
+    /// Backend API calls started: `backend_rate_per_sec` per second, bursts of `backend_burst`.
+    pub backend_rate: crate::policy::ratelimit::Quota,
+    /// The longest a call waits for a slot; never more than `backend_timeout`.
+    pub backend_max_wait: Duration,
 }
 
 #[derive(Debug, Clone)]
@@ -845,6 +853,32 @@ fn validate(f: FileConfig, base: &Path, problems: &mut Problems) -> Option<Setti
         } else {
             c.audiences.clone()
         };
+        let backend_timeout = Duration::from_millis(c.backend_timeout_ms.max(1));
+        let backend_max_wait = Duration::from_millis(c.backend_max_wait_ms);
+        if backend_max_wait > backend_timeout {
+            problems.push(
+                "clerk.backend_max_wait_ms",
+                format!(
+                    "{} is longer than clerk.backend_timeout_ms ({}): a call never waits longer than the timeout",
+                    c.backend_max_wait_ms, c.backend_timeout_ms
+                ),
+            );
+        }
+        if c.backend_max_in_flight == 0 {
+            problems.push("clerk.backend_max_in_flight", "must be at least 1");
+        }
+        let backend_rate = crate::policy::ratelimit::Quota::new(
+            c.backend_rate_per_sec,
+            Duration::from_secs(1),
+            c.backend_burst,
+        )
+        .map_err(|e| {
+            problems.push(
+                "clerk.backend_rate_per_sec / clerk.backend_burst",
+                format!("both must be at least 1 ({e})"),
+            )
+        })
+        .ok()?;
         Some(ClerkSettings {
             frontend_api,
             issuer,
@@ -863,7 +897,11 @@ fn validate(f: FileConfig, base: &Path, problems: &mut Problems) -> Option<Setti
             api_keys: c.api_keys,
             opaque_negative_ttl: secs(c.opaque_negative_ttl_secs),
             opaque_max_ttl: secs(c.opaque_max_ttl_secs.max(1)),
-            backend_timeout: Duration::from_millis(c.backend_timeout_ms.max(1)),
+            backend_timeout,
+            backend_max_in_flight: usize::try_from(c.backend_max_in_flight.max(1))
+                .unwrap_or(usize::MAX),
+            backend_rate,
+            backend_max_wait: backend_max_wait.min(backend_timeout),
         })
     });
 
@@ -1112,6 +1150,7 @@ fn validate(f: FileConfig, base: &Path, problems: &mut Problems) -> Option<Setti
             crate::policy::mcp::ScopeRules::twenty_default()
         }
     };
+    let auth_failures = p.auth_failures.validate("policy.auth_failures", problems);
     let policy = PolicySettings {
         max_body_bytes: p.max_body_bytes,
         inspect_max_bytes: p.inspect_max_bytes.min(64 * 1024),
@@ -1121,6 +1160,7 @@ fn validate(f: FileConfig, base: &Path, problems: &mut Problems) -> Option<Setti
         mcp_paths: normal_paths(problems, "policy.mcp_paths", &p.mcp_paths),
         scope_rules,
         org: p.org.clone(),
+        auth_failures,
     };
 
     // [rate_limits]
@@ -1495,6 +1535,50 @@ mod tests {
             .0
             .iter()
             .any(|p| p.field == "API_KEY_ENCRYPTION_SECRET_FILE"));
+    }
+
+    #[test]
+    fn clerk_call_bounds_and_the_failure_budget_are_checked_naming_the_option() {
+        let dir = std::env::temp_dir().join(format!("keygate-bounds-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).expect("tmp dir");
+        let path = dir.join("bounds.toml");
+        std::fs::write(
+            &path,
+            "[clerk]\nfrontend_api_url = \"https://clerk.example.com\"\nsecret_key = \"sk_test_x\"\n\
+             backend_timeout_ms = 1000\nbackend_max_wait_ms = 1500\nbackend_max_in_flight = 0\n\
+             [policy.auth_failures]\nwindow_secs = 0\n",
+        )
+        .expect("write");
+        let problems = load(Some(&path), &env(&[SECRET])).expect_err("bad bounds");
+        let fields: Vec<&str> = problems.0.iter().map(|p| p.field.as_str()).collect();
+        assert!(fields.contains(&"clerk.backend_max_wait_ms"), "{problems}");
+        assert!(
+            fields.contains(&"clerk.backend_max_in_flight"),
+            "{problems}"
+        );
+        assert!(
+            fields
+                .iter()
+                .any(|f| f.contains("policy.auth_failures.window_secs")),
+            "{problems}"
+        );
+
+        std::fs::write(
+            &path,
+            "[clerk]\nfrontend_api_url = \"https://clerk.example.com\"\nsecret_key = \"sk_test_x\"\n",
+        )
+        .expect("write");
+        let s = load(Some(&path), &env(&[SECRET])).expect("defaults are valid");
+        let c = s.clerk.expect("clerk");
+        assert_eq!(c.backend_max_in_flight, 32);
+        assert_eq!((c.backend_rate.requests, c.backend_rate.burst), (50, 100));
+        // Below Clerk's production limit (1000 per 10 s) even in the worst 10 s.
+        assert!(c.backend_rate.burst + 10 * c.backend_rate.requests < 1000);
+        assert!(c.backend_max_wait <= c.backend_timeout);
+        let f = &s.policy.auth_failures;
+        assert!(f.enabled);
+        assert_eq!(f.budget.requests, 20);
+        assert_eq!(f.lockout, Duration::from_secs(60));
     }
 
     #[test]

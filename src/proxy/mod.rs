@@ -76,6 +76,8 @@ pub struct GatewayState {
     pub sessions: Option<Arc<dyn SessionBindings>>,
     /// The route table every request is classified by, once.
     pub routes: Routes,
+    /// The per-client-IP failed-authentication budget, when enabled.
+    pub auth_failures: Option<Arc<crate::policy::auth_failures::AuthFailures>>,
 }
 
 /// A rate-limit rule ready for the request path.
@@ -353,42 +355,67 @@ impl Gateway {
         if !settings.enabled {
             return Ok(());
         }
+        // A locked-out client is refused before its token costs anything.
+        let failures = self.state.auth_failures.as_deref().zip(ctx.client_ip);
+        if let Some((failures, ip)) = failures {
+            if let Some(retry_after) = failures.locked(ip) {
+                return Err(GatewayError::RateLimited {
+                    retry_after,
+                    headers: Vec::new(),
+                });
+            }
+        }
         let metric = &self.state.metrics.auth;
         let token = bearer_token(&session.req_header().headers, auth.max_token_bytes())
             .inspect_err(|e| {
                 metric
                     .with_label_values(&["none", "rejected", e.reason()])
                     .inc();
-            })?;
-        let Some(token) = token else {
-            if settings.required {
-                metric
-                    .with_label_values(&["none", "rejected", "missing"])
-                    .inc();
-                return Err(crate::error::AuthError::Missing.into());
+            });
+        let result = match token {
+            Err(e) => Err(e),
+            Ok(None) => {
+                if settings.required {
+                    metric
+                        .with_label_values(&["none", "rejected", "missing"])
+                        .inc();
+                    return Err(crate::error::AuthError::Missing.into());
+                }
+                return Ok(());
             }
-            return Ok(());
+            Ok(Some(token)) => match auth
+                .authenticate(token, self.session_tokens_allowed(route))
+                .await
+            {
+                Ok(identity) => {
+                    self.state.metrics.auth_accepted(identity.kind.as_str());
+                    ctx.identity = Some(identity);
+                    return Ok(());
+                }
+                Err(failure) => {
+                    let (outcome, reason) = match &failure {
+                        crate::auth::AuthFailure::Rejected(e) => ("rejected", e.reason()),
+                        crate::auth::AuthFailure::Unavailable(_) => ("unavailable", "unavailable"),
+                        crate::auth::AuthFailure::Saturated(_) => ("unavailable", "saturated"),
+                    };
+                    metric
+                        .with_label_values(&[crate::auth::kind_hint(token), outcome, reason])
+                        .inc();
+                    Err(GatewayError::from(failure))
+                }
+            },
         };
-        match auth
-            .authenticate(token, self.session_tokens_allowed(route))
-            .await
-        {
-            Ok(identity) => {
-                self.state.metrics.auth_accepted(identity.kind.as_str());
-                ctx.identity = Some(identity);
-                Ok(())
-            }
-            Err(failure) => {
-                let (outcome, reason) = match &failure {
-                    crate::auth::AuthFailure::Rejected(e) => ("rejected", e.reason()),
-                    crate::auth::AuthFailure::Unavailable(_) => ("unavailable", "unavailable"),
-                };
-                metric
-                    .with_label_values(&[crate::auth::kind_hint(token), outcome, reason])
-                    .inc();
-                Err(failure.into())
+        // A token that was presented and refused spends the client's failure budget; a
+        // missing token, a bad request or an unavailable verifier does not.
+        if let (Err(GatewayError::Unauthorized(_)), Some((failures, ip))) = (&result, failures) {
+            if let Some(retry_after) = failures.record_failure(ip).await {
+                return Err(GatewayError::RateLimited {
+                    retry_after,
+                    headers: Vec::new(),
+                });
             }
         }
+        result
     }
 
     /// MCP transport rules that need no identity: protocol version and declared body size.

@@ -97,6 +97,13 @@ pub struct Metrics {
     pub rate_limit_fallbacks: IntCounter,
     /// Requests refused by policy, by reason.
     pub policy_denials: IntCounterVec,
+    /// Client IPs locked out after repeated failed authentication.
+    pub auth_lockouts: IntCounter,
+    /// Requests refused because their client IP was locked out.
+    pub auth_locked_refusals: IntCounter,
+    /// Clerk Backend API calls refused by keygate's own bound, by which limit refused them
+    /// (`concurrency`, `rate`): their requests got 503.
+    pub clerk_backend_refused: IntCounterVec,
     /// Upstream failures by kind.
     pub upstream_errors: IntCounterVec,
     /// Always 1; the version label says which build runs.
@@ -190,6 +197,22 @@ impl Metrics {
         build_info
             .with_label_values(&[env!("CARGO_PKG_VERSION")])
             .set(1);
+        let auth_lockouts = IntCounter::new(
+            "keygate_auth_lockouts_total",
+            "Client IPs locked out after repeated failed authentication.",
+        )
+        .unwrap_or_else(|e| unreachable_metric("keygate_auth_lockouts_total", e));
+        register(&r, Box::new(auth_lockouts.clone()), "auth_lockouts");
+        let auth_locked_refusals = IntCounter::new(
+            "keygate_auth_locked_refusals_total",
+            "Requests refused (429) because their client IP was locked out.",
+        )
+        .unwrap_or_else(|e| unreachable_metric("keygate_auth_locked_refusals_total", e));
+        register(
+            &r,
+            Box::new(auth_locked_refusals.clone()),
+            "auth_locked_refusals",
+        );
         let key_cache = counter(
             &r,
             "keygate_key_cache_total",
@@ -259,6 +282,14 @@ impl Metrics {
                 &r,
                 "keygate_policy_denials_total",
                 "Requests refused by keygate, by reason.",
+                &["reason"],
+            ),
+            auth_lockouts,
+            auth_locked_refusals,
+            clerk_backend_refused: counter(
+                &r,
+                "keygate_clerk_backend_refused_total",
+                "Clerk Backend API calls refused by keygate's bound (their requests got 503), by limit.",
                 &["reason"],
             ),
             upstream_errors: counter(
@@ -375,6 +406,9 @@ impl Metrics {
         }
         for kind in ["connect", "timeout", "other"] {
             self.upstream_errors.with_label_values(&[kind]);
+        }
+        for reason in ["concurrency", "rate"] {
+            self.clerk_backend_refused.with_label_values(&[reason]);
         }
     }
 

@@ -7,6 +7,7 @@ mod conformance;
 mod deploy;
 mod devmode;
 mod discovery;
+mod floods;
 mod harness_selfcheck;
 mod identity;
 mod ops;

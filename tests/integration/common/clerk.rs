@@ -113,6 +113,11 @@ struct Shared {
     metadata_fetches: AtomicUsize,
     down: AtomicBool,
     verify_delay: Mutex<Duration>,
+    /// Verify calls being answered now, and the most ever answered at once.
+    verify_in_flight: AtomicUsize,
+    verify_peak: AtomicUsize,
+    /// While `true`, verify calls wait (after being counted) until it turns `false`.
+    hold: tokio::sync::watch::Sender<bool>,
 }
 
 /// A running fake Clerk instance. Dropping it (or [`FakeClerk::stop`]) shuts the server down.
@@ -138,6 +143,9 @@ impl FakeClerk {
             metadata_fetches: AtomicUsize::new(0),
             down: AtomicBool::new(false),
             verify_delay: Mutex::new(Duration::ZERO),
+            verify_in_flight: AtomicUsize::new(0),
+            verify_peak: AtomicUsize::new(0),
+            hold: tokio::sync::watch::Sender::new(false),
         });
         let app = Router::new()
             .route("/.well-known/jwks.json", get(jwks))
@@ -267,6 +275,39 @@ impl FakeClerk {
         *lock(&self.shared.verify_delay) = d;
     }
 
+    /// Verify calls being answered right now (held or delayed ones included).
+    pub fn verify_in_flight(&self) -> usize {
+        self.shared.verify_in_flight.load(Ordering::SeqCst)
+    }
+
+    /// The most verify calls that were ever being answered at the same time.
+    pub fn verify_peak(&self) -> usize {
+        self.shared.verify_peak.load(Ordering::SeqCst)
+    }
+
+    /// While held, every verify call is counted, then waits until [`FakeClerk::release`].
+    pub fn hold_verifies(&self) {
+        self.shared.hold.send_replace(true);
+    }
+
+    /// Let held verify calls (and later ones) answer.
+    pub fn release(&self) {
+        self.shared.hold.send_replace(false);
+    }
+
+    /// Wait (at most 10 s) until `n` verify calls are being answered at once.
+    pub async fn wait_verify_in_flight(&self, n: usize) {
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        while self.verify_in_flight() != n {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "expected {n} verify calls in flight, have {}",
+                self.verify_in_flight()
+            );
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+    }
+
     /// Stop accepting connections; idle keep-alive connections are closed too.
     pub fn stop(&self) {
         if let Some(tx) = lock(&self.shutdown).take() {
@@ -308,11 +349,14 @@ async fn gate(State(s): State<Arc<Shared>>, req: Request, next: Next) -> Respons
             "service_unavailable",
         );
     }
+    let _in_flight = is_verify.then(|| InFlight::enter(&s));
     if is_verify {
         let delay = *lock(&s.verify_delay);
         if !delay.is_zero() {
             tokio::time::sleep(delay).await;
         }
+        let mut held = s.hold.subscribe();
+        let _ = held.wait_for(|h| !*h).await;
     }
     if path.starts_with("/v1/") {
         let expected = format!("Bearer {FAKE_SECRET_KEY}");
@@ -323,6 +367,24 @@ async fn gate(State(s): State<Arc<Shared>>, req: Request, next: Next) -> Respons
         }
     }
     next.run(req).await
+}
+
+/// One verify call being answered: counted in `verify_in_flight` (and the peak) until dropped,
+/// also when the client gives up and the handler is cancelled.
+struct InFlight(Arc<Shared>);
+
+impl InFlight {
+    fn enter(s: &Arc<Shared>) -> InFlight {
+        let now = s.verify_in_flight.fetch_add(1, Ordering::SeqCst) + 1;
+        s.verify_peak.fetch_max(now, Ordering::SeqCst);
+        InFlight(s.clone())
+    }
+}
+
+impl Drop for InFlight {
+    fn drop(&mut self) {
+        self.0.verify_in_flight.fetch_sub(1, Ordering::SeqCst);
+    }
 }
 
 /// Clerk's error envelope.

@@ -1,0 +1,469 @@
+//! The failed-authentication budget: a client that keeps presenting tokens that are rejected is
+//! locked out for a while (429), and while locked its tokens are not verified at all.
+//!
+//! It owns the `[policy.auth_failures]` section, the budget (one GCRA budget per client, spent
+//! through a [`RateLimiter`], so with Redis configured every replica spends one shared budget)
+//! and the local lock table that answers [`AuthFailures::locked`] without any I/O. It does not
+//! decide what counts as a failure — the proxy's `authenticate` records a token that was
+//! presented and refused, never a missing token or an unavailable verifier — nor write the
+//! response.
+//!
+//! A client is its IP address; IPv4-mapped IPv6 addresses are their IPv4 address, and IPv6
+//! addresses are grouped by their `/ipv6_prefix_len` network (one host usually holds a whole
+//! /64, so locking single addresses would not stop it). The budget key is
+//! `authfail/ip/<client>`, which no rate-limit rule key (`<rule>:<ip|user|org>:<who>`) can
+//! equal. A per-subject budget fits the same shape: another [`LockTable`] and keys under
+//! `authfail/sub/`.
+//!
+//! The lock table is bounded: when full, expired locks go first, then the locks closest to
+//! their end (those clients are refused for a little less long; nobody is refused longer).
+
+use std::collections::HashMap;
+use std::hash::Hash;
+use std::net::IpAddr;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex, PoisonError};
+use std::time::{Duration, Instant};
+
+use serde::Deserialize;
+
+use super::ratelimit::{Quota, RateLimiter};
+use crate::config::Problems;
+use crate::telemetry::metrics::Metrics;
+
+/// `[policy.auth_failures]` as written in the file.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct AuthFailuresConfig {
+    /// Budget failed authentications per client IP.
+    pub enabled: bool,
+    /// Failures a client may have in `window_secs` (the budget refills steadily); the next one
+    /// starts a lockout.
+    pub max_failures: u32,
+    pub window_secs: u64,
+    /// How long a locked-out client is refused.
+    pub lockout_secs: u64,
+    /// Clients tracked at most (failure budgets and locks each).
+    pub max_tracked_ips: u64,
+    /// IPv6 clients are grouped by this network prefix.
+    pub ipv6_prefix_len: u8,
+}
+
+impl Default for AuthFailuresConfig {
+    fn default() -> Self {
+        Self {
+            enabled: true,
+            max_failures: 20,
+            window_secs: 60,
+            lockout_secs: 60,
+            max_tracked_ips: 100_000,
+            ipv6_prefix_len: 64,
+        }
+    }
+}
+
+/// The validated section.
+#[derive(Debug, Clone)]
+pub struct AuthFailuresSettings {
+    pub enabled: bool,
+    /// `max_failures` per `window`, bursts of `max_failures`.
+    pub budget: Quota,
+    pub lockout: Duration,
+    pub max_tracked_ips: u64,
+    pub ipv6_prefix_len: u8,
+}
+
+/// The longest lockout accepted: a day.
+const MAX_LOCKOUT_SECS: u64 = 86_400;
+
+impl AuthFailuresConfig {
+    /// Check the section; problems name `field.<option>`.
+    pub fn validate(&self, field: &str, problems: &mut Problems) -> AuthFailuresSettings {
+        let budget = Quota::new(
+            self.max_failures,
+            Duration::from_secs(self.window_secs),
+            self.max_failures,
+        )
+        .unwrap_or_else(|e| {
+            problems.push(
+                format!("{field}.max_failures / {field}.window_secs"),
+                format!("both must be at least 1 ({e})"),
+            );
+            Quota {
+                requests: 1,
+                period: Duration::from_secs(1),
+                burst: 1,
+            }
+        });
+        if self.lockout_secs == 0 || self.lockout_secs > MAX_LOCKOUT_SECS {
+            problems.push(
+                format!("{field}.lockout_secs"),
+                format!("must be between 1 and {MAX_LOCKOUT_SECS}"),
+            );
+        }
+        if self.max_tracked_ips == 0 {
+            problems.push(format!("{field}.max_tracked_ips"), "must be at least 1");
+        }
+        if !(32..=128).contains(&self.ipv6_prefix_len) {
+            problems.push(
+                format!("{field}.ipv6_prefix_len"),
+                "must be between 32 and 128",
+            );
+        }
+        AuthFailuresSettings {
+            enabled: self.enabled,
+            budget,
+            lockout: Duration::from_secs(self.lockout_secs.clamp(1, MAX_LOCKOUT_SECS)),
+            max_tracked_ips: self.max_tracked_ips.max(1),
+            ipv6_prefix_len: self.ipv6_prefix_len.clamp(32, 128),
+        }
+    }
+}
+
+/// The lock table's clock.
+#[derive(Clone)]
+enum Clock {
+    System,
+    #[cfg(test)]
+    Manual(Arc<Mutex<Instant>>),
+}
+
+impl Clock {
+    fn now(&self) -> Instant {
+        match self {
+            Clock::System => Instant::now(),
+            #[cfg(test)]
+            Clock::Manual(now) => *now.lock().unwrap_or_else(PoisonError::into_inner),
+        }
+    }
+}
+
+/// Locks until a moment, per key, in a bounded table. An empty table is checked without
+/// taking the lock.
+pub struct LockTable<K> {
+    locks: Mutex<HashMap<K, Instant>>,
+    len: AtomicUsize,
+    max: usize,
+}
+
+impl<K: Hash + Eq + Clone> LockTable<K> {
+    /// A table holding at most `max` locks.
+    pub fn new(max: u64) -> Self {
+        Self {
+            locks: Mutex::new(HashMap::new()),
+            len: AtomicUsize::new(0),
+            max: usize::try_from(max).unwrap_or(usize::MAX).max(1),
+        }
+    }
+
+    /// When `key`'s lock ends, if it is locked at `now`.
+    fn until(&self, key: &K, now: Instant) -> Option<Instant> {
+        if self.len.load(Ordering::Relaxed) == 0 {
+            return None;
+        }
+        let locks = self.locks.lock().unwrap_or_else(PoisonError::into_inner);
+        locks.get(key).copied().filter(|until| *until > now)
+    }
+
+    /// Lock `key` until `until`, unless it is locked already: `true` when this started a lock.
+    fn lock(&self, key: &K, now: Instant, until: Instant) -> bool {
+        let mut locks = self.locks.lock().unwrap_or_else(PoisonError::into_inner);
+        if locks.get(key).is_some_and(|u| *u > now) {
+            return false;
+        }
+        if !locks.contains_key(key) && locks.len() >= self.max {
+            Self::make_room(&mut locks, now, self.max);
+        }
+        locks.insert(key.clone(), until);
+        self.len.store(locks.len(), Ordering::Relaxed);
+        true
+    }
+
+    /// Drop ended locks; if that frees less than a quarter of the table, also the locks that
+    /// end soonest, down to three quarters.
+    fn make_room(locks: &mut HashMap<K, Instant>, now: Instant, max: usize) {
+        locks.retain(|_, until| *until > now);
+        let keep = max - max.div_ceil(4);
+        if locks.len() <= keep {
+            return;
+        }
+        let mut ends: Vec<Instant> = locks.values().copied().collect();
+        let drop = ends.len() - keep;
+        let (_, &mut cutoff, _) = ends.select_nth_unstable(drop - 1);
+        let mut over = drop;
+        locks.retain(|_, until| {
+            if over > 0 && *until <= cutoff {
+                over -= 1;
+                false
+            } else {
+                true
+            }
+        });
+    }
+
+    /// Locks held, ended or not yet dropped.
+    pub fn len(&self) -> usize {
+        self.len.load(Ordering::Relaxed)
+    }
+
+    /// Whether no lock is held.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+}
+
+/// The failed-authentication budget at run time.
+pub struct AuthFailures {
+    settings: AuthFailuresSettings,
+    limiter: Arc<dyn RateLimiter>,
+    ips: LockTable<IpAddr>,
+    clock: Clock,
+    lockouts: prometheus::IntCounter,
+    refusals: prometheus::IntCounter,
+}
+
+/// Whole seconds, rounded up, as a duration: what a `Retry-After` can say exactly.
+fn whole_secs(d: Duration) -> Duration {
+    Duration::from_secs(d.as_secs() + u64::from(d.subsec_nanos() > 0))
+}
+
+impl AuthFailures {
+    /// `None` when the section is disabled. `limiter` holds the budgets (shared through Redis
+    /// when it is a Redis limiter).
+    pub fn new(
+        settings: &AuthFailuresSettings,
+        limiter: Arc<dyn RateLimiter>,
+        metrics: &Metrics,
+    ) -> Option<Self> {
+        settings.enabled.then(|| Self {
+            settings: settings.clone(),
+            limiter,
+            ips: LockTable::new(settings.max_tracked_ips),
+            clock: Clock::System,
+            lockouts: metrics.auth_lockouts.clone(),
+            refusals: metrics.auth_locked_refusals.clone(),
+        })
+    }
+
+    /// The client `ip` stands for: IPv4-mapped addresses as IPv4, IPv6 by its network.
+    fn client(&self, ip: IpAddr) -> IpAddr {
+        match ip.to_canonical() {
+            IpAddr::V6(v6) => ipnet::Ipv6Net::new(v6, self.settings.ipv6_prefix_len)
+                .map_or(IpAddr::V6(v6), |net| IpAddr::V6(net.network())),
+            v4 => v4,
+        }
+    }
+
+    /// If `ip` is locked out: how long it still is, in whole seconds (rounded up). Cheap and
+    /// local; a `Some` is counted as a refused request.
+    pub fn locked(&self, ip: IpAddr) -> Option<Duration> {
+        if self.ips.is_empty() {
+            return None;
+        }
+        let now = self.clock.now();
+        let until = self.ips.until(&self.client(ip), now)?;
+        self.refusals.inc();
+        Some(whole_secs(until - now))
+    }
+
+    /// Spend one unit of `ip`'s budget for a rejected token. When the budget refuses it, `ip`
+    /// is locked out from now on: returns the lockout (whole seconds), else `None`.
+    pub async fn record_failure(&self, ip: IpAddr) -> Option<Duration> {
+        let client = self.client(ip);
+        let key = format!("authfail/ip/{client}");
+        let decision = match self.limiter.check(&key, &self.settings.budget, 1).await {
+            Ok(d) => d,
+            Err(e) => {
+                tracing::warn!(error = %e, "failed-authentication budget unavailable");
+                return None;
+            }
+        };
+        if decision.allowed {
+            return None;
+        }
+        let now = self.clock.now();
+        let lockout = self.settings.lockout;
+        if self.ips.lock(&client, now, now + lockout) {
+            self.lockouts.inc();
+            tracing::info!(
+                target: "keygate::audit",
+                event = "lockout_started",
+                client_ip = %client,
+                max_failures = self.settings.budget.requests,
+                window_secs = self.settings.budget.period.as_secs(),
+                lockout_secs = lockout.as_secs(),
+                "client locked out after repeated failed authentication"
+            );
+            return Some(lockout);
+        }
+        // Another request of this client started the lockout first.
+        self.ips
+            .until(&client, now)
+            .map(|until| whole_secs(until - now))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::policy::ratelimit::LocalLimiter;
+
+    fn settings(max_failures: u32) -> AuthFailuresSettings {
+        let mut problems = Problems::default();
+        let s = AuthFailuresConfig {
+            max_failures,
+            window_secs: 60,
+            lockout_secs: 30,
+            ..AuthFailuresConfig::default()
+        }
+        .validate("policy.auth_failures", &mut problems);
+        assert!(problems.0.is_empty(), "{problems}");
+        s
+    }
+
+    fn failures(max_failures: u32) -> (AuthFailures, Arc<Mutex<Instant>>, Metrics) {
+        let metrics = Metrics::new();
+        let mut f = AuthFailures::new(
+            &settings(max_failures),
+            Arc::new(LocalLimiter::new(1000)),
+            &metrics,
+        )
+        .expect("enabled");
+        let now = Arc::new(Mutex::new(Instant::now()));
+        f.clock = Clock::Manual(now.clone());
+        (f, now, metrics)
+    }
+
+    fn ip(s: &str) -> IpAddr {
+        s.parse().expect("ip")
+    }
+
+    #[tokio::test]
+    async fn the_failure_after_the_budget_starts_a_lockout_for_that_ip_only() {
+        let (f, now, metrics) = failures(3);
+        let a = ip("203.0.113.7");
+        for _ in 0..3 {
+            assert_eq!(f.record_failure(a).await, None);
+            assert_eq!(f.locked(a), None);
+        }
+        assert_eq!(f.record_failure(a).await, Some(Duration::from_secs(30)));
+        assert_eq!(f.locked(a), Some(Duration::from_secs(30)));
+        assert_eq!(f.locked(ip("203.0.113.8")), None);
+        assert_eq!(metrics.auth_lockouts.get(), 1);
+        assert_eq!(metrics.auth_locked_refusals.get(), 1);
+        // Retry-After is rounded up: 20.5 s left is 21 s.
+        *now.lock().unwrap() += Duration::from_millis(9_500);
+        assert_eq!(f.locked(a), Some(Duration::from_secs(21)));
+        *now.lock().unwrap() += Duration::from_millis(20_500);
+        assert_eq!(f.locked(a), None);
+    }
+
+    #[tokio::test]
+    async fn concurrent_failures_start_one_lockout() {
+        let (f, _, metrics) = failures(1);
+        let a = ip("192.0.2.1");
+        assert_eq!(f.record_failure(a).await, None);
+        assert!(f.record_failure(a).await.is_some());
+        assert!(f.record_failure(a).await.is_some());
+        assert_eq!(metrics.auth_lockouts.get(), 1);
+    }
+
+    #[tokio::test]
+    async fn mapped_ipv4_is_ipv4_and_ipv6_is_grouped_by_its_prefix() {
+        let (f, _, _) = failures(1);
+        f.record_failure(ip("::ffff:192.0.2.9")).await;
+        assert!(f.record_failure(ip("192.0.2.9")).await.is_some());
+        assert!(f.locked(ip("::ffff:192.0.2.9")).is_some());
+        f.record_failure(ip("2001:db8:1:2::1")).await;
+        assert!(f.record_failure(ip("2001:db8:1:2:ffff::7")).await.is_some());
+        assert!(f.locked(ip("2001:db8:1:2::abcd")).is_some());
+        assert!(f.locked(ip("2001:db8:1:3::1")).is_none());
+    }
+
+    /// Log lines, collected.
+    #[derive(Clone, Default)]
+    struct Logs(Arc<Mutex<Vec<u8>>>);
+
+    impl std::io::Write for Logs {
+        fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+            self.0.lock().unwrap().extend_from_slice(buf);
+            Ok(buf.len())
+        }
+
+        fn flush(&mut self) -> std::io::Result<()> {
+            Ok(())
+        }
+    }
+
+    #[tokio::test]
+    async fn a_lockout_is_one_audit_event_naming_the_client() {
+        // Register the event's callsite first, on this thread: installing the subscriber then
+        // recomputes its interest, whichever other test threads hit it meanwhile.
+        let (warm_up, _, _) = failures(1);
+        for _ in 0..2 {
+            warm_up.record_failure(ip("192.0.2.250")).await;
+        }
+        let logs = Logs::default();
+        let writer = logs.clone();
+        let subscriber = tracing_subscriber::fmt()
+            .json()
+            .with_writer(move || writer.clone())
+            .finish();
+        let _guard = tracing::subscriber::set_default(subscriber);
+        let (f, _, _) = failures(1);
+        for _ in 0..4 {
+            f.record_failure(ip("198.51.100.4")).await;
+        }
+        let text = String::from_utf8(logs.0.lock().unwrap().clone()).unwrap();
+        let events: Vec<serde_json::Value> = text
+            .lines()
+            .map(|l| serde_json::from_str(l).expect("json line"))
+            .filter(|e: &serde_json::Value| e["fields"]["event"] == "lockout_started")
+            .collect();
+        assert_eq!(events.len(), 1, "{text}");
+        let e = &events[0];
+        assert_eq!(e["target"], "keygate::audit");
+        assert_eq!(e["fields"]["client_ip"], "198.51.100.4");
+        assert_eq!(e["fields"]["lockout_secs"], 30);
+    }
+
+    #[test]
+    fn the_lock_table_is_bounded_and_drops_ended_locks_first() {
+        let table = LockTable::new(8);
+        let t0 = Instant::now();
+        for i in 0..4u16 {
+            assert!(table.lock(&i, t0, t0 + Duration::from_secs(1)));
+        }
+        for i in 4..8u16 {
+            assert!(table.lock(&i, t0, t0 + Duration::from_secs(100)));
+        }
+        let later = t0 + Duration::from_secs(2);
+        assert!(table.lock(&8, later, later + Duration::from_secs(100)));
+        assert_eq!(table.len(), 5);
+        for i in 4..9u16 {
+            assert!(table.until(&i, later).is_some());
+        }
+        for i in 9..1000u16 {
+            table.lock(&i, later, later + Duration::from_secs(50));
+        }
+        assert!(table.len() <= 8);
+    }
+
+    #[test]
+    fn problems_name_the_option() {
+        let mut problems = Problems::default();
+        AuthFailuresConfig {
+            max_failures: 0,
+            lockout_secs: 0,
+            ipv6_prefix_len: 8,
+            ..AuthFailuresConfig::default()
+        }
+        .validate("policy.auth_failures", &mut problems);
+        let fields: Vec<&str> = problems.0.iter().map(|p| p.field.as_str()).collect();
+        assert!(fields
+            .iter()
+            .any(|f| f.contains("policy.auth_failures.max_failures")));
+        assert!(fields.contains(&"policy.auth_failures.lockout_secs"));
+        assert!(fields.contains(&"policy.auth_failures.ipv6_prefix_len"));
+    }
+}
