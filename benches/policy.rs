@@ -1,5 +1,5 @@
-//! Policy on the request path: one local rate-limit decision, and the MCP checks of a
-//! `tools/call` body (parse, header match, scope rules).
+//! Policy on the request path: one local rate-limit decision, the MCP checks of a
+//! `tools/call` body (parse, header match, scope rules), and the route decision.
 
 use std::hint::black_box;
 use std::time::Duration;
@@ -7,6 +7,7 @@ use std::time::Duration;
 use criterion::{criterion_group, criterion_main, Criterion};
 use keygate::policy::mcp::{self, ScopeRules};
 use keygate::policy::ratelimit::{LocalLimiter, Quota, RateLimiter};
+use keygate::proxy::route::Routes;
 
 fn rate_limit(c: &mut Criterion) {
     let rt = tokio::runtime::Builder::new_current_thread()
@@ -36,5 +37,15 @@ fn policy_check(c: &mut Criterion) {
     });
 }
 
-criterion_group!(benches, rate_limit, policy_check);
+fn route_decision(c: &mut Criterion) {
+    let routes = Routes::new(&["/mcp".to_string()], true);
+    c.bench_function("route decision (canonical /mcp)", |b| {
+        b.iter(|| routes.classify(black_box("/mcp")).expect("path").kind)
+    });
+    c.bench_function("route decision (//MCP;x/%73ub, normalised)", |b| {
+        b.iter(|| routes.classify(black_box("//MCP;x/%73ub")).expect("path").kind)
+    });
+}
+
+criterion_group!(benches, rate_limit, policy_check, route_decision);
 criterion_main!(benches);
