@@ -481,3 +481,61 @@ mod tests {
         assert!(verdict(&issuer, neither).await.is_ok());
     }
 }
+
+/// Property tests over the claims parser, which reads whatever a signer put in a token.
+#[cfg(test)]
+mod prop {
+    use proptest::prelude::*;
+    use serde_json::{json, Value};
+
+    use super::Claims;
+
+    fn claim_value() -> impl Strategy<Value = Value> {
+        prop_oneof![
+            any::<i64>().prop_map(|n| json!(n)),
+            any::<u64>().prop_map(|n| json!(n)),
+            (-1e20f64..1e20).prop_map(|f| json!(f)),
+            Just(json!(null)),
+            any::<bool>().prop_map(|b| json!(b)),
+            "[0-9]{1,12}(\\.[0-9]{1,3})?".prop_map(|s| json!(s)),
+            Just(json!([1_700_000_000])),
+            Just(json!({"secs": 1_700_000_000})),
+        ]
+    }
+
+    /// Non-negative and below 2^64 seconds (anything later no clock can hold).
+    fn is_date(v: &Value) -> bool {
+        v.as_f64()
+            .is_some_and(|f| f.is_finite() && f >= 0.0 && f < u64::MAX as f64)
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(3000))]
+
+        /// `exp`, `nbf` and `iat` are read iff each one present is a non-negative JSON number,
+        /// integer or not; anything else refuses the whole token.
+        #[test]
+        fn dates_are_numbers_or_the_token_is_refused(
+            exp in claim_value(),
+            nbf in proptest::option::of(claim_value()),
+            iat in proptest::option::of(claim_value()),
+        ) {
+            let mut claims = json!({"sub": "user_1", "exp": exp});
+            if let Some(v) = &nbf {
+                claims["nbf"] = v.clone();
+            }
+            if let Some(v) = &iat {
+                claims["iat"] = v.clone();
+            }
+            let expected = is_date(&exp)
+                && nbf.as_ref().is_none_or(is_date)
+                && iat.as_ref().is_none_or(is_date);
+            let parsed = serde_json::from_value::<Claims>(claims.clone());
+            prop_assert_eq!(parsed.is_ok(), expected, "{}", claims);
+            if let Ok(c) = parsed {
+                let instant = c.exp.instant();
+                prop_assert!(instant.is_some() || exp.as_f64().is_some_and(|f| f > 1e15));
+            }
+        }
+    }
+}
