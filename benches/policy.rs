@@ -43,7 +43,12 @@ fn route_decision(c: &mut Criterion) {
         b.iter(|| routes.classify(black_box("/mcp")).expect("path").kind)
     });
     c.bench_function("route decision (//MCP;x/%73ub, normalised)", |b| {
-        b.iter(|| routes.classify(black_box("//MCP;x/%73ub")).expect("path").kind)
+        b.iter(|| {
+            routes
+                .classify(black_box("//MCP;x/%73ub"))
+                .expect("path")
+                .kind
+        })
     });
 }
 
