@@ -5,7 +5,8 @@
 //! The cache follows the store's invalidations. While that stream has a gap (the shared
 //! subscription is lost), a cached key is checked against the store before use and served
 //! from the cache only when the store cannot answer (degrade, don't stop); once subscribed
-//! again, everything cached is dropped, since changes made meanwhile went unannounced.
+//! again, every key read before that moment is treated the same way (changes made meanwhile
+//! went unannounced), so a store still unreachable then costs no cached key.
 //!
 //! It owns the rules that tie crypto and storage together (a decrypt failure is an error, never
 //! "no key"; a write is acknowledged only once the store acknowledged it). HTTP shapes live in
@@ -13,7 +14,7 @@
 
 use std::collections::HashMap;
 use std::future::Future;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
@@ -92,6 +93,10 @@ pub struct Vault {
     /// The invalidation stream has a gap: cached keys are re-read, and used only when the
     /// store cannot answer.
     unsynced: AtomicBool,
+    /// When the subscription was last made again, in nanoseconds after `epoch`: keys read
+    /// before then are checked against the store as during a gap.
+    resynced: AtomicU64,
+    epoch: Instant,
     metrics: Option<Arc<Metrics>>,
 }
 
@@ -114,6 +119,8 @@ impl Vault {
             ttl: settings.cache_ttl,
             loading: Mutex::new(HashMap::new()),
             unsynced: AtomicBool::new(false),
+            resynced: AtomicU64::new(0),
+            epoch: Instant::now(),
             metrics: None,
         }
     }
@@ -155,13 +162,15 @@ impl Vault {
             .get(owner)
             .filter(|hit| hit.loaded.elapsed() < self.ttl);
         if let Some(hit) = &hit {
-            if !self.unsynced.load(Ordering::Acquire) {
+            if !self.unsynced.load(Ordering::Acquire) && !self.read_before_resync(hit.loaded) {
                 if let Some(m) = &self.metrics {
                     m.key_cache_hit.inc();
                 }
                 return Ok(hit.key.clone());
             }
         }
+        // Stamped with when the read began: a resubscription during the read makes it suspect.
+        let started = Instant::now();
         let load = self.loading().entry(owner.clone()).or_default().clone();
         let missed = AtomicBool::new(false);
         let result = load
@@ -183,7 +192,7 @@ impl Vault {
                 if let Ok(key) = &result {
                     let cached = Cached {
                         key: key.clone(),
-                        loaded: Instant::now(),
+                        loaded: started,
                     };
                     self.cache.insert(owner.clone(), cached);
                 }
@@ -207,6 +216,13 @@ impl Vault {
             }
             (result, _) => result,
         }
+    }
+
+    /// Whether a key read at `loaded` predates the last resubscription.
+    fn read_before_resync(&self, loaded: Instant) -> bool {
+        let at = u64::try_from(loaded.saturating_duration_since(self.epoch).as_nanos())
+            .unwrap_or(u64::MAX);
+        at < self.resynced.load(Ordering::Acquire)
     }
 
     fn loading(&self) -> std::sync::MutexGuard<'_, HashMap<Owner, Load>> {
@@ -305,7 +321,9 @@ impl Vault {
                     self.unsynced.store(true, Ordering::Release);
                 }
                 Ok(Invalidation::All) => {
-                    self.forget_all();
+                    let now = u64::try_from(self.epoch.elapsed().as_nanos()).unwrap_or(u64::MAX);
+                    self.resynced
+                        .fetch_max(now.saturating_add(1), Ordering::AcqRel);
                     self.unsynced.store(false, Ordering::Release);
                 }
                 Err(tokio::sync::broadcast::error::RecvError::Lagged(_)) => {
@@ -615,10 +633,12 @@ mod tests {
         assert_eq!(key_of(v.lookup(&owner).await), "tw_2");
         let nobody = Owner::user("user_2");
         assert!(matches!(v.lookup(&nobody).await, Err(VaultError::Store(_))));
-        // Subscribed again: nothing cached survives, and the cache is trusted again.
-        store.fail.store(false, Ordering::SeqCst);
+        // Subscribed again while the store is still away: cached keys keep working.
         let _ = store.sender().send(Invalidation::All);
         settle().await;
+        assert_eq!(key_of(v.lookup(&owner).await), "tw_2");
+        // Once it answers, every key read before the resubscription is read again, once.
+        store.fail.store(false, Ordering::SeqCst);
         let before = store.gets();
         assert_eq!(key_of(v.lookup(&owner).await), "tw_2");
         assert_eq!(store.gets(), before + 1, "re-read after the gap");

@@ -267,6 +267,13 @@ async fn a_paused_redis_costs_at_most_the_command_timeout_and_opens_the_circuit(
             .await
             .is_some_and(|n| n >= 1.0)
     );
+    // What the KeygateRateLimitRedisFallback alert watches: budgets went per replica.
+    assert!(
+        metric(&gw, "keygate_rate_limit_fallbacks_total")
+            .await
+            .is_some_and(|n| n >= 1.0),
+        "the fallback the alert watches was not counted"
+    );
 
     // Recovery: once Redis runs again the circuit closes (after its half-open probe).
     redis.resume();
@@ -335,4 +342,57 @@ async fn writes_after_a_redis_restart_reach_the_other_replica_at_once() {
         .await
         .expect("json");
     assert_eq!(body["error"], "No API key configured");
+}
+
+/// Not a check: the figures for the README. Cached-key request latency (sequential, one
+/// client) before and during a 10 s Redis pause, and how long after SIGCONT the circuit
+/// closes. `cargo test --test integration measure_a_redis_pause -- --ignored --nocapture`.
+#[tokio::test]
+#[ignore = "a measurement, not a check"]
+async fn measure_a_redis_pause() {
+    let env = Env::new().await;
+    let redis = RedisServer::start();
+    let gw = env.gateway(&redis).await;
+    store_and_cache(&env, &gw, "user_x", "tw_x").await;
+    let token = env.access("user_x");
+    async fn sample(gw: &Keygate, token: &str, for_: Duration) -> Vec<Duration> {
+        let mut took = Vec::new();
+        let until = Instant::now() + for_;
+        while Instant::now() < until {
+            let started = Instant::now();
+            assert_eq!(mcp(gw, token, "ping", None).await.status(), 200);
+            took.push(started.elapsed());
+        }
+        took.sort();
+        took
+    }
+    let pct = |v: &[Duration], p: f64| v[((v.len() as f64 - 1.0) * p) as usize];
+    let before = sample(&gw, &token, Duration::from_secs(5)).await;
+    redis.pause();
+    let during = sample(&gw, &token, Duration::from_secs(10)).await;
+    redis.resume();
+    let resumed = Instant::now();
+    loop {
+        assert_eq!(mcp(&gw, &token, "ping", None).await.status(), 200);
+        if metric(&gw, "keygate_redis_circuit_open{client=\"shared\"}").await == Some(0.0) {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    let recovery = resumed.elapsed();
+    println!(
+        "before: n={} p50={:?} p99={:?} max={:?}",
+        before.len(),
+        pct(&before, 0.5),
+        pct(&before, 0.99),
+        before.last().copied().unwrap_or_default()
+    );
+    println!(
+        "paused 10 s: n={} p50={:?} p99={:?} max={:?}",
+        during.len(),
+        pct(&during, 0.5),
+        pct(&during, 0.99),
+        during.last().copied().unwrap_or_default()
+    );
+    println!("circuit closed {recovery:?} after SIGCONT");
 }
