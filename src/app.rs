@@ -159,11 +159,27 @@ fn build_auth_failures(
     AuthFailures::new(s, limiter, metrics).map(Arc::new)
 }
 
+/// Report `conn`'s circuit breaker in `metrics` as `client`.
+fn observe_breaker(conn: &RedisConn, metrics: &Metrics, client: &str) {
+    conn.observe_breaker(
+        metrics.redis_circuit_open.with_label_values(&[client]),
+        metrics.redis_circuit_trips.with_label_values(&[client]),
+    );
+}
+
 /// The key store the settings name: Redis when `REDIS_URL` is set, else the embedded store.
-pub fn build_store(settings: &Settings) -> anyhow::Result<Arc<dyn KeyStore>> {
+pub fn build_store(
+    settings: &Settings,
+    metrics: Option<&Metrics>,
+) -> anyhow::Result<Arc<dyn KeyStore>> {
     Ok(match redis_settings(settings) {
         Some(r) => {
-            Arc::new(RedisStore::new(r).map_err(|e| anyhow::anyhow!("redis.url (REDIS_URL): {e}"))?)
+            let store =
+                RedisStore::new(r).map_err(|e| anyhow::anyhow!("redis.url (REDIS_URL): {e}"))?;
+            if let Some(m) = metrics {
+                observe_breaker(store.conn(), m, "key_store");
+            }
+            Arc::new(store)
         }
         None => Arc::new(EmbeddedStore::open(&settings.keys.data_dir).map_err(|e| {
             anyhow::anyhow!(
@@ -183,7 +199,7 @@ pub fn build_vault(
         return Ok(None);
     }
     let keyring = crate::keys::keyring(&settings.keys).map_err(anyhow::Error::msg)?;
-    let store = build_store(settings)?;
+    let store = build_store(settings, metrics.as_deref())?;
     let vault = Vault::new(store, keyring, &settings.keys);
     Ok(Some(Arc::new(match metrics {
         Some(m) => vault.with_metrics(m),
@@ -204,6 +220,9 @@ pub fn build_state(settings: Settings) -> anyhow::Result<Arc<GatewayState>> {
         }
         None => None,
     };
+    if let Some(c) = &conn {
+        observe_breaker(c, &metrics, "shared");
+    }
     let rate_limits = build_rate_limits(&settings, conn.as_ref())?;
     let issuers: Vec<String> = settings
         .clerk

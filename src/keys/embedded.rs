@@ -16,7 +16,7 @@ use redb::{Database, ReadableTable, TableDefinition};
 use tokio::sync::broadcast;
 
 use super::redis_store::{decode_record, encode_record};
-use super::store::{KeyStore, Owner, StoreError, StoredRecord};
+use super::store::{Invalidation, KeyStore, Owner, StoreError, StoredRecord};
 
 /// The one table: owner slot → JSON record.
 const RECORDS: TableDefinition<&str, &[u8]> = TableDefinition::new("records");
@@ -28,7 +28,7 @@ const INVALIDATION_BUFFER: usize = 1024;
 /// The [`KeyStore`] backed by a local redb file.
 pub struct EmbeddedStore {
     db: Arc<Database>,
-    invalidations: broadcast::Sender<Owner>,
+    invalidations: broadcast::Sender<Invalidation>,
 }
 
 impl EmbeddedStore {
@@ -50,6 +50,17 @@ impl EmbeddedStore {
             db: Arc::new(db),
             invalidations,
         })
+    }
+
+    /// A closure announcing a change of `owner`'s record to this process's subscribers, run
+    /// right after the commit (on the blocking pool, so it runs even if the caller is gone).
+    fn announcer(&self, owner: &Owner) -> impl FnOnce() + Send + 'static {
+        let sender = self.invalidations.clone();
+        let owner = owner.clone();
+        move || {
+            // No receivers is fine: nobody caches yet.
+            let _ = sender.send(Invalidation::Owner(owner));
+        }
     }
 
     /// Run blocking redb work on the blocking pool.
@@ -82,6 +93,7 @@ impl KeyStore for EmbeddedStore {
     async fn put(&self, owner: &Owner, record: &StoredRecord) -> Result<(), StoreError> {
         let slot = owner.slot();
         let value = encode_record(record)?;
+        let announce = self.announcer(owner);
         self.blocking(move |db| {
             let txn = db.begin_write().map_err(db_error)?;
             {
@@ -90,13 +102,16 @@ impl KeyStore for EmbeddedStore {
                     .insert(slot.as_str(), value.as_slice())
                     .map_err(db_error)?;
             }
-            txn.commit().map_err(db_error)
+            txn.commit().map_err(db_error)?;
+            announce();
+            Ok(())
         })
         .await
     }
 
     async fn delete(&self, owner: &Owner) -> Result<bool, StoreError> {
         let slot = owner.slot();
+        let announce = self.announcer(owner);
         self.blocking(move |db| {
             let txn = db.begin_write().map_err(db_error)?;
             let removed = {
@@ -105,6 +120,7 @@ impl KeyStore for EmbeddedStore {
                 removed
             };
             txn.commit().map_err(db_error)?;
+            announce();
             Ok(removed)
         })
         .await
@@ -119,6 +135,7 @@ impl KeyStore for EmbeddedStore {
         let slot = owner.slot();
         let expected = expected.to_vec();
         let value = encode_record(record)?;
+        let announce = self.announcer(owner);
         self.blocking(move |db| {
             let txn = db.begin_write().map_err(db_error)?;
             let matches = {
@@ -137,6 +154,7 @@ impl KeyStore for EmbeddedStore {
             };
             if matches {
                 txn.commit().map_err(db_error)?;
+                announce();
             } else {
                 txn.abort().map_err(db_error)?;
             }
@@ -177,11 +195,11 @@ impl KeyStore for EmbeddedStore {
 
     async fn publish_invalidation(&self, owner: &Owner) -> Result<(), StoreError> {
         // No receivers is fine: nobody caches yet.
-        let _ = self.invalidations.send(owner.clone());
+        let _ = self.invalidations.send(Invalidation::Owner(owner.clone()));
         Ok(())
     }
 
-    fn subscribe_invalidations(&self) -> broadcast::Receiver<Owner> {
+    fn subscribe_invalidations(&self) -> broadcast::Receiver<Invalidation> {
         self.invalidations.subscribe()
     }
 

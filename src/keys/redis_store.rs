@@ -2,9 +2,14 @@
 //! pub/sub channel replicas use to tell each other a record changed; and [`RedisConn`], the
 //! connection everything in keygate that talks to Redis goes through.
 //!
-//! [`RedisConn`] owns the connection life cycle — connecting lazily, bounding every command by a
-//! timeout, dropping a connection that failed or wedged and reconnecting on a later call — so
-//! keygate starts while Redis is down and recovers when Redis comes back, without a restart.
+//! [`RedisConn`] owns the connection life cycle — connecting lazily, bounding every call by the
+//! command timeout, dropping a connection that failed or wedged and reconnecting on a later
+//! call — so keygate starts while Redis is down and recovers when Redis comes back, without a
+//! restart. A call waits at most `command_timeout` in all: connecting runs in a task of its own
+//! (one at a time; callers wait for it only up to their own deadline), and a circuit breaker
+//! stops asking a Redis that failed [`BREAKER_THRESHOLD`] calls in a row for a while (1 s,
+//! doubling up to 30 s), letting one probe through when that time is up; while it is open,
+//! calls fail at once so callers use their fallbacks without waiting.
 //! The store owns the record's wire form (JSON, `sealed` in base64), which the embedded store
 //! reuses. Neither caches records, decides anything about crypto, or waits out an outage:
 //! callers get [`StoreError::Unavailable`] (or [`RedisConnError::Unavailable`]) at once and
@@ -15,7 +20,11 @@
 //! Layout, with the default prefix `keygate:`:
 //! - `keygate:key:{user:<id>}` / `keygate:key:{org:<id>}` — one string per owner, the JSON
 //!   record. The slot in braces is the Redis Cluster hash tag.
-//! - channel `keygate:invalidate` — messages are owner slots (`user:<id>`).
+//! - channel `keygate:invalidate` — messages are owner slots (`user:<id>`). Writes and deletes
+//!   publish in the same script as the change, so a change that lands is always announced
+//!   (even when the caller timed out and answered 503). The listener tells subscribers when
+//!   the subscription is lost ([`Invalidation::Lost`]) and, once subscribed again, that
+//!   anything may have changed meanwhile ([`Invalidation::All`]).
 //!
 //! Runtimes: [`RedisStore::new`] and [`RedisConn::new`] do no I/O and spawn nothing, so they may
 //! be called outside a tokio runtime. Connections are made by the first async call, on that
@@ -27,12 +36,13 @@
 use std::collections::BTreeSet;
 use std::future::Future;
 use std::str::FromStr;
-use std::sync::Mutex as StdMutex;
+use std::sync::{Arc, Mutex as StdMutex, MutexGuard, OnceLock};
 use std::time::{Duration, Instant};
 
 use async_trait::async_trait;
 use base64::Engine;
 use futures::StreamExt;
+use prometheus::{IntCounter, IntGauge};
 use redis::aio::{ConnectionLike, MultiplexedConnection, PubSubSink, PubSubStream};
 use redis::cluster::{ClusterClient, NodeAddress};
 use redis::cluster_async::ClusterConnection;
@@ -42,13 +52,18 @@ use redis::{
     RedisError, RedisFuture, RedisResult, ScriptInvocation, Value,
 };
 use serde::{Deserialize, Serialize};
-use tokio::sync::{broadcast, Mutex};
+use tokio::sync::{broadcast, watch};
 use tokio::task::JoinHandle;
 
-use super::store::{KeyStore, Owner, StoreError, StoredRecord};
+use super::store::{Invalidation, KeyStore, Owner, StoreError, StoredRecord};
 
 /// How long after a failed connection attempt calls fail fast instead of trying again.
 const RECONNECT_PAUSE: Duration = Duration::from_millis(250);
+/// Consecutive calls failing for want of Redis (unreachable, timed out) that open the circuit.
+pub const BREAKER_THRESHOLD: u32 = 3;
+/// How long the circuit first stays open, and the most it stays open (doubling in between).
+const BREAKER_OPEN_MIN: Duration = Duration::from_secs(1);
+const BREAKER_OPEN_MAX: Duration = Duration::from_secs(30);
 /// First and longest wait between pub/sub reconnection attempts.
 const PUBSUB_BACKOFF_MIN: Duration = Duration::from_millis(100);
 const PUBSUB_BACKOFF_MAX: Duration = Duration::from_secs(2);
@@ -59,8 +74,9 @@ const SCAN_COUNT: usize = 500;
 /// Buffered invalidations per subscriber before it sees `Lagged`.
 const INVALIDATION_BUFFER: usize = 1024;
 
-/// Compare-and-swap on the `sealed` field. Base64 with padding is canonical, so comparing the
-/// encoded strings compares the bytes. Returns 1 replaced, 0 not (absent or different), -1 when
+/// Compare-and-swap on the `sealed` field, announcing the change in the same step. Base64 with
+/// padding is canonical, so comparing the encoded strings compares the bytes. `ARGV`: expected
+/// sealed, new record, channel, slot. Returns 1 replaced, 0 not (absent or different), -1 when
 /// the current value is not a record.
 const REPLACE_IF_LUA: &str = r#"
 local cur = redis.call('GET', KEYS[1])
@@ -69,7 +85,22 @@ local ok, rec = pcall(cjson.decode, cur)
 if not ok or type(rec) ~= 'table' or type(rec.sealed) ~= 'string' then return -1 end
 if rec.sealed ~= ARGV[1] then return 0 end
 redis.call('SET', KEYS[1], ARGV[2])
+redis.call('PUBLISH', ARGV[3], ARGV[4])
 return 1
+"#;
+
+/// Write a record and announce it, in one step. `ARGV`: record, channel, slot.
+const PUT_LUA: &str = r#"
+redis.call('SET', KEYS[1], ARGV[1])
+redis.call('PUBLISH', ARGV[2], ARGV[3])
+return 1
+"#;
+
+/// Delete a record and announce it, in one step. `ARGV`: channel, slot. Returns keys removed.
+const DELETE_LUA: &str = r#"
+local removed = redis.call('DEL', KEYS[1])
+redis.call('PUBLISH', ARGV[1], ARGV[2])
+return removed
 "#;
 
 /// How to reach Redis and lay out keys in it. `Debug` hides credentials in the URL.
@@ -138,7 +169,16 @@ pub struct RedisConn {
     prefix: String,
     connect_timeout: Duration,
     command_timeout: Duration,
-    slot: Mutex<Slot>,
+    shared: Arc<Shared>,
+    /// The circuit breaker's gauge (1 open) and trip counter, once attached.
+    breaker_metrics: OnceLock<(IntGauge, IntCounter)>,
+}
+
+/// Connection state shared with the task that connects.
+struct Shared {
+    slot: StdMutex<Slot>,
+    /// Bumped after every connection attempt, so callers waiting for one wake up.
+    attempts: watch::Sender<u64>,
 }
 
 /// The [`KeyStore`] backed by Redis (single node or cluster).
@@ -147,12 +187,15 @@ pub struct RedisStore {
     prefix: String,
     channel: String,
     cas: redis::Script,
-    invalidations: broadcast::Sender<Owner>,
+    put: redis::Script,
+    delete: redis::Script,
+    invalidations: broadcast::Sender<Invalidation>,
     listener: StdMutex<Option<JoinHandle<()>>>,
 }
 
 /// What commands go to.
 #[allow(clippy::large_enum_variant)] // one per connection: boxing would buy nothing
+#[derive(Clone)]
 enum Target {
     Single(redis::Client),
     Cluster(ClusterClient),
@@ -172,6 +215,49 @@ struct Slot {
     generation: u64,
     last_failure: Option<Instant>,
     down: bool,
+    /// A connection attempt is running.
+    connecting: bool,
+    breaker: Breaker,
+}
+
+/// The circuit breaker's state: closed (`open_until` none), open (before `open_until`) or
+/// half-open (after it: one probe at a time).
+#[derive(Default)]
+struct Breaker {
+    failures: u32,
+    open_until: Option<Instant>,
+    open_for: Duration,
+    probing: bool,
+}
+
+/// A call let through by the breaker; a probe that is dropped unfinished frees the probe slot.
+struct Admission<'a> {
+    conn: &'a RedisConn,
+    probe: bool,
+}
+
+impl Drop for Admission<'_> {
+    fn drop(&mut self) {
+        if self.probe {
+            self.conn.slot().breaker.probing = false;
+        }
+    }
+}
+
+/// A failed call, and whether it failed for want of Redis (which the breaker counts) rather
+/// than because Redis answered with an error.
+struct Failure {
+    error: RedisConnError,
+    unreachable: bool,
+}
+
+impl Failure {
+    fn unreachable(error: RedisConnError) -> Self {
+        Self {
+            error,
+            unreachable: true,
+        }
+    }
 }
 
 /// A live command connection, as handed to [`RedisConn::run`]'s closure; both kinds are cheap
@@ -252,8 +338,31 @@ impl RedisConn {
             prefix: settings.key_prefix.clone(),
             connect_timeout: settings.connect_timeout,
             command_timeout: settings.command_timeout,
-            slot: Mutex::new(Slot::default()),
+            shared: Arc::new(Shared {
+                slot: StdMutex::new(Slot::default()),
+                attempts: watch::channel(0).0,
+            }),
+            breaker_metrics: OnceLock::new(),
         })
+    }
+
+    /// Report the circuit breaker in `open` (1 while open) and `trips` (times it opened).
+    pub fn observe_breaker(&self, open: IntGauge, trips: IntCounter) {
+        open.set(i64::from(self.slot().breaker.open_until.is_some()));
+        let _ = self.breaker_metrics.set((open, trips));
+    }
+
+    /// Whether the circuit breaker is open (or half-open): calls fail without asking Redis.
+    pub fn circuit_open(&self) -> bool {
+        self.slot().breaker.open_until.is_some()
+    }
+
+    fn slot(&self) -> MutexGuard<'_, Slot> {
+        // Every update leaves the slot consistent: keep using it after a panic elsewhere.
+        self.shared
+            .slot
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
     }
 
     /// The configured `host:port` list (no credentials), for logs and errors.
@@ -297,93 +406,207 @@ impl RedisConn {
         .await
     }
 
-    /// Run `f` on the current connection (connecting first when there is none), bounded by
-    /// `command_timeout`. A timeout or a connection-level error drops the connection so a
-    /// later call starts afresh. When a reused connection turns out to have died while idle
-    /// (Redis restarted), `f` is run once more on a fresh one: it must be safe to repeat.
+    /// Run `f` on the current connection (connecting first when there is none); the whole
+    /// call, connecting included, is bounded by `command_timeout`, and fails at once while the
+    /// circuit is open. A timeout or a connection-level error drops the connection so a later
+    /// call starts afresh. When a reused connection turns out to have died while idle (Redis
+    /// restarted), `f` is run once more on a fresh one: it must be safe to repeat.
     pub async fn run<T, F, Fut>(&self, what: &'static str, f: F) -> Result<T, RedisConnError>
     where
         F: Fn(Connection) -> Fut,
         Fut: Future<Output = RedisResult<T>>,
     {
-        let (generation, conn, fresh) = self.connection().await?;
-        let outcome = tokio::time::timeout(self.command_timeout, f(conn)).await;
-        if let Ok(Err(e)) = &outcome {
-            if !fresh && e.is_connection_dropped() {
-                self.discard(generation).await;
-                let (generation, conn, _) = self.connection().await?;
-                let retried = tokio::time::timeout(self.command_timeout, f(conn)).await;
-                return self.settle(what, generation, retried).await;
-            }
-        }
-        self.settle(what, generation, outcome).await
+        let deadline = tokio::time::Instant::now() + self.command_timeout;
+        let admission = self.admit()?;
+        let outcome = self.run_until(what, &f, deadline).await;
+        let unreachable = outcome.as_ref().err().is_some_and(|f| f.unreachable);
+        self.record(&admission, unreachable);
+        outcome.map_err(|f| f.error)
     }
 
-    /// The current connection, its generation, and whether it was just made; connects first
-    /// when there is none (bounded by `connect_timeout`). Fails fast for a short pause after a
-    /// failed attempt, so an outage costs callers nothing but an error.
-    async fn connection(&self) -> Result<(u64, Connection, bool), RedisConnError> {
-        let mut slot = self.slot.lock().await;
-        if let Some((generation, conn)) = &slot.conn {
-            return Ok((*generation, conn.clone(), false));
+    async fn run_until<T, F, Fut>(
+        &self,
+        what: &'static str,
+        f: &F,
+        deadline: tokio::time::Instant,
+    ) -> Result<T, Failure>
+    where
+        F: Fn(Connection) -> Fut,
+        Fut: Future<Output = RedisResult<T>>,
+    {
+        let (generation, conn, fresh) = self.connection(deadline).await?;
+        let outcome = tokio::time::timeout_at(deadline, f(conn)).await;
+        if let Ok(Err(e)) = &outcome {
+            if !fresh && e.is_connection_dropped() {
+                self.discard(generation);
+                let (generation, conn, _) = self.connection(deadline).await?;
+                let retried = tokio::time::timeout_at(deadline, f(conn)).await;
+                return self.settle(what, generation, retried);
+            }
         }
-        if slot
-            .last_failure
-            .is_some_and(|t| t.elapsed() < RECONNECT_PAUSE)
-        {
+        self.settle(what, generation, outcome)
+    }
+
+    /// Let a call through unless the circuit is open; after the open interval, one probe.
+    fn admit(&self) -> Result<Admission<'_>, RedisConnError> {
+        let mut slot = self.slot();
+        let breaker = &mut slot.breaker;
+        let Some(until) = breaker.open_until else {
+            return Ok(Admission {
+                conn: self,
+                probe: false,
+            });
+        };
+        if Instant::now() < until || breaker.probing {
             return Err(RedisConnError::Unavailable(format!(
-                "redis at {} is unreachable",
+                "redis at {} is failing; not asking it for now (circuit open)",
                 self.hosts
             )));
         }
-        match tokio::time::timeout(self.connect_timeout, self.connect()).await {
-            Ok(Ok(conn)) => {
-                slot.generation += 1;
-                let generation = slot.generation;
-                slot.conn = Some((generation, conn.clone()));
-                slot.last_failure = None;
-                if slot.down {
-                    slot.down = false;
-                    tracing::info!(store = "redis", hosts = %self.hosts, "redis reachable again");
+        breaker.probing = true;
+        Ok(Admission {
+            conn: self,
+            probe: true,
+        })
+    }
+
+    /// Count a call's outcome: `unreachable` failures open the circuit after
+    /// [`BREAKER_THRESHOLD`] in a row (a failed probe reopens it for twice as long); anything
+    /// else closes it.
+    fn record(&self, admission: &Admission<'_>, unreachable: bool) {
+        let mut slot = self.slot();
+        let breaker = &mut slot.breaker;
+        if admission.probe {
+            breaker.probing = false;
+        }
+        if !unreachable {
+            breaker.failures = 0;
+            if breaker.open_until.take().is_some() {
+                breaker.open_for = Duration::ZERO;
+                breaker.probing = false;
+                if let Some((open, _)) = self.breaker_metrics.get() {
+                    open.set(0);
                 }
-                Ok((generation, conn, true))
+                tracing::info!(store = "redis", hosts = %self.hosts, "redis answers again; circuit closed");
             }
-            failed => {
-                let reason = match failed {
-                    Ok(Err(e)) => e.to_string(),
-                    _ => format!("connect timed out after {:?}", self.connect_timeout),
-                };
-                slot.last_failure = Some(Instant::now());
-                if !slot.down {
-                    slot.down = true;
-                    tracing::warn!(store = "redis", hosts = %self.hosts, %reason, "cannot connect to redis");
+            return;
+        }
+        breaker.failures = breaker.failures.saturating_add(1);
+        let reopen = admission.probe && breaker.open_until.is_some();
+        if !reopen && (breaker.open_until.is_some() || breaker.failures < BREAKER_THRESHOLD) {
+            return;
+        }
+        breaker.open_for = if reopen {
+            (breaker.open_for * 2).clamp(BREAKER_OPEN_MIN, BREAKER_OPEN_MAX)
+        } else {
+            BREAKER_OPEN_MIN
+        };
+        breaker.open_until = Some(Instant::now() + breaker.open_for);
+        if !reopen {
+            if let Some((open, trips)) = self.breaker_metrics.get() {
+                open.set(1);
+                trips.inc();
+            }
+            tracing::warn!(
+                store = "redis",
+                hosts = %self.hosts,
+                failures = breaker.failures,
+                "redis keeps failing; circuit open, using fallbacks"
+            );
+        }
+    }
+
+    /// The current connection, its generation, and whether it was just made. When there is
+    /// none, one task connects (bounded by `connect_timeout`) while callers wait for it until
+    /// `deadline` at most. Fails fast for a short pause after a failed attempt.
+    async fn connection(
+        &self,
+        deadline: tokio::time::Instant,
+    ) -> Result<(u64, Connection, bool), Failure> {
+        let mut waited = false;
+        loop {
+            let mut attempts = {
+                let mut slot = self.slot();
+                if let Some((generation, conn)) = &slot.conn {
+                    return Ok((*generation, conn.clone(), waited));
                 }
-                Err(RedisConnError::Unavailable(format!(
-                    "cannot connect to redis at {}: {reason}",
-                    self.hosts
-                )))
+                if !slot.connecting {
+                    if slot
+                        .last_failure
+                        .is_some_and(|t| t.elapsed() < RECONNECT_PAUSE)
+                    {
+                        return Err(Failure::unreachable(RedisConnError::Unavailable(format!(
+                            "redis at {} is unreachable",
+                            self.hosts
+                        ))));
+                    }
+                    slot.connecting = true;
+                    self.spawn_connect();
+                }
+                // Subscribed while holding the slot: the attempt's end cannot be missed.
+                self.shared.attempts.subscribe()
+            };
+            waited = true;
+            if tokio::time::timeout_at(deadline, attempts.changed())
+                .await
+                .is_err()
+            {
+                return Err(Failure::unreachable(RedisConnError::Unavailable(format!(
+                    "redis at {} did not accept a connection within {:?}",
+                    self.hosts, self.command_timeout
+                ))));
             }
         }
     }
 
-    async fn connect(&self) -> RedisResult<Connection> {
-        match &self.target {
-            Target::Single(client) => {
-                let config = AsyncConnectionConfig::new()
-                    .set_connection_timeout(Some(self.connect_timeout))
-                    .set_response_timeout(Some(self.command_timeout));
-                client
-                    .get_multiplexed_async_connection_with_config(&config)
-                    .await
-                    .map(Connection::Single)
+    /// Connect in a task of its own, so no caller waits longer than its deadline for it.
+    fn spawn_connect(&self) {
+        let shared = self.shared.clone();
+        let target = self.target.clone();
+        let (connect_timeout, command_timeout) = (self.connect_timeout, self.command_timeout);
+        let hosts = self.hosts.clone();
+        tokio::spawn(async move {
+            let made = tokio::time::timeout(
+                connect_timeout,
+                connect(&target, connect_timeout, command_timeout),
+            )
+            .await;
+            {
+                let mut slot = shared
+                    .slot
+                    .lock()
+                    .unwrap_or_else(std::sync::PoisonError::into_inner);
+                slot.connecting = false;
+                match made {
+                    Ok(Ok(conn)) => {
+                        slot.generation += 1;
+                        slot.conn = Some((slot.generation, conn));
+                        slot.last_failure = None;
+                        if slot.down {
+                            slot.down = false;
+                            tracing::info!(store = "redis", hosts = %hosts, "redis reachable again");
+                        }
+                    }
+                    failed => {
+                        let reason = match failed {
+                            Ok(Err(e)) => e.to_string(),
+                            _ => format!("connect timed out after {connect_timeout:?}"),
+                        };
+                        slot.last_failure = Some(Instant::now());
+                        if !slot.down {
+                            slot.down = true;
+                            tracing::warn!(store = "redis", hosts = %hosts, %reason, "cannot connect to redis");
+                        }
+                    }
+                }
             }
-            Target::Cluster(client) => client.get_async_connection().await.map(Connection::Cluster),
-        }
+            shared.attempts.send_modify(|n| *n = n.wrapping_add(1));
+        });
     }
 
     /// Forget connection `generation` (if still current) so the next call reconnects.
-    async fn discard(&self, generation: u64) {
-        let mut slot = self.slot.lock().await;
+    fn discard(&self, generation: u64) {
+        let mut slot = self.slot();
         if slot.conn.as_ref().is_some_and(|(g, _)| *g == generation) {
             slot.conn = None;
             tracing::debug!(store = "redis", hosts = %self.hosts, "dropped redis connection");
@@ -391,26 +614,34 @@ impl RedisConn {
     }
 
     /// Turn a command outcome into an answer, dropping the connection when it failed.
-    async fn settle<T>(
+    fn settle<T>(
         &self,
         what: &'static str,
         generation: u64,
         outcome: Result<RedisResult<T>, tokio::time::error::Elapsed>,
-    ) -> Result<T, RedisConnError> {
+    ) -> Result<T, Failure> {
         match outcome {
             Ok(Ok(v)) => Ok(v),
             Ok(Err(e)) => {
+                let unreachable = e.is_io_error()
+                    || e.is_unrecoverable_error()
+                    || e.is_connection_dropped()
+                    || e.is_connection_refusal()
+                    || e.is_timeout();
                 if e.is_io_error() || e.is_unrecoverable_error() {
-                    self.discard(generation).await;
+                    self.discard(generation);
                 }
-                Err(self.map_error(what, &e))
+                Err(Failure {
+                    error: self.map_error(what, &e),
+                    unreachable,
+                })
             }
             Err(_) => {
-                self.discard(generation).await;
-                Err(RedisConnError::Unavailable(format!(
+                self.discard(generation);
+                Err(Failure::unreachable(RedisConnError::Unavailable(format!(
                     "redis {what} timed out after {:?}",
                     self.command_timeout
-                )))
+                ))))
             }
         }
     }
@@ -424,6 +655,26 @@ impl RedisConn {
     }
 }
 
+/// Make a command connection to `target`.
+async fn connect(
+    target: &Target,
+    connect_timeout: Duration,
+    command_timeout: Duration,
+) -> RedisResult<Connection> {
+    match target {
+        Target::Single(client) => {
+            let config = AsyncConnectionConfig::new()
+                .set_connection_timeout(Some(connect_timeout))
+                .set_response_timeout(Some(command_timeout));
+            client
+                .get_multiplexed_async_connection_with_config(&config)
+                .await
+                .map(Connection::Single)
+        }
+        Target::Cluster(client) => client.get_async_connection().await.map(Connection::Cluster),
+    }
+}
+
 impl RedisStore {
     /// Validate the settings and build the store; connects nothing (see the module docs).
     pub fn new(settings: RedisSettings) -> Result<Self, StoreError> {
@@ -434,9 +685,16 @@ impl RedisStore {
             prefix: settings.key_prefix.clone(),
             channel: format!("{}invalidate", settings.key_prefix),
             cas: redis::Script::new(REPLACE_IF_LUA),
+            put: redis::Script::new(PUT_LUA),
+            delete: redis::Script::new(DELETE_LUA),
             invalidations,
             listener: StdMutex::new(None),
         })
+    }
+
+    /// The connection every command of this store goes through.
+    pub fn conn(&self) -> &RedisConn {
+        &self.conn
     }
 
     /// The Redis key holding `owner`'s record.
@@ -629,15 +887,21 @@ impl KeyStore for RedisStore {
     }
 
     async fn put(&self, owner: &Owner, record: &StoredRecord) -> Result<(), StoreError> {
-        let value = encode_record(record)?;
-        self.query("set", redis::cmd("SET").arg(self.key(owner)).arg(value))
-            .await
+        let mut invocation = self.put.key(self.key(owner));
+        invocation
+            .arg(encode_record(record)?)
+            .arg(&self.channel)
+            .arg(owner.slot());
+        self.ensure_listener(false);
+        let _: i64 = self.conn.invoke("set", &invocation).await?;
+        Ok(())
     }
 
     async fn delete(&self, owner: &Owner) -> Result<bool, StoreError> {
-        let removed: i64 = self
-            .query("del", redis::cmd("DEL").arg(self.key(owner)))
-            .await?;
+        let mut invocation = self.delete.key(self.key(owner));
+        invocation.arg(&self.channel).arg(owner.slot());
+        self.ensure_listener(false);
+        let removed: i64 = self.conn.invoke("del", &invocation).await?;
         Ok(removed > 0)
     }
 
@@ -651,12 +915,15 @@ impl KeyStore for RedisStore {
         let key = &key;
         let expected = &base64::engine::general_purpose::STANDARD.encode(expected);
         let value = &encode_record(record)?;
+        let slot = &owner.slot();
         let outcome: i64 = self
             .run("replace_if", |mut c| async move {
                 self.cas
                     .key(key)
                     .arg(expected)
                     .arg(value)
+                    .arg(&self.channel)
+                    .arg(slot)
                     .invoke_async(&mut c)
                     .await
             })
@@ -709,7 +976,7 @@ impl KeyStore for RedisStore {
         .await
     }
 
-    fn subscribe_invalidations(&self) -> broadcast::Receiver<Owner> {
+    fn subscribe_invalidations(&self) -> broadcast::Receiver<Invalidation> {
         let receiver = self.invalidations.subscribe();
         self.ensure_listener(true);
         receiver
@@ -721,11 +988,12 @@ impl KeyStore for RedisStore {
 }
 
 /// The pub/sub listener: holds one subscription, reconnecting with backoff, and forwards each
-/// received slot to the store's broadcast channel.
+/// received slot to the store's broadcast channel; a lost subscription is announced as
+/// [`Invalidation::Lost`], a new one as [`Invalidation::All`] (messages may have been missed).
 struct Listener {
     nodes: Vec<Node>,
     channel: String,
-    sender: broadcast::Sender<Owner>,
+    sender: broadcast::Sender<Invalidation>,
     connect_timeout: Duration,
     ping_timeout: Duration,
 }
@@ -745,7 +1013,10 @@ impl Listener {
                     tracing::info!(store = "redis", host = %node.host, "subscribed to key invalidations");
                     backoff = PUBSUB_BACKOFF_MIN;
                     logged_down = false;
+                    // Whatever was published before this subscription went unheard.
+                    let _ = self.sender.send(Invalidation::All);
                     let reason = self.pump(sink, stream).await;
+                    let _ = self.sender.send(Invalidation::Lost);
                     tracing::warn!(store = "redis", host = %node.host, %reason, "invalidation subscription lost; reconnecting");
                 }
                 Err(reason) => {
@@ -790,7 +1061,7 @@ impl Listener {
                         .and_then(|slot| Owner::from_slot(&slot));
                     match owner {
                         // No receivers is fine: nobody caches yet.
-                        Some(owner) => { let _ = self.sender.send(owner); }
+                        Some(owner) => { let _ = self.sender.send(Invalidation::Owner(owner)); }
                         None => tracing::debug!(store = "redis", "ignoring a malformed invalidation"),
                     }
                 }

@@ -91,6 +91,19 @@ pub struct StoredRecord {
     pub updated_at: i64,
 }
 
+/// What a store's invalidation channel carries.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Invalidation {
+    /// One owner's record changed.
+    Owner(Owner),
+    /// Any record may have changed unannounced (a subscription was made again after a gap):
+    /// everything cached is stale.
+    All,
+    /// The shared subscription is gone: changes may go unannounced until [`Invalidation::All`]
+    /// follows. Cached records should be checked against the store while it answers.
+    Lost,
+}
+
 /// Why a store could not do what was asked.
 #[derive(Debug, Clone, Error)]
 pub enum StoreError {
@@ -107,12 +120,15 @@ pub enum StoreError {
 pub trait KeyStore: Send + Sync + 'static {
     /// The record for `owner`, if any.
     async fn get(&self, owner: &Owner) -> Result<Option<StoredRecord>, StoreError>;
-    /// Write (create or replace) `owner`'s record; returns once the store acknowledged it.
+    /// Write (create or replace) `owner`'s record; returns once the store acknowledged it. The
+    /// change is announced to every subscriber in the same step: if it lands, so does its
+    /// invalidation.
     async fn put(&self, owner: &Owner, record: &StoredRecord) -> Result<(), StoreError>;
-    /// Delete `owner`'s record; `true` when there was one.
+    /// Delete `owner`'s record, announcing it as `put` does; `true` when there was one.
     async fn delete(&self, owner: &Owner) -> Result<bool, StoreError>;
     /// Replace `owner`'s record only if its current `sealed` bytes equal `expected` (used by
-    /// rotation so a concurrent user write is never overwritten); `true` when replaced.
+    /// rotation so a concurrent user write is never overwritten), announcing a replacement as
+    /// `put` does; `true` when replaced.
     async fn replace_if(
         &self,
         owner: &Owner,
@@ -125,9 +141,10 @@ pub trait KeyStore: Send + Sync + 'static {
     async fn ping(&self) -> Result<(), StoreError>;
     /// Tell every replica sharing this store that `owner`'s record changed.
     async fn publish_invalidation(&self, owner: &Owner) -> Result<(), StoreError>;
-    /// A stream of invalidations published by any replica (this one included). Stores that
-    /// are not shared return a receiver that only sees this process's own publications.
-    fn subscribe_invalidations(&self) -> tokio::sync::broadcast::Receiver<Owner>;
+    /// A stream of invalidations published by any replica (this one included), and of gaps in
+    /// it. Stores that are not shared return a receiver that only sees this process's own
+    /// changes.
+    fn subscribe_invalidations(&self) -> tokio::sync::broadcast::Receiver<Invalidation>;
     /// A short name for logs and metrics ("redis", "embedded").
     fn name(&self) -> &'static str;
 }

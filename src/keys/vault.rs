@@ -2,13 +2,19 @@
 //! in-process cache in front of the store that every replica invalidates on writes, and one
 //! shared store read for concurrent lookups of the same uncached owner.
 //!
+//! The cache follows the store's invalidations. While that stream has a gap (the shared
+//! subscription is lost), a cached key is checked against the store before use and served
+//! from the cache only when the store cannot answer (degrade, don't stop); once subscribed
+//! again, every key read before that moment is treated the same way (changes made meanwhile
+//! went unannounced), so a store still unreachable then costs no cached key.
+//!
 //! It owns the rules that tie crypto and storage together (a decrypt failure is an error, never
 //! "no key"; a write is acknowledged only once the store acknowledged it). HTTP shapes live in
 //! `keys::api`; where the key goes upstream lives in `proxy::inject`.
 
 use std::collections::HashMap;
 use std::future::Future;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
@@ -17,7 +23,7 @@ use thiserror::Error;
 
 use super::check::{KeyRules, Rejected};
 use super::crypto::{Keyring, FORMAT_VERSION};
-use super::store::{KeyStore, Owner, StoreError, StoredRecord};
+use super::store::{Invalidation, KeyStore, Owner, StoreError, StoredRecord};
 use crate::config::KeysSettings;
 use crate::telemetry::metrics::Metrics;
 
@@ -92,6 +98,13 @@ pub struct Vault {
     /// Store reads in flight. An invalidation removes the owner's entry, so a read that
     /// started before a write never puts the old key in the cache.
     loading: Mutex<HashMap<Owner, Load>>,
+    /// The invalidation stream has a gap: cached keys are re-read, and used only when the
+    /// store cannot answer.
+    unsynced: AtomicBool,
+    /// When the subscription was last made again, in nanoseconds after `epoch`: keys read
+    /// before then are checked against the store as during a gap.
+    resynced: AtomicU64,
+    epoch: Instant,
     metrics: Option<Arc<Metrics>>,
     /// What may be stored, and what a stored base URL must still be when it is injected.
     rules: KeyRules,
@@ -115,6 +128,9 @@ impl Vault {
             ),
             ttl: settings.cache_ttl,
             loading: Mutex::new(HashMap::new()),
+            unsynced: AtomicBool::new(false),
+            resynced: AtomicU64::new(0),
+            epoch: Instant::now(),
             metrics: None,
             rules: KeyRules::new(settings),
         }
@@ -152,14 +168,20 @@ impl Vault {
 
     /// The owner's key, from the cache or the store. `Ok(None)`: no key stored.
     pub async fn lookup(&self, owner: &Owner) -> Result<Option<Arc<UserKey>>, VaultError> {
-        if let Some(hit) = self.cache.get(owner) {
-            if hit.loaded.elapsed() < self.ttl {
+        let hit = self
+            .cache
+            .get(owner)
+            .filter(|hit| hit.loaded.elapsed() < self.ttl);
+        if let Some(hit) = &hit {
+            if !self.unsynced.load(Ordering::Acquire) && !self.read_before_resync(hit.loaded) {
                 if let Some(m) = &self.metrics {
                     m.key_cache_hit.inc();
                 }
-                return Ok(hit.key);
+                return Ok(hit.key.clone());
             }
         }
+        // Stamped with when the read began: a resubscription during the read makes it suspect.
+        let started = Instant::now();
         let load = self.loading().entry(owner.clone()).or_default().clone();
         let missed = AtomicBool::new(false);
         let result = load
@@ -182,7 +204,7 @@ impl Vault {
                 if let Ok(key) = &result {
                     let cached = Cached {
                         key: key.clone(),
-                        loaded: Instant::now(),
+                        loaded: started,
                     };
                     self.cache.insert(owner.clone(), cached);
                 }
@@ -198,7 +220,21 @@ impl Vault {
                 m.decrypt_failures.inc();
             }
         }
-        result
+        match (result, hit) {
+            // Unsynced and the store is away: what this replica knows keeps working.
+            (Err(VaultError::Store(e)), Some(hit)) => {
+                tracing::debug!(error = %e, "key store unavailable; serving the cached key");
+                Ok(hit.key)
+            }
+            (result, _) => result,
+        }
+    }
+
+    /// Whether a key read at `loaded` predates the last resubscription.
+    fn read_before_resync(&self, loaded: Instant) -> bool {
+        let at = u64::try_from(loaded.saturating_duration_since(self.epoch).as_nanos())
+            .unwrap_or(u64::MAX);
+        at < self.resynced.load(Ordering::Acquire)
     }
 
     fn loading(&self) -> std::sync::MutexGuard<'_, HashMap<Owner, Load>> {
@@ -311,33 +347,36 @@ impl Vault {
             base_url,
             updated_at: updated_at.unwrap_or_else(now_secs),
         };
+        // The store announces the change to every replica in the same step as the write.
         self.timed("put", self.store.put(owner, &record)).await?;
-        self.invalidate(owner).await;
+        self.forget(owner);
         Ok(())
     }
 
     /// Delete the owner's key; `true` when there was one.
     pub async fn delete(&self, owner: &Owner) -> Result<bool, VaultError> {
         let existed = self.timed("delete", self.store.delete(owner)).await?;
-        self.invalidate(owner).await;
+        self.forget(owner);
         Ok(existed)
     }
 
-    async fn invalidate(&self, owner: &Owner) {
-        self.forget(owner);
-        if let Err(e) = self.store.publish_invalidation(owner).await {
-            // Other replicas fall back to their cache TTL.
-            tracing::warn!(error = %e, "could not publish a key invalidation");
-        }
-    }
-
-    /// Drop cached keys whenever any replica reports a change. Runs until the store's
+    /// Drop cached keys whenever any replica reports a change; across a gap in the reports,
+    /// check cached keys against the store, then drop them all. Runs until the store's
     /// invalidation channel closes.
     pub async fn follow_invalidations(self: Arc<Self>) {
         let mut rx = self.store.subscribe_invalidations();
         loop {
             match rx.recv().await {
-                Ok(owner) => self.forget(&owner),
+                Ok(Invalidation::Owner(owner)) => self.forget(&owner),
+                Ok(Invalidation::Lost) => {
+                    self.unsynced.store(true, Ordering::Release);
+                }
+                Ok(Invalidation::All) => {
+                    let now = u64::try_from(self.epoch.elapsed().as_nanos()).unwrap_or(u64::MAX);
+                    self.resynced
+                        .fetch_max(now.saturating_add(1), Ordering::AcqRel);
+                    self.unsynced.store(false, Ordering::Release);
+                }
                 Err(tokio::sync::broadcast::error::RecvError::Lagged(_)) => {
                     self.forget_all();
                 }
@@ -393,7 +432,7 @@ impl Vault {
             };
             if self.store.replace_if(&owner, &record.sealed, &new).await? {
                 report.rotated += 1;
-                self.invalidate(&owner).await;
+                self.forget(&owner);
             } else {
                 report.changed_meanwhile += 1;
             }
@@ -417,7 +456,7 @@ mod tests {
         gets: AtomicUsize,
         gate: Option<Semaphore>,
         fail: AtomicBool,
-        invalidations: std::sync::OnceLock<tokio::sync::broadcast::Sender<Owner>>,
+        invalidations: std::sync::OnceLock<tokio::sync::broadcast::Sender<Invalidation>>,
     }
 
     impl GatedStore {
@@ -435,7 +474,7 @@ mod tests {
         fn gets(&self) -> usize {
             self.gets.load(Ordering::SeqCst)
         }
-        fn sender(&self) -> &tokio::sync::broadcast::Sender<Owner> {
+        fn sender(&self) -> &tokio::sync::broadcast::Sender<Invalidation> {
             self.invalidations
                 .get_or_init(|| tokio::sync::broadcast::channel(16).0)
         }
@@ -477,10 +516,10 @@ mod tests {
             Ok(())
         }
         async fn publish_invalidation(&self, owner: &Owner) -> Result<(), StoreError> {
-            let _ = self.sender().send(owner.clone());
+            let _ = self.sender().send(Invalidation::Owner(owner.clone()));
             Ok(())
         }
-        fn subscribe_invalidations(&self) -> tokio::sync::broadcast::Receiver<Owner> {
+        fn subscribe_invalidations(&self) -> tokio::sync::broadcast::Receiver<Invalidation> {
             self.sender().subscribe()
         }
         fn name(&self) -> &'static str {
@@ -630,6 +669,44 @@ mod tests {
         store.publish_invalidation(&owner).await.expect("publish");
         settle().await;
         assert_eq!(key_of(v.lookup(&owner).await), "tw_2");
+        follower.abort();
+    }
+
+    #[tokio::test]
+    async fn across_a_subscription_gap_cached_keys_are_rechecked_then_all_dropped() {
+        let (store, v, owner) =
+            vault_with_key(GatedStore::default(), Duration::from_secs(60), "tw_1").await;
+        let follower = tokio::spawn(v.clone().follow_invalidations());
+        settle().await;
+        assert_eq!(key_of(v.lookup(&owner).await), "tw_1");
+        assert_eq!(store.gets(), 1);
+        let _ = store.sender().send(Invalidation::Lost);
+        settle().await;
+        // Changed unannounced during the gap: the cached key is checked against the store.
+        let sealed = v.keyring.seal(b"tw_2", &owner.slot()).expect("seal");
+        let record = StoredRecord {
+            sealed,
+            base_url: None,
+            updated_at: 1,
+        };
+        store.put(&owner, &record).await.expect("put");
+        assert_eq!(key_of(v.lookup(&owner).await), "tw_2");
+        // The store away: the cached key keeps working.
+        store.fail.store(true, Ordering::SeqCst);
+        assert_eq!(key_of(v.lookup(&owner).await), "tw_2");
+        let nobody = Owner::user("user_2");
+        assert!(matches!(v.lookup(&nobody).await, Err(VaultError::Store(_))));
+        // Subscribed again while the store is still away: cached keys keep working.
+        let _ = store.sender().send(Invalidation::All);
+        settle().await;
+        assert_eq!(key_of(v.lookup(&owner).await), "tw_2");
+        // Once it answers, every key read before the resubscription is read again, once.
+        store.fail.store(false, Ordering::SeqCst);
+        let before = store.gets();
+        assert_eq!(key_of(v.lookup(&owner).await), "tw_2");
+        assert_eq!(store.gets(), before + 1, "re-read after the gap");
+        assert_eq!(key_of(v.lookup(&owner).await), "tw_2");
+        assert_eq!(store.gets(), before + 1, "then served from the cache");
         follower.abort();
     }
 }

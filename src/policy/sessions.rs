@@ -7,11 +7,18 @@
 //! ids are never stored: records are keyed by the SHA-256 (hex) of the id. It does not read
 //! headers or decide what a mismatch means — that is the proxy's flow.
 //!
+//! [`RedisBindings`] keeps every binding it has seen in a bounded local cache, each until the
+//! moment Redis would expire it. A binding's owner never changes while it exists (first
+//! binding wins), so a cached owner is the right answer without asking Redis: a Redis outage
+//! costs only sessions this replica has never seen (their lookups fail, and the proxy answers
+//! 503). Re-binding a cached session by its owner refreshes the Redis TTL at most once per half
+//! TTL, and is answered from the cache when Redis cannot be reached.
+//!
 //! Redis layout: `{prefix}mcp-session:{<sha256 hex of the session id>}`, a string holding the
 //! owner, with a `PX` expiry.
 
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use async_trait::async_trait;
 use moka::ops::compute::Op;
@@ -26,12 +33,24 @@ pub const DEFAULT_TTL: Duration = Duration::from_secs(24 * 60 * 60);
 pub const DEFAULT_MAX_SESSIONS: u64 = 100_000;
 
 /// First binding wins, atomically. `KEYS[1]`: the binding; `ARGV`: owner, TTL (ms).
-/// Returns the owner on record after the call; refreshes the TTL when that is `ARGV[1]`.
+/// Returns `{owner on record after the call, its remaining TTL in ms}`; refreshes the TTL when
+/// that owner is `ARGV[1]`.
 const BIND_LUA: &str = r#"
-if redis.call('SET', KEYS[1], ARGV[1], 'NX', 'PX', ARGV[2]) then return ARGV[1] end
+if redis.call('SET', KEYS[1], ARGV[1], 'NX', 'PX', ARGV[2]) then return {ARGV[1], tonumber(ARGV[2])} end
 local current = redis.call('GET', KEYS[1])
-if current == ARGV[1] then redis.call('PEXPIRE', KEYS[1], ARGV[2]) end
-return current
+if current == ARGV[1] then
+  redis.call('PEXPIRE', KEYS[1], ARGV[2])
+  return {current, tonumber(ARGV[2])}
+end
+if not current then return {false, 0} end
+return {current, redis.call('PTTL', KEYS[1])}
+"#;
+
+/// The owner of `KEYS[1]` and its remaining TTL (ms): `{owner, pttl}`, or `{}` when unbound.
+const OWNER_LUA: &str = r#"
+local current = redis.call('GET', KEYS[1])
+if not current then return {} end
+return {current, redis.call('PTTL', KEYS[1])}
 "#;
 
 /// Why a binding could not be read or written.
@@ -103,22 +122,84 @@ impl SessionBindings for LocalBindings {
     }
 }
 
-/// Bindings in Redis, shared by every replica.
+/// A binding this replica has seen: whose it is, until when Redis keeps it, and when this
+/// replica last refreshed it there.
+#[derive(Clone)]
+struct Known {
+    owner: Arc<str>,
+    expires: Instant,
+    refreshed: Instant,
+}
+
+/// Bindings in Redis, shared by every replica, with the ones seen here cached locally.
 pub struct RedisBindings {
     conn: Arc<RedisConn>,
+    ttl: Duration,
     ttl_ms: u64,
     bind: redis::Script,
+    lookup: redis::Script,
+    /// Keyed by the session hash; an entry is used only before its `expires`.
+    known: Cache<String, Known>,
 }
 
 impl RedisBindings {
     /// Bindings on `conn`, under the connection's key prefix, each kept `ttl` after its last
-    /// bind.
+    /// bind; at most [`DEFAULT_MAX_SESSIONS`] of them cached locally.
     pub fn new(conn: Arc<RedisConn>, ttl: Duration) -> Self {
+        Self::with_capacity(conn, ttl, DEFAULT_MAX_SESSIONS)
+    }
+
+    /// As [`RedisBindings::new`], caching at most `max_cached` bindings locally.
+    pub fn with_capacity(conn: Arc<RedisConn>, ttl: Duration, max_cached: u64) -> Self {
+        let ttl = ttl.max(Duration::from_millis(1));
         Self {
             conn,
+            ttl,
             ttl_ms: u64::try_from(ttl.as_millis()).unwrap_or(u64::MAX).max(1),
             bind: redis::Script::new(BIND_LUA),
+            lookup: redis::Script::new(OWNER_LUA),
+            known: Cache::builder()
+                .max_capacity(max_cached)
+                .time_to_live(ttl)
+                .build(),
         }
+    }
+
+    /// The cached binding of `hash`, if it has not expired.
+    fn cached(&self, hash: &str) -> Option<Known> {
+        self.known.get(hash).filter(|k| k.expires > Instant::now())
+    }
+
+    /// Remember that `hash` belongs to `owner` for `pttl_ms` more (as Redis reported it).
+    fn remember(&self, hash: String, owner: &str, pttl_ms: i64, refreshed: bool) {
+        // PTTL is -1 for a key without expiry (not written by keygate): keep it one TTL.
+        let left = u64::try_from(pttl_ms)
+            .map(Duration::from_millis)
+            .unwrap_or(self.ttl)
+            .min(self.ttl);
+        if left.is_zero() {
+            return;
+        }
+        let now = Instant::now();
+        let previous = self.known.get(&hash);
+        let owner: Arc<str> = match previous.as_ref() {
+            Some(p) if &*p.owner == owner => p.owner.clone(),
+            _ => Arc::from(owner),
+        };
+        let refreshed = match (refreshed, previous) {
+            (true, _) => now,
+            (false, Some(p)) if p.owner == owner => p.refreshed,
+            // Seen but never refreshed by this replica: refresh on the next bind.
+            (false, _) => now.checked_sub(self.ttl).unwrap_or(now),
+        };
+        self.known.insert(
+            hash,
+            Known {
+                owner,
+                expires: now + left,
+                refreshed,
+            },
+        );
     }
 
     /// The Redis key recording `session_id`'s owner.
@@ -134,21 +215,64 @@ impl RedisBindings {
 #[async_trait]
 impl SessionBindings for RedisBindings {
     async fn bind(&self, session_id: &str, owner: &str) -> Result<String, BindingError> {
+        let hash = session_hash(session_id);
+        let known = self.cached(&hash);
+        if let Some(k) = &known {
+            if &*k.owner != owner || k.refreshed.elapsed() < self.ttl / 2 {
+                // Another owner's binding stands; the owner's own was refreshed lately.
+                return Ok(k.owner.to_string());
+            }
+        }
         let mut invocation = self.bind.key(self.redis_key(session_id));
         invocation.arg(owner).arg(self.ttl_ms);
-        self.conn
-            .invoke("session bind", &invocation)
-            .await
-            .map_err(|e| BindingError::Unavailable(e.to_string()))
+        let outcome: Result<(Option<String>, i64), _> =
+            self.conn.invoke("session bind", &invocation).await;
+        match outcome {
+            Ok((Some(on_record), pttl)) => {
+                let refreshed = on_record == owner;
+                self.remember(hash, &on_record, pttl, refreshed);
+                Ok(on_record)
+            }
+            // Expired between SET NX and GET: nobody holds it; the next bind takes it.
+            Ok((None, _)) => Err(BindingError::Unavailable(
+                "session binding expired while being bound".into(),
+            )),
+            // The binding is known to be the owner's: only its refresh failed.
+            Err(_) if known.is_some() => Ok(owner.to_string()),
+            Err(e) => Err(BindingError::Unavailable(e.to_string())),
+        }
     }
 
     async fn owner(&self, session_id: &str) -> Result<Option<String>, BindingError> {
-        let mut get = redis::cmd("GET");
-        get.arg(self.redis_key(session_id));
-        self.conn
-            .query("session owner", &get)
+        let hash = session_hash(session_id);
+        if let Some(k) = self.cached(&hash) {
+            return Ok(Some(k.owner.to_string()));
+        }
+        let invocation = self.lookup.key(self.redis_key(session_id));
+        let found: Vec<redis::Value> = self
+            .conn
+            .invoke("session owner", &invocation)
             .await
-            .map_err(|e| BindingError::Unavailable(e.to_string()))
+            .map_err(|e| BindingError::Unavailable(e.to_string()))?;
+        let (owner, pttl) = match found.as_slice() {
+            [] => return Ok(None),
+            [owner, pttl] => (
+                redis::from_redis_value::<String>(owner.clone()),
+                redis::from_redis_value::<i64>(pttl.clone()),
+            ),
+            _ => {
+                return Err(BindingError::Unavailable(
+                    "unexpected reply to a session lookup".into(),
+                ))
+            }
+        };
+        let (Ok(owner), Ok(pttl)) = (owner, pttl) else {
+            return Err(BindingError::Unavailable(
+                "unexpected reply to a session lookup".into(),
+            ));
+        };
+        self.remember(hash, &owner, pttl, false);
+        Ok(Some(owner))
     }
 }
 

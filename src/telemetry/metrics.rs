@@ -95,6 +95,11 @@ pub struct Metrics {
     pub rate_limit: IntCounterVec,
     /// Rate-limit checks answered by the fallback because Redis failed.
     pub rate_limit_fallbacks: IntCounter,
+    /// 1 while a Redis client's circuit breaker is open (Redis not asked, fallbacks used), by
+    /// client (`key_store`: the vault's; `shared`: rate limits and session bindings).
+    pub redis_circuit_open: IntGaugeVec,
+    /// Times a Redis client's circuit breaker opened, by client.
+    pub redis_circuit_trips: IntCounterVec,
     /// Requests refused by policy, by reason.
     pub policy_denials: IntCounterVec,
     /// Client IPs locked out after repeated failed authentication.
@@ -185,6 +190,20 @@ impl Metrics {
         )
         .unwrap_or_else(|e| unreachable_metric("keygate_rate_limit_fallbacks_total", e));
         register(&r, Box::new(rate_limit_fallbacks.clone()), "fallbacks");
+        let redis_circuit_open = IntGaugeVec::new(
+            Opts::new(
+                "keygate_redis_circuit_open",
+                "1 while a Redis client's circuit breaker is open: Redis is not asked and \
+                 fallbacks answer.",
+            ),
+            &["client"],
+        )
+        .unwrap_or_else(|e| unreachable_metric("keygate_redis_circuit_open", e));
+        register(
+            &r,
+            Box::new(redis_circuit_open.clone()),
+            "redis_circuit_open",
+        );
         let build_info = IntGaugeVec::new(
             Opts::new(
                 "keygate_build_info",
@@ -278,6 +297,13 @@ impl Metrics {
                 &["rule", "result"],
             ),
             rate_limit_fallbacks,
+            redis_circuit_open,
+            redis_circuit_trips: counter(
+                &r,
+                "keygate_redis_circuit_trips_total",
+                "Times a Redis client's circuit breaker opened after repeated failures.",
+                &["client"],
+            ),
             policy_denials: counter(
                 &r,
                 "keygate_policy_denials_total",

@@ -14,6 +14,7 @@ mod ops;
 mod policy;
 mod proxy;
 mod ratelimit;
+mod redis_faults;
 mod routes;
 mod stores;
 mod vault;

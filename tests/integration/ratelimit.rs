@@ -327,17 +327,61 @@ async fn session_bindings_fail_promptly_while_redis_is_down() {
     let bindings = RedisBindings::new(conn(&redis.url(), false), Duration::from_secs(60));
     bindings.bind("s", "user_a").await.expect("bind");
     redis.stop();
-    assert!(no_hang("owner", bindings.owner("s")).await.is_err());
-    assert!(no_hang("bind", bindings.bind("s", "user_b")).await.is_err());
+    // A binding this replica knows is answered from memory; an unknown one needs Redis.
+    assert_eq!(
+        no_hang("owner", bindings.owner("s"))
+            .await
+            .expect("known")
+            .as_deref(),
+        Some("user_a")
+    );
+    assert_eq!(
+        no_hang("bind", bindings.bind("s", "user_b"))
+            .await
+            .expect("known"),
+        "user_a"
+    );
+    assert!(no_hang("owner", bindings.owner("t")).await.is_err());
+    assert!(no_hang("bind", bindings.bind("t", "user_b")).await.is_err());
     redis.restart();
     let deadline = Instant::now() + NO_HANG;
-    // Data is gone with the restart; the binding works again once reconnected.
-    while bindings.bind("s", "user_b").await.is_err() {
+    // Unknown bindings work again once reconnected.
+    while bindings.bind("t", "user_b").await.is_err() {
         assert!(Instant::now() < deadline, "never reconnected");
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
     assert_eq!(
-        bindings.owner("s").await.expect("owner").as_deref(),
+        bindings.owner("t").await.expect("owner").as_deref(),
         Some("user_b")
     );
+}
+
+#[tokio::test]
+async fn a_binding_seen_by_one_replica_is_cached_with_the_ttl_redis_has_left() {
+    let redis = RedisServer::start();
+    let a = RedisBindings::new(conn(&redis.url(), false), Duration::from_secs(60));
+    let b = RedisBindings::new(conn(&redis.url(), false), Duration::from_secs(60));
+    a.bind("short", "user_a").await.expect("bind");
+    // Redis will forget it in 300 ms: replica b, reading it, must not keep it longer.
+    let client = ::redis::Client::open(redis.url()).expect("client");
+    let mut raw = client.get_connection().expect("raw");
+    let key = a.redis_key("short");
+    let _: () = ::redis::cmd("PEXPIRE")
+        .arg(&key)
+        .arg(300)
+        .query(&mut raw)
+        .expect("pexpire");
+    assert_eq!(
+        b.owner("short").await.expect("owner").as_deref(),
+        Some("user_a")
+    );
+    let deadline = Instant::now() + NO_HANG;
+    while b.owner("short").await.expect("owner").is_some() {
+        assert!(
+            Instant::now() < deadline,
+            "the cached binding outlived Redis's"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert_eq!(b.bind("short", "user_b").await.expect("bind"), "user_b");
 }

@@ -8,7 +8,7 @@ use std::time::{Duration, Instant};
 
 use keygate::keys::embedded::EmbeddedStore;
 use keygate::keys::redis_store::{RedisSettings, RedisStore};
-use keygate::keys::store::{KeyStore, Owner, StoreError, StoredRecord};
+use keygate::keys::store::{Invalidation, KeyStore, Owner, StoreError, StoredRecord};
 use tokio::sync::broadcast;
 
 use crate::common::free_port;
@@ -62,20 +62,22 @@ where
     }
 }
 
-/// Publish `owner` from `publisher` until `rx` hears something (the Redis listener subscribes
-/// in the background), or panic after `limit`; returns what was heard.
+/// Publish `owner` from `publisher` until `rx` hears it (the Redis listener subscribes in the
+/// background; other owners' invalidations, such as those of writes, are skipped), or panic
+/// after `limit`; returns what was heard.
 async fn publish_until_heard(
     publisher: &dyn KeyStore,
-    rx: &mut broadcast::Receiver<Owner>,
+    rx: &mut broadcast::Receiver<Invalidation>,
     owner: &Owner,
     limit: Duration,
 ) -> Owner {
     let deadline = Instant::now() + limit;
     loop {
         if publisher.publish_invalidation(owner).await.is_ok() {
-            if let Ok(Ok(heard)) = tokio::time::timeout(Duration::from_millis(200), rx.recv()).await
-            {
-                return heard;
+            while let Some(heard) = next_owner(rx, Duration::from_millis(200)).await {
+                if heard == *owner {
+                    return heard;
+                }
             }
         }
         assert!(
@@ -85,6 +87,26 @@ async fn publish_until_heard(
         );
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
+}
+
+/// The next single-owner invalidation `rx` hears within `limit` (gap notices skipped).
+async fn next_owner(rx: &mut broadcast::Receiver<Invalidation>, limit: Duration) -> Option<Owner> {
+    let deadline = tokio::time::Instant::now() + limit;
+    loop {
+        match tokio::time::timeout_at(deadline, rx.recv()).await {
+            Ok(Ok(Invalidation::Owner(owner))) => return Some(owner),
+            Ok(Ok(_)) => continue,
+            _ => return None,
+        }
+    }
+}
+
+/// The next notice `rx` hears within `limit`, whatever it is.
+async fn next_notice(
+    rx: &mut broadcast::Receiver<Invalidation>,
+    limit: Duration,
+) -> Option<Invalidation> {
+    tokio::time::timeout(limit, rx.recv()).await.ok()?.ok()
 }
 
 /// Write with a raw connection, bypassing the store.
@@ -401,10 +423,9 @@ async fn redis_invalidation_from_one_replica_reaches_another() {
     while on_b.try_recv().is_ok() {}
     let owner = Owner::org("org_changed");
     a.publish_invalidation(&owner).await.expect("publish");
-    let got = tokio::time::timeout(Duration::from_secs(1), on_b.recv())
+    let got = next_owner(&mut on_b, Duration::from_secs(1))
         .await
-        .expect("B heard nothing within a second")
-        .expect("channel open");
+        .expect("B heard nothing within a second");
     assert_eq!(got, owner);
     // A different prefix is a different deployment: it hears nothing.
     let stranger = redis_store(&redis.url(), "other:");
@@ -412,10 +433,78 @@ async fn redis_invalidation_from_one_replica_reaches_another() {
     stranger.ping().await.expect("ping");
     a.publish_invalidation(&owner).await.expect("publish");
     assert!(
-        tokio::time::timeout(Duration::from_millis(300), on_stranger.recv())
+        next_owner(&mut on_stranger, Duration::from_millis(300))
             .await
-            .is_err(),
+            .is_none(),
         "another prefix received our invalidation"
+    );
+}
+
+#[tokio::test]
+async fn redis_writes_and_deletes_announce_themselves_in_the_same_step() {
+    let redis = RedisServer::start();
+    let a = redis_store(&redis.url(), "keygate:");
+    let b = redis_store(&redis.url(), "keygate:");
+    let mut on_b = b.subscribe_invalidations();
+    publish_until_heard(
+        &a,
+        &mut on_b,
+        &Owner::user("warmup"),
+        Duration::from_secs(10),
+    )
+    .await;
+    while on_b.try_recv().is_ok() {}
+    // No publish_invalidation call: the write itself is announced.
+    let owner = Owner::user("user_written");
+    a.put(&owner, &record(b"v1")).await.expect("put");
+    assert_eq!(
+        next_owner(&mut on_b, Duration::from_secs(1)).await,
+        Some(owner.clone())
+    );
+    assert!(a
+        .replace_if(&owner, b"v1", &record(b"v2"))
+        .await
+        .expect("cas"));
+    assert_eq!(
+        next_owner(&mut on_b, Duration::from_secs(1)).await,
+        Some(owner.clone())
+    );
+    assert!(a.delete(&owner).await.expect("delete"));
+    assert_eq!(
+        next_owner(&mut on_b, Duration::from_secs(1)).await,
+        Some(owner.clone())
+    );
+}
+
+#[tokio::test]
+async fn embedded_writes_and_deletes_announce_themselves() {
+    let store = EmbeddedStore::open(&temp_dir("announce")).expect("open");
+    let mut rx = store.subscribe_invalidations();
+    let owner = Owner::user("user_written");
+    store.put(&owner, &record(b"v1")).await.expect("put");
+    assert_eq!(rx.try_recv().ok(), Some(Invalidation::Owner(owner.clone())));
+    store.delete(&owner).await.expect("delete");
+    assert_eq!(rx.try_recv().ok(), Some(Invalidation::Owner(owner.clone())));
+}
+
+#[tokio::test]
+async fn a_gap_in_the_subscription_is_announced_lost_then_all() {
+    let mut redis = RedisServer::start();
+    let store = redis_store(&redis.url(), "keygate:");
+    let mut rx = store.subscribe_invalidations();
+    assert_eq!(
+        next_notice(&mut rx, Duration::from_secs(10)).await,
+        Some(Invalidation::All),
+        "subscribing announces that anything may have changed before"
+    );
+    redis.restart();
+    assert_eq!(
+        next_notice(&mut rx, Duration::from_secs(10)).await,
+        Some(Invalidation::Lost)
+    );
+    assert_eq!(
+        next_notice(&mut rx, Duration::from_secs(10)).await,
+        Some(Invalidation::All)
     );
 }
 

@@ -90,9 +90,34 @@ impl RedisServer {
     /// Kill the server and wait for it to exit.
     pub fn stop(&mut self) {
         if let Some(mut child) = self.child.take() {
+            // A paused server must run again to die of SIGKILL promptly everywhere.
+            let _ = Command::new("kill")
+                .arg("-CONT")
+                .arg(child.id().to_string())
+                .status();
             let _ = child.kill();
             let _ = child.wait();
         }
+    }
+
+    /// Freeze the server (SIGSTOP): connections stay open, nothing is answered.
+    pub fn pause(&self) {
+        self.signal("-STOP");
+    }
+
+    /// Let a paused server run again (SIGCONT).
+    pub fn resume(&self) {
+        self.signal("-CONT");
+    }
+
+    fn signal(&self, signal: &str) {
+        let child = self.child.as_ref().expect("redis-server is running");
+        let status = Command::new("kill")
+            .arg(signal)
+            .arg(child.id().to_string())
+            .status()
+            .expect("kill(1)");
+        assert!(status.success(), "kill {signal} redis-server failed");
     }
 
     /// Start again on the same port (stopping first if it still runs); data is gone.
