@@ -430,7 +430,8 @@ impl<'a> Checked<'a> {
             }
             for from in c["envFrom"].as_array().into_iter().flatten() {
                 if let Some(s) = from.pointer("/secretRef/name").and_then(Value::as_str) {
-                    assert!(self.named("Secret", s).is_some(), "{v}: Secret {s}");
+                    // Created out of band (base/secrets.env.example), never applied from here.
+                    assert_eq!(s, "keygate-secrets", "{v}: the Secret the docs create");
                 }
             }
         }
@@ -507,10 +508,13 @@ impl<'a> Checked<'a> {
         // keygate resolves the upstream at startup; the cluster's Service name does not resolve
         // here, so any address stands in for it.
         env.insert("KEYGATE_UPSTREAM".into(), "http://127.0.0.1:3000".into());
-        let secret = self.named("Secret", "keygate-secrets").expect("the Secret");
-        let placeholders = secret.doc["stringData"].as_object().expect("stringData");
-        for (k, val) in placeholders {
-            env.insert(k.clone(), val.as_str().expect("a string").to_string());
+        assert!(
+            self.of_kind("Secret").is_empty(),
+            "{v}: applying the tree must not overwrite the operator's Secret"
+        );
+        let template = read(&deploy_path("k8s/base/secrets.env.example"));
+        for (k, val) in env_file(&template) {
+            env.insert(k, val);
         }
         match keygate::config::load(Some(&path), &env) {
             Ok(_) => panic!("{v}: keygate must refuse the Secret's placeholder values"),

@@ -37,10 +37,10 @@ async fn dev_token_is_accepted_by_the_dev_config() {
             "\"dev/",
             &format!("\"{}/config/dev/", env!("CARGO_MANIFEST_DIR")),
         );
-    let data = std::env::temp_dir().join(format!("keygate-dev-{}", crate::common::free_port()));
+    let data = crate::common::TempDir::new("dev");
     let toml = toml.replace(
         &format!("{}/config/dev/data", env!("CARGO_MANIFEST_DIR")),
-        &data.display().to_string(),
+        &data.path().display().to_string(),
     );
     let gw = Keygate::start(&toml, &upstream.url()).await;
     gw.wait_ready().await;

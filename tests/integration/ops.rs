@@ -26,6 +26,32 @@ async fn metrics_text(gw: &Keygate) -> String {
     resp.text().await.expect("text")
 }
 
+/// `/metrics` once `ready` holds for it; fails after a bounded wait.
+async fn metrics_once(gw: &Keygate, ready: impl Fn(&str) -> bool) -> String {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let text = metrics_text(gw).await;
+        if ready(&text) {
+            return text;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the metrics never reflected the traffic:\n{text}"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// Like [`value`], 0 when the series is absent.
+fn value_or_zero(text: &str, series: &str) -> f64 {
+    text.lines()
+        .find_map(|l| {
+            l.strip_prefix(series)
+                .and_then(|rest| rest.trim().parse().ok())
+        })
+        .unwrap_or(0.0)
+}
+
 /// The value of the series whose line starts with `series` (name plus labels, exactly).
 fn value(text: &str, series: &str) -> f64 {
     text.lines()
@@ -48,7 +74,17 @@ async fn metrics_reflect_the_traffic() {
         &keys::access_token_claims(&s.clerk.url(), "user_admin", Some(RESOURCE), "x"),
     );
     assert_eq!(rpc(s.gw.at("/mcp"), Some(&forged)).await.status(), 401);
-    let text = metrics_text(&s.gw).await;
+    // Requests are counted in the logging phase, after the client has its response: wait until
+    // all four are counted (bounded), then check everything else against that snapshot.
+    let text = metrics_once(&s.gw, |text| {
+        let total: f64 = text
+            .lines()
+            .filter(|l| l.starts_with("keygate_requests_total{"))
+            .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+            .sum();
+        total >= 4.0 && value_or_zero(text, "keygate_requests_in_flight") == 0.0
+    })
+    .await;
     // A refused token is still labelled with the kind it claims to be.
     assert_eq!(
         value(
@@ -111,7 +147,8 @@ async fn metrics_reflect_the_traffic() {
 #[tokio::test]
 async fn no_secret_reaches_the_logs_or_metrics() {
     let s = Stack::start("").await;
-    let data = std::env::temp_dir().join(format!("keygate-ops-{}", free_port()));
+    let scratch = crate::common::TempDir::new("ops");
+    let data = scratch.join("data");
     let secret = "c0ffee00112233445566778899aabbccddeeff00112233445566778899aabbcc";
     let toml = clerk_config(
         &s.clerk.url(),
@@ -258,7 +295,6 @@ async fn no_secret_reaches_the_logs_or_metrics() {
         assert!(!logs.contains(needle), "the {what} appears in the logs");
         assert!(!metrics.contains(needle), "the {what} appears in /metrics");
     }
-    let _ = std::fs::remove_dir_all(&data);
 }
 
 #[tokio::test]
