@@ -229,3 +229,49 @@ fn every_shipped_placeholder_is_refused_naming_its_variable() {
         }
     }
 }
+
+/// `path` with `.` and `..` resolved lexically.
+fn normalized(path: &std::path::Path) -> std::path::PathBuf {
+    let mut out = std::path::PathBuf::new();
+    for part in path.components() {
+        match part {
+            std::path::Component::ParentDir => {
+                out.pop();
+            }
+            std::path::Component::CurDir => {}
+            other => out.push(other),
+        }
+    }
+    out
+}
+
+#[test]
+fn no_shipped_config_keeps_its_data_in_the_source_tree() {
+    let repo = std::path::Path::new(env!("CARGO_MANIFEST_DIR"));
+    let env: std::collections::HashMap<String, String> = [
+        ("CLERK_SECRET_KEY", "sk_test_x"),
+        (
+            "API_KEY_ENCRYPTION_SECRET",
+            "0f1e2d3c4b5a69788796a5b4c3d2e1f00112233445566778899aabbccddeef0f",
+        ),
+    ]
+    .into_iter()
+    .map(|(k, v)| (k.to_string(), v.to_string()))
+    .collect();
+    for config in ["config/dev.toml", "config/keygate.example.toml"] {
+        let none = std::collections::HashMap::new();
+        let env = if config.ends_with("dev.toml") {
+            &none
+        } else {
+            &env
+        };
+        let s = keygate::config::load(Some(&repo.join(config)), env)
+            .unwrap_or_else(|p| panic!("{config}: {p}"));
+        let data = normalized(&repo.join(&s.keys.data_dir));
+        assert!(
+            !data.starts_with(repo) || data.starts_with(repo.join("target")),
+            "{config} keeps its embedded store in the source tree: {}",
+            data.display()
+        );
+    }
+}
