@@ -63,6 +63,7 @@ const EXPORTED_METRICS: [&str; 18] = [
 /// Values that pass keygate's validation, standing in for the real secrets.
 const TEST_SECRET: &str = "00112233445566778899aabbccddeeff00112233445566778899aabbccddeeff";
 const TEST_PUBLISHABLE_KEY: &str = "pk_test_Y2xlcmsuZXhhbXBsZS5jb20k";
+const TEST_CLERK_SECRET_KEY: &str = "sk_test_0123456789abcdef";
 
 // ---------------------------------------------------------------------------------------------
 // Files and tools
@@ -518,13 +519,17 @@ impl<'a> Checked<'a> {
         }
         match keygate::config::load(Some(&path), &env) {
             Ok(_) => panic!("{v}: keygate must refuse the Secret's placeholder values"),
-            Err(p) => assert!(
-                p.0.iter()
-                    .any(|p| p.field.contains("API_KEY_ENCRYPTION_SECRET")),
-                "{v}: the placeholder encryption secret must be refused: {p}"
-            ),
+            Err(p) => {
+                for var in ["API_KEY_ENCRYPTION_SECRET", "CLERK_SECRET_KEY", "REDIS_URL"] {
+                    assert!(
+                        p.0.iter().any(|p| p.field.contains(var)),
+                        "{v}: the placeholder {var} must be refused: {p}"
+                    );
+                }
+            }
         }
         env.insert("API_KEY_ENCRYPTION_SECRET".into(), TEST_SECRET.into());
+        env.insert("CLERK_SECRET_KEY".into(), TEST_CLERK_SECRET_KEY.into());
         env.insert("CLERK_PUBLISHABLE_KEY".into(), TEST_PUBLISHABLE_KEY.into());
         env.insert("REDIS_URL".into(), "redis://127.0.0.1:6379/0".into());
         let settings = keygate::config::load(Some(&path), &env)
@@ -892,7 +897,11 @@ fn container_image_matches_the_config_it_ships() {
     match keygate::config::load(Some(&path), &vars) {
         Ok(_) => panic!("keygate must refuse the placeholders of .env.example"),
         Err(p) => {
-            for var in ["API_KEY_ENCRYPTION_SECRET", "CLERK_PUBLISHABLE_KEY"] {
+            for var in [
+                "API_KEY_ENCRYPTION_SECRET",
+                "CLERK_PUBLISHABLE_KEY",
+                "CLERK_SECRET_KEY",
+            ] {
                 assert!(
                     p.0.iter().any(|x| x.field.contains(var)),
                     "the placeholder {var} must be refused: {p}"
@@ -901,6 +910,7 @@ fn container_image_matches_the_config_it_ships() {
         }
     }
     vars.insert("API_KEY_ENCRYPTION_SECRET".into(), TEST_SECRET.into());
+    vars.insert("CLERK_SECRET_KEY".into(), TEST_CLERK_SECRET_KEY.into());
     vars.insert("CLERK_PUBLISHABLE_KEY".into(), TEST_PUBLISHABLE_KEY.into());
     let s = keygate::config::load(Some(&path), &vars)
         .unwrap_or_else(|p| panic!("deploy/keygate.toml does not load: {p}"));
