@@ -1425,6 +1425,7 @@ mod tests {
             ]),
         )
         .expect_err("unreadable");
+        let _ = std::fs::remove_dir_all(&dir);
         assert!(missing
             .0
             .iter()
@@ -1438,6 +1439,7 @@ mod tests {
         let path = dir.join("bad.toml");
         std::fs::write(&path, "[server]\nlisten_addr = \"x\"\n").expect("write");
         let problems = load(Some(&path), &env(&[])).expect_err("unknown field");
+        let _ = std::fs::remove_dir_all(&dir);
         assert!(problems.0[0].message.contains("listen_addr"), "{problems}");
     }
 }

@@ -75,6 +75,8 @@ pub struct Keygate {
     pub port: u16,
     /// Holds the config file (and the default data directory); removed on drop.
     dir: TempDir,
+    /// Other directories this gateway uses (e.g. its data directory), removed with it.
+    kept: Vec<TempDir>,
 }
 
 impl Keygate {
@@ -118,7 +120,14 @@ impl Keygate {
             admin_url: format!("http://127.0.0.1:{admin}"),
             port,
             dir,
+            kept: Vec::new(),
         }
+    }
+
+    /// Remove `dir` when this gateway is dropped.
+    pub fn keep(mut self, dir: TempDir) -> Keygate {
+        self.kept.push(dir);
+        self
     }
 
     /// Start with no extra environment.
