@@ -152,6 +152,13 @@ fn run_cli() -> ExitCode {
         Ok(s) => s,
         Err(problems) => {
             eprint!("keygate: {problems}");
+            if cli.config.is_none() {
+                eprintln!(
+                    "keygate: no configuration file was given: pass --config <file> or set \
+                     KEYGATE_CONFIG (config/dev.toml runs offline; config/keygate.example.toml \
+                     documents every option)"
+                );
+            }
             return ExitCode::from(2);
         }
     };

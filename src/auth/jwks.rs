@@ -312,6 +312,18 @@ impl JwksCache {
         Ok(body)
     }
 
+    /// What a failed refresh leaves keygate with, in words for the log: only a usable key set
+    /// is "kept"; with none, tokens of this issuer are answered 503.
+    fn refresh_failure_message(&self) -> &'static str {
+        if self.is_ready() {
+            "JWKS refresh failed; keeping last good keys"
+        } else if self.current.load().is_some() {
+            "JWKS refresh failed; the last keys are older than max_stale, tokens of this issuer get 503"
+        } else {
+            "JWKS fetch failed; no signing keys loaded yet, tokens of this issuer get 503"
+        }
+    }
+
     /// Refresh forever: every `refresh_interval`, sooner after a failure.
     pub async fn run_refresher(self: Arc<Self>) {
         if matches!(self.source, Source::File(_)) {
@@ -326,7 +338,7 @@ impl JwksCache {
             };
             tokio::time::sleep(wait).await;
             if let Err(e) = self.refresh().await {
-                tracing::warn!(issuer = %self.issuer, error = %e, "JWKS refresh failed; keeping last good keys");
+                tracing::warn!(issuer = %self.issuer, error = %e, "{}", self.refresh_failure_message());
             }
         }
     }
@@ -383,4 +395,41 @@ fn parse_jwks(
         keys.insert(kid, Arc::new(VerifyKey { key, algorithms }));
     }
     Ok(keys)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn settings() -> JwksSettings {
+        JwksSettings {
+            refresh_interval: Duration::from_secs(300),
+            unknown_kid_cooldown: Duration::from_secs(30),
+            max_stale: Duration::from_secs(3600),
+            fetch_timeout: Duration::from_secs(1),
+            max_bytes: 64 * 1024,
+            max_keys: 32,
+        }
+    }
+
+    #[test]
+    fn a_failed_refresh_claims_kept_keys_only_when_there_are_some() {
+        let cache = JwksCache::from_url(
+            "https://issuer.example",
+            Url::parse("http://127.0.0.1:9/jwks.json").expect("url"),
+            vec![Algorithm::RS256],
+            &settings(),
+            reqwest::Client::new(),
+        );
+        let said = cache.refresh_failure_message();
+        assert!(!said.contains("keeping last good keys"), "{said}");
+        assert!(said.contains("no signing keys loaded yet"), "{said}");
+        cache.current.store(Some(Arc::new(KeySet {
+            keys: HashMap::new(),
+            fetched_at: Instant::now(),
+        })));
+        assert!(cache
+            .refresh_failure_message()
+            .contains("keeping last good keys"));
+    }
 }

@@ -5,6 +5,7 @@
 //! that caused it. Secrets are kept in [`SecretString`] and never printed.
 
 pub mod file;
+mod source;
 
 use std::fmt;
 use std::net::{IpAddr, SocketAddr};
@@ -18,6 +19,7 @@ use secrecy::SecretString;
 use url::Url;
 
 pub use file::{Env, FileConfig, ProcessEnv};
+pub use source::placeholder_marker;
 
 /// One problem in the configuration, naming what to fix.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -370,12 +372,9 @@ pub fn load(path: Option<&Path>, env: &dyn Env) -> Result<Settings, Problems> {
     let mut file = match path {
         None => FileConfig::default(),
         Some(p) => match std::fs::read_to_string(p) {
-            Ok(text) => match toml::from_str::<FileConfig>(&text) {
-                Ok(f) => f,
-                Err(e) => {
-                    problems.push(p.display().to_string(), e.message().to_string());
-                    return Err(problems);
-                }
+            Ok(text) => match source::parse_file(p, &text, &mut problems) {
+                Some(f) => f,
+                None => return Err(problems),
             },
             Err(e) => {
                 problems.push(p.display().to_string(), format!("cannot read: {e}"));
@@ -388,6 +387,7 @@ pub fn load(path: Option<&Path>, env: &dyn Env) -> Result<Settings, Problems> {
         .map(Path::to_path_buf)
         .unwrap_or_default();
     file.apply_env(env, &mut problems);
+    source::refuse_placeholders(&file, env, &mut problems);
     let settings = validate(file, &base_dir, &mut problems);
     match settings {
         Some(s) if problems.0.is_empty() => Ok(s),
@@ -1531,6 +1531,7 @@ mod tests {
             ]),
         )
         .expect_err("unreadable");
+        let _ = std::fs::remove_dir_all(&dir);
         assert!(missing
             .0
             .iter()
@@ -1588,6 +1589,7 @@ mod tests {
         let path = dir.join("bad.toml");
         std::fs::write(&path, "[server]\nlisten_addr = \"x\"\n").expect("write");
         let problems = load(Some(&path), &env(&[])).expect_err("unknown field");
+        let _ = std::fs::remove_dir_all(&dir);
         assert!(problems.0[0].message.contains("listen_addr"), "{problems}");
     }
 }

@@ -617,11 +617,11 @@ impl Gateway {
                 .put(&owner, &new.api_key, new.base_url, None)
                 .await
                 .map_err(vault_error)?;
-            tracing::info!(target: "keygate::audit", event = "key_stored", owner = %owner.slot(), issuer = %identity.issuer, request_id = %ctx.request_id, client_ip = ?ctx.client_ip);
+            tracing::info!(target: "keygate::audit", event = "key_stored", owner = %owner.slot(), issuer = %identity.issuer, request_id = %ctx.request_id, client_ip = ctx.client_ip.map(tracing::field::display));
             keys_api::STORED.to_string()
         } else if method == http::Method::DELETE {
             let existed = vault.delete(&owner).await.map_err(vault_error)?;
-            tracing::info!(target: "keygate::audit", event = "key_deleted", owner = %owner.slot(), issuer = %identity.issuer, existed, request_id = %ctx.request_id, client_ip = ?ctx.client_ip);
+            tracing::info!(target: "keygate::audit", event = "key_deleted", owner = %owner.slot(), issuer = %identity.issuer, existed, request_id = %ctx.request_id, client_ip = ctx.client_ip.map(tracing::field::display));
             keys_api::DELETED.to_string()
         } else {
             return Err(GatewayError::MethodNotAllowed);

@@ -22,35 +22,49 @@ struct Shared {
     output: Mutex<()>,
 }
 
-static SHARED: Shared = Shared {
-    pending: Mutex::new(Vec::new()),
-    output: Mutex::new(()),
-};
+static SHARED: Shared = Shared::new();
+
+impl Shared {
+    const fn new() -> Self {
+        Shared {
+            pending: Mutex::new(Vec::new()),
+            output: Mutex::new(()),
+        }
+    }
+
+    /// Add a whole line after every pending one; whether the batch must be written now (full,
+    /// or `urgent`: a warning or error goes out together with the lines logged before it, so
+    /// the output stays in timestamp order).
+    fn push(&self, line: &[u8], urgent: bool) -> bool {
+        let mut pending = self.pending.lock().unwrap_or_else(|e| e.into_inner());
+        pending.extend_from_slice(line);
+        urgent || pending.len() >= BATCH_BYTES
+    }
+
+    /// Write every pending line to `out`, in order.
+    fn flush_to(&self, out: &mut dyn Write) {
+        let _order = self.output.lock().unwrap_or_else(|e| e.into_inner());
+        let batch = {
+            let mut pending = self.pending.lock().unwrap_or_else(|e| e.into_inner());
+            if pending.is_empty() {
+                return;
+            }
+            std::mem::replace(&mut *pending, Vec::with_capacity(BATCH_BYTES + 4096))
+        };
+        // Nowhere to report a failed write to stderr: the lines are dropped.
+        let _ = out.write_all(&batch);
+        let _ = out.flush();
+    }
+}
 
 /// Write every pending line to stderr now.
 pub fn flush() {
-    let _order = SHARED.output.lock().unwrap_or_else(|e| e.into_inner());
-    let batch = {
-        let mut pending = SHARED.pending.lock().unwrap_or_else(|e| e.into_inner());
-        if pending.is_empty() {
-            return;
-        }
-        std::mem::replace(&mut *pending, Vec::with_capacity(BATCH_BYTES + 4096))
-    };
-    let mut err = std::io::stderr().lock();
-    // Nowhere to report a failed write to stderr: the lines are dropped.
-    let _ = err.write_all(&batch);
-    let _ = err.flush();
+    SHARED.flush_to(&mut std::io::stderr().lock());
 }
 
 /// Add a whole line (or lines); `urgent` writes the batch at once.
 pub(crate) fn append(line: &[u8], urgent: bool) {
-    let full = {
-        let mut pending = SHARED.pending.lock().unwrap_or_else(|e| e.into_inner());
-        pending.extend_from_slice(line);
-        pending.len() >= BATCH_BYTES
-    };
-    if full || urgent {
+    if SHARED.push(line, urgent) {
         flush();
     }
 }
@@ -109,5 +123,27 @@ impl<'a> MakeWriter<'a> for BatchedStderr {
         Line {
             urgent: *meta.level() <= Level::WARN,
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_warning_is_written_after_the_lines_logged_before_it() {
+        let shared = Shared::new();
+        assert!(!shared.push(b"12:00:00.001 INFO first\n", false));
+        assert!(!shared.push(b"12:00:00.002 INFO second\n", false));
+        assert!(shared.push(b"12:00:00.003 WARN third\n", true));
+        let mut out = Vec::new();
+        shared.flush_to(&mut out);
+        assert_eq!(
+            String::from_utf8_lossy(&out),
+            "12:00:00.001 INFO first\n12:00:00.002 INFO second\n12:00:00.003 WARN third\n"
+        );
+        let mut again = Vec::new();
+        shared.flush_to(&mut again);
+        assert!(again.is_empty());
     }
 }

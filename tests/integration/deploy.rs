@@ -63,6 +63,7 @@ const EXPORTED_METRICS: [&str; 18] = [
 /// Values that pass keygate's validation, standing in for the real secrets.
 const TEST_SECRET: &str = "3f8a1c9e57b2d4067e1fa93c28d5b6409c7e2a15f3b8d06e4a91c7253df80b6e";
 const TEST_PUBLISHABLE_KEY: &str = "pk_test_Y2xlcmsuZXhhbXBsZS5jb20k";
+const TEST_CLERK_SECRET_KEY: &str = "sk_test_0123456789abcdef";
 
 // ---------------------------------------------------------------------------------------------
 // Files and tools
@@ -430,7 +431,8 @@ impl<'a> Checked<'a> {
             }
             for from in c["envFrom"].as_array().into_iter().flatten() {
                 if let Some(s) = from.pointer("/secretRef/name").and_then(Value::as_str) {
-                    assert!(self.named("Secret", s).is_some(), "{v}: Secret {s}");
+                    // Created out of band (base/secrets.env.example), never applied from here.
+                    assert_eq!(s, "keygate-secrets", "{v}: the Secret the docs create");
                 }
             }
         }
@@ -507,20 +509,27 @@ impl<'a> Checked<'a> {
         // keygate resolves the upstream at startup; the cluster's Service name does not resolve
         // here, so any address stands in for it.
         env.insert("KEYGATE_UPSTREAM".into(), "http://127.0.0.1:3000".into());
-        let secret = self.named("Secret", "keygate-secrets").expect("the Secret");
-        let placeholders = secret.doc["stringData"].as_object().expect("stringData");
-        for (k, val) in placeholders {
-            env.insert(k.clone(), val.as_str().expect("a string").to_string());
+        assert!(
+            self.of_kind("Secret").is_empty(),
+            "{v}: applying the tree must not overwrite the operator's Secret"
+        );
+        let template = read(&deploy_path("k8s/base/secrets.env.example"));
+        for (k, val) in env_file(&template) {
+            env.insert(k, val);
         }
         match keygate::config::load(Some(&path), &env) {
             Ok(_) => panic!("{v}: keygate must refuse the Secret's placeholder values"),
-            Err(p) => assert!(
-                p.0.iter()
-                    .any(|p| p.field.contains("API_KEY_ENCRYPTION_SECRET")),
-                "{v}: the placeholder encryption secret must be refused: {p}"
-            ),
+            Err(p) => {
+                for var in ["API_KEY_ENCRYPTION_SECRET", "CLERK_SECRET_KEY", "REDIS_URL"] {
+                    assert!(
+                        p.0.iter().any(|p| p.field.contains(var)),
+                        "{v}: the placeholder {var} must be refused: {p}"
+                    );
+                }
+            }
         }
         env.insert("API_KEY_ENCRYPTION_SECRET".into(), TEST_SECRET.into());
+        env.insert("CLERK_SECRET_KEY".into(), TEST_CLERK_SECRET_KEY.into());
         env.insert("CLERK_PUBLISHABLE_KEY".into(), TEST_PUBLISHABLE_KEY.into());
         env.insert("REDIS_URL".into(), "redis://127.0.0.1:6379/0".into());
         let settings = keygate::config::load(Some(&path), &env)
@@ -888,7 +897,11 @@ fn container_image_matches_the_config_it_ships() {
     match keygate::config::load(Some(&path), &vars) {
         Ok(_) => panic!("keygate must refuse the placeholders of .env.example"),
         Err(p) => {
-            for var in ["API_KEY_ENCRYPTION_SECRET", "CLERK_PUBLISHABLE_KEY"] {
+            for var in [
+                "API_KEY_ENCRYPTION_SECRET",
+                "CLERK_PUBLISHABLE_KEY",
+                "CLERK_SECRET_KEY",
+            ] {
                 assert!(
                     p.0.iter().any(|x| x.field.contains(var)),
                     "the placeholder {var} must be refused: {p}"
@@ -897,6 +910,7 @@ fn container_image_matches_the_config_it_ships() {
         }
     }
     vars.insert("API_KEY_ENCRYPTION_SECRET".into(), TEST_SECRET.into());
+    vars.insert("CLERK_SECRET_KEY".into(), TEST_CLERK_SECRET_KEY.into());
     vars.insert("CLERK_PUBLISHABLE_KEY".into(), TEST_PUBLISHABLE_KEY.into());
     let s = keygate::config::load(Some(&path), &vars)
         .unwrap_or_else(|p| panic!("deploy/keygate.toml does not load: {p}"));

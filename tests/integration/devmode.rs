@@ -1,20 +1,27 @@
 //! The offline development setup: a token from `keygate dev-token` is accepted by a gateway
-//! running `config/dev.toml`.
+//! running `config/dev.toml`; the README's walkthrough succeeds against the example echo
+//! upstream (run in-process here), showing the injected key; the dev config enforces the Twenty
+//! scope defaults.
 
 use std::process::Command;
 
-use crate::common::upstream::Upstream;
-use crate::common::{client, rpc, Keygate};
+use serde_json::{json, Value};
 
-#[tokio::test]
-async fn dev_token_is_accepted_by_the_dev_config() {
+use crate::common::upstream::Upstream;
+use crate::common::{client, rpc, Keygate, TempDir};
+
+#[path = "../../examples/echo_upstream/echo.rs"]
+mod echo;
+
+/// A token minted by `keygate dev-token` with the dev config.
+fn dev_token(scope: &str) -> String {
     let out = Command::new(env!("CARGO_BIN_EXE_keygate"))
         .args([
             "--config",
             "config/dev.toml",
             "dev-token",
             "--scope",
-            "twenty:read",
+            scope,
             "--sub",
             "user_dev",
         ])
@@ -26,29 +33,66 @@ async fn dev_token_is_accepted_by_the_dev_config() {
         "{}",
         String::from_utf8_lossy(&out.stderr)
     );
-    let token = String::from_utf8(out.stdout)
+    String::from_utf8(out.stdout)
         .expect("utf8")
         .trim()
-        .to_string();
-    let upstream = Upstream::start().await;
-    let toml = std::fs::read_to_string("config/dev.toml")
-        .expect("dev config")
+        .to_string()
+}
+
+/// `config/dev.toml` as keygate reads it from a temporary directory: its `dev/` files by
+/// absolute path, its data in `data`.
+fn dev_config(data: &TempDir) -> String {
+    let original = std::fs::read_to_string("config/dev.toml").expect("dev config");
+    let data_line = "data_dir = \"../target/keygate-dev\"";
+    assert!(
+        original.contains(data_line),
+        "config/dev.toml changed its data_dir"
+    );
+    original
         .replace(
             "\"dev/",
             &format!("\"{}/config/dev/", env!("CARGO_MANIFEST_DIR")),
-        );
-    let data = std::env::temp_dir().join(format!("keygate-dev-{}", crate::common::free_port()));
-    let toml = toml.replace(
-        &format!("{}/config/dev/data", env!("CARGO_MANIFEST_DIR")),
-        &data.display().to_string(),
-    );
-    let gw = Keygate::start(&toml, &upstream.url()).await;
+        )
+        .replace(
+            data_line,
+            &format!("data_dir = \"{}\"", data.path().display()),
+        )
+}
+
+/// The example echo upstream on a free loopback port; its base URL.
+async fn echo_upstream() -> String {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind");
+    let addr = listener.local_addr().expect("addr");
+    tokio::spawn(async move {
+        let _ = axum::serve(listener, echo::router()).await;
+    });
+    format!("http://{addr}")
+}
+
+async fn call(gw: &Keygate, token: &str, body: Value) -> reqwest::Response {
+    client()
+        .post(gw.at("/mcp"))
+        .bearer_auth(token)
+        .json(&body)
+        .send()
+        .await
+        .expect("request")
+}
+
+#[tokio::test]
+async fn dev_token_is_accepted_by_the_dev_config() {
+    let token = dev_token("twenty:read");
+    let upstream = Upstream::start().await;
+    let data = TempDir::new("dev");
+    let gw = Keygate::start(&dev_config(&data), &upstream.url()).await;
     gw.wait_ready().await;
     // The newcomer's path: store a key, then call the MCP route with it injected.
     let stored = client()
         .post(gw.at("/api/keys"))
         .bearer_auth(&token)
-        .json(&serde_json::json!({"apiKey": "tw_dev_key"}))
+        .json(&json!({"apiKey": "tw_dev_key"}))
         .send()
         .await
         .expect("request");
@@ -60,4 +104,103 @@ async fn dev_token_is_accepted_by_the_dev_config() {
     assert_eq!(seen.query.as_deref(), Some("apiKey=tw_dev_key"));
     let anon = rpc(gw.at("/mcp"), None).await;
     assert_eq!(anon.status(), 401);
+}
+
+#[tokio::test]
+async fn the_quick_start_walkthrough_shows_the_injected_key() {
+    let token = dev_token("twenty:read twenty:write");
+    let data = TempDir::new("dev-walkthrough");
+    let gw = Keygate::start(&dev_config(&data), &echo_upstream().await).await;
+    gw.wait_ready().await;
+
+    let anon = client().get(gw.at("/mcp")).send().await.expect("request");
+    assert_eq!(anon.status(), 401);
+    assert!(anon.headers().contains_key("www-authenticate"));
+    let stored = client()
+        .post(gw.at("/api/keys"))
+        .bearer_auth(&token)
+        .json(&json!({"apiKey": "your-twenty-api-key"}))
+        .send()
+        .await
+        .expect("request");
+    assert_eq!(stored.status(), 200);
+    let init = call(
+        &gw,
+        &token,
+        json!({"jsonrpc": "2.0", "id": 1, "method": "initialize",
+               "params": {"protocolVersion": "2025-06-18", "capabilities": {},
+                          "clientInfo": {"name": "curl", "version": "1"}}}),
+    )
+    .await;
+    assert_eq!(init.status(), 200);
+    let list = call(
+        &gw,
+        &token,
+        json!({"jsonrpc": "2.0", "id": 2, "method": "tools/list"}),
+    )
+    .await;
+    assert_eq!(list.status(), 200);
+    let list: Value = list.json().await.expect("json");
+    assert!(
+        list["result"]["tools"]
+            .as_array()
+            .is_some_and(|t| t.len() == 2),
+        "{list}"
+    );
+    let called = call(
+        &gw,
+        &token,
+        json!({"jsonrpc": "2.0", "id": 3, "method": "tools/call",
+               "params": {"name": "get_received_key", "arguments": {}}}),
+    )
+    .await;
+    assert_eq!(called.status(), 200);
+    let called: Value = called.json().await.expect("json");
+    let text = called["result"]["content"][0]["text"]
+        .as_str()
+        .unwrap_or("");
+    assert!(
+        text.contains("apiKey query parameter \"your-twenty-api-key\""),
+        "{called}"
+    );
+    let metadata = client()
+        .get(gw.at("/.well-known/oauth-protected-resource/mcp"))
+        .send()
+        .await
+        .expect("request");
+    assert_eq!(metadata.status(), 200);
+}
+
+#[tokio::test]
+async fn the_dev_config_enforces_the_twenty_scope_defaults() {
+    let data = TempDir::new("dev-scopes");
+    let gw = Keygate::start(&dev_config(&data), &echo_upstream().await).await;
+    gw.wait_ready().await;
+    let reader = dev_token("twenty:read");
+    let nobody = dev_token("");
+    let stored = client()
+        .post(gw.at("/api/keys"))
+        .bearer_auth(&reader)
+        .json(&json!({"apiKey": "k"}))
+        .send()
+        .await
+        .expect("request");
+    assert_eq!(stored.status(), 200);
+    let tool = |name: &str| {
+        json!({"jsonrpc": "2.0", "id": 1, "method": "tools/call",
+               "params": {"name": name, "arguments": {"text": "hi"}}})
+    };
+    assert_eq!(
+        call(&gw, &reader, tool("get_received_key")).await.status(),
+        200
+    );
+    assert_eq!(call(&gw, &reader, tool("echo")).await.status(), 403);
+    assert_eq!(
+        call(&gw, &reader, tool("delete_person")).await.status(),
+        403
+    );
+    assert_eq!(
+        call(&gw, &nobody, tool("get_received_key")).await.status(),
+        403
+    );
 }

@@ -26,6 +26,32 @@ async fn metrics_text(gw: &Keygate) -> String {
     resp.text().await.expect("text")
 }
 
+/// `/metrics` once `ready` holds for it; fails after a bounded wait.
+async fn metrics_once(gw: &Keygate, ready: impl Fn(&str) -> bool) -> String {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let text = metrics_text(gw).await;
+        if ready(&text) {
+            return text;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the metrics never reflected the traffic:\n{text}"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// Like [`value`], 0 when the series is absent.
+fn value_or_zero(text: &str, series: &str) -> f64 {
+    text.lines()
+        .find_map(|l| {
+            l.strip_prefix(series)
+                .and_then(|rest| rest.trim().parse().ok())
+        })
+        .unwrap_or(0.0)
+}
+
 /// The value of the series whose line starts with `series` (name plus labels, exactly).
 fn value(text: &str, series: &str) -> f64 {
     text.lines()
@@ -48,7 +74,17 @@ async fn metrics_reflect_the_traffic() {
         &keys::access_token_claims(&s.clerk.url(), "user_admin", Some(RESOURCE), "x"),
     );
     assert_eq!(rpc(s.gw.at("/mcp"), Some(&forged)).await.status(), 401);
-    let text = metrics_text(&s.gw).await;
+    // Requests are counted in the logging phase, after the client has its response: wait until
+    // all four are counted (bounded), then check everything else against that snapshot.
+    let text = metrics_once(&s.gw, |text| {
+        let total: f64 = text
+            .lines()
+            .filter(|l| l.starts_with("keygate_requests_total{"))
+            .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+            .sum();
+        total >= 4.0 && value_or_zero(text, "keygate_requests_in_flight") == 0.0
+    })
+    .await;
     // A refused token is still labelled with the kind it claims to be.
     assert_eq!(
         value(
@@ -111,7 +147,8 @@ async fn metrics_reflect_the_traffic() {
 #[tokio::test]
 async fn no_secret_reaches_the_logs_or_metrics() {
     let s = Stack::start("").await;
-    let data = std::env::temp_dir().join(format!("keygate-ops-{}", free_port()));
+    let scratch = crate::common::TempDir::new("ops");
+    let data = scratch.join("data");
     let secret = "c0ffee5a81d3f7264b9e0c2a7f4d18e3b65c90a2d7f14e8b3c6a05d9e2f7b1c4";
     let toml = clerk_config(
         &s.clerk.url(),
@@ -242,6 +279,18 @@ async fn no_secret_reaches_the_logs_or_metrics() {
         );
     }
     assert!(logs.contains("user_logs"));
+    // Audit lines name the client's address plainly.
+    let audit: Vec<&str> = logs
+        .lines()
+        .filter(|l| l.contains("\"target\":\"keygate::audit\""))
+        .collect();
+    assert!(!audit.is_empty(), "no audit line:\n{logs}");
+    for line in audit {
+        assert!(
+            line.contains("\"client_ip\":\"127.0.0.1\""),
+            "an audit line without client_ip=127.0.0.1: {line}"
+        );
+    }
     // …and never with a secret.
     let secrets = [
         ("access token", access.as_str()),
@@ -258,7 +307,6 @@ async fn no_secret_reaches_the_logs_or_metrics() {
         assert!(!logs.contains(needle), "the {what} appears in the logs");
         assert!(!metrics.contains(needle), "the {what} appears in /metrics");
     }
-    let _ = std::fs::remove_dir_all(&data);
 }
 
 #[tokio::test]
@@ -344,4 +392,65 @@ async fn a_draining_replica_finishes_in_flight_work_and_loses_nothing() {
     .await;
     assert!(ended.is_ok(), "the SSE stream outlived the shutdown");
     assert!(stopped_at.elapsed() < Duration::from_secs(10));
+}
+
+#[tokio::test]
+async fn ready_fails_while_draining_as_the_readme_says() {
+    let s = Stack::start("[server]\ngrace_period_secs = 3\nshutdown_timeout_secs = 1\n").await;
+    let token = s.access_token("user_1");
+    // A kept-alive admin connection, opened before the drain.
+    let kept = reqwest::Client::builder()
+        .no_proxy()
+        .pool_max_idle_per_host(1)
+        .timeout(Duration::from_secs(20))
+        .build()
+        .expect("client");
+    let ready = format!("{}/ready", s.gw.admin_url);
+    assert_eq!(kept.get(&ready).send().await.expect("ready").status(), 200);
+    // In-flight work keeps the replica draining for a while.
+    let slow = {
+        let url = s.gw.at("/slow?ms=2000");
+        let token = token.clone();
+        tokio::spawn(async move { client().get(url).bearer_auth(token).send().await })
+    };
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while s.upstream.requests().is_empty() {
+        assert!(Instant::now() < deadline, "the slow request never arrived");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    s.gw.handle.as_ref().expect("running").terminate();
+    let fresh = reqwest::Client::builder()
+        .no_proxy()
+        .pool_max_idle_per_host(0)
+        .timeout(Duration::from_secs(20))
+        .build()
+        .expect("client");
+    // A probe's new connection is refused once the listener closed (bounded wait for that).
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        match fresh.get(&ready).send().await {
+            Err(e) if e.is_connect() => break,
+            Err(e) => panic!("/ready while draining: {e}"),
+            Ok(r) if r.status() == 503 => break,
+            Ok(r) => assert!(
+                Instant::now() < deadline,
+                "/ready still answers {} while draining",
+                r.status()
+            ),
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    // The kept-alive connection, when the server still serves it, says 503: never 200.
+    if let Ok(r) = kept.get(&ready).send().await {
+        assert_eq!(
+            r.status(),
+            503,
+            "/ready on an open connection while draining"
+        );
+    }
+    let slow = slow
+        .await
+        .expect("task")
+        .expect("in-flight request finished");
+    assert_eq!(slow.status(), 200);
 }

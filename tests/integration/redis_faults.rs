@@ -13,7 +13,7 @@ use crate::common::redis::RedisServer;
 use crate::common::upstream::Upstream;
 use crate::common::{clerk_config, client, Keygate, RESOURCE};
 
-const SECRET: &str = "00112233445566778899aabbccddeeff00112233445566778899aabbccddeeff";
+const SECRET: &str = "3f8a1c9e57b2d4067e1fa93c28d5b6409c7e2a15f3b8d06e4a91c7253df80b6e";
 /// `redis.command_timeout_ms` of every gateway here.
 const COMMAND_TIMEOUT: Duration = Duration::from_millis(200);
 

@@ -11,7 +11,7 @@ use crate::common::clerk::FakeClerk;
 use crate::common::keys::{self, SigningKey};
 use crate::common::redis::RedisServer;
 use crate::common::upstream::Upstream;
-use crate::common::{clerk_config, client, Keygate, RESOURCE};
+use crate::common::{clerk_config, client, Keygate, TempDir, RESOURCE};
 
 const SECRET_A: &str = "3f8a1c9e57b2d4067e1fa93c28d5b6409c7e2a15f3b8d06e4a91c7253df80b6e";
 const SECRET_B: &str = "a6c3e91f0b7d2485f16e8c3a9d40b2e75c1f8a63e2d9047b8f35a1c6e02d97b4";
@@ -42,19 +42,16 @@ impl Env {
 
     /// A gateway with an embedded store in a fresh directory.
     async fn embedded(&self, extra_keys: &str) -> Keygate {
-        let dir = std::env::temp_dir().join(format!(
-            "keygate-vault-{}-{}",
-            std::process::id(),
-            crate::common::free_port()
-        ));
+        let dir = TempDir::new("vault");
         let gw = Keygate::start(
             &self.config(&format!(
                 "encryption_secret = \"{SECRET_A}\"\ndata_dir = \"{}\"\n{extra_keys}",
-                dir.display()
+                dir.path().display()
             )),
             &self.upstream.url(),
         )
-        .await;
+        .await
+        .keep(dir);
         gw.wait_ready().await;
         gw
     }
@@ -291,15 +288,15 @@ async fn the_fallback_key_serves_users_without_their_own() {
 #[tokio::test]
 async fn header_injection_replaces_the_client_credential() {
     let env = Env::new().await;
-    let dir = std::env::temp_dir().join(format!("keygate-vault-h-{}", crate::common::free_port()));
+    let dir = TempDir::new("vault-h");
     let toml = format!(
         "{}\n[upstream.inject]\napi_key_query = \"\"\napi_key_header = \"Authorization\"\napi_key_template = \"Bearer {{key}}\"\nbase_url_query = \"\"\n",
         env.config(&format!(
             "encryption_secret = \"{SECRET_A}\"\ndata_dir = \"{}\"\n",
-            dir.display()
+            dir.path().display()
         ))
     );
-    let gw = Keygate::start(&toml, &env.upstream.url()).await;
+    let gw = Keygate::start(&toml, &env.upstream.url()).await.keep(dir);
     gw.wait_ready().await;
     assert_eq!(
         put_key(
@@ -474,8 +471,7 @@ async fn keygate_starts_while_redis_is_down() {
 }
 
 fn keygate_cli(config: &str, args: &[&str], env: &[(&str, &str)]) -> std::process::Output {
-    let dir = std::env::temp_dir().join(format!("keygate-cli-{}", crate::common::free_port()));
-    std::fs::create_dir_all(&dir).expect("dir");
+    let dir = TempDir::new("vault-cli");
     let path = dir.join("keygate.toml");
     std::fs::write(&path, config).expect("config");
     let mut cmd = Command::new(env!("CARGO_BIN_EXE_keygate"));
@@ -591,8 +587,7 @@ async fn import_of_node_server_records() {
             "twentyApiKey": keygate::keys::import::node_encrypt("tw_x", "some other secret of 32+ characters"),
         }
     });
-    let dir = std::env::temp_dir().join(format!("keygate-import-{}", crate::common::free_port()));
-    std::fs::create_dir_all(&dir).expect("dir");
+    let dir = TempDir::new("import");
     let file = dir.join("export.json");
     std::fs::write(&file, export.to_string()).expect("export");
     let out = keygate_cli(

@@ -9,6 +9,7 @@ pub mod upstream;
 
 use std::collections::{BTreeSet, HashMap};
 use std::net::TcpListener;
+use std::path::{Path, PathBuf};
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
@@ -31,6 +32,39 @@ pub fn free_port() -> u16 {
     }
 }
 
+/// A fresh directory under the system temp directory, removed with its contents when dropped,
+/// so a test run leaves nothing behind (also when the test fails).
+pub struct TempDir(PathBuf);
+
+impl TempDir {
+    /// Create `<tmp>/keygate-<label>-<pid>-<unique>`.
+    pub fn new(label: &str) -> TempDir {
+        let dir = std::env::temp_dir().join(format!(
+            "keygate-{label}-{}-{}",
+            std::process::id(),
+            free_port()
+        ));
+        std::fs::create_dir_all(&dir).expect("temp dir");
+        TempDir(dir)
+    }
+
+    /// The directory.
+    pub fn path(&self) -> &Path {
+        &self.0
+    }
+
+    /// `name` inside the directory.
+    pub fn join(&self, name: &str) -> PathBuf {
+        self.0.join(name)
+    }
+}
+
+impl Drop for TempDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
 /// A keygate running in this process.
 pub struct Keygate {
     pub handle: Option<Handle>,
@@ -39,18 +73,17 @@ pub struct Keygate {
     /// `http://127.0.0.1:PORT` of the admin listener.
     pub admin_url: String,
     pub port: u16,
+    /// Holds the config file (and the default data directory); removed on drop.
+    dir: TempDir,
+    /// Other directories this gateway uses (e.g. its data directory), removed with it.
+    kept: Vec<TempDir>,
 }
 
 impl Keygate {
     /// Start keygate with `toml` as its config file, in front of `upstream`, and wait until it
     /// accepts connections. `env` adds environment overrides.
     pub async fn start_with_env(toml: &str, upstream: &str, env: &[(&str, &str)]) -> Keygate {
-        let dir = std::env::temp_dir().join(format!(
-            "keygate-test-{}-{}",
-            std::process::id(),
-            free_port()
-        ));
-        std::fs::create_dir_all(&dir).expect("temp dir");
+        let dir = TempDir::new("test");
         let path = dir.join("keygate.toml");
         std::fs::write(&path, toml).expect("write config");
         let port = free_port();
@@ -86,7 +119,15 @@ impl Keygate {
             url: format!("http://127.0.0.1:{port}"),
             admin_url: format!("http://127.0.0.1:{admin}"),
             port,
+            dir,
+            kept: Vec::new(),
         }
+    }
+
+    /// Remove `dir` when this gateway is dropped.
+    pub fn keep(mut self, dir: TempDir) -> Keygate {
+        self.kept.push(dir);
+        self
     }
 
     /// Start with no extra environment.
