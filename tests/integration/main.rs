@@ -7,6 +7,7 @@ mod deploy;
 mod devmode;
 mod discovery;
 mod harness_selfcheck;
+mod lifetimes;
 mod ops;
 mod policy;
 mod proxy;
