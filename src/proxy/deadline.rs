@@ -17,14 +17,20 @@
 //!
 //! The proxy reports progress through [`mark_headers_read`] and [`body_progress`], which reach
 //! the wrappers through task-locals (HTTP/2 streams run on their own tasks: their connection is
-//! found through its socket digest).
+//! found through its socket digest, in a registry an entry leaves at the connection's first
+//! stream or end). A body that is complete when the request starts (a GET, a WebSocket
+//! upgrade, an event stream) has no body deadline at all.
 //! Idle HTTP/2 connections are closed by Pingora's `h2_idle_timeout` (see `app.rs`).
+//!
+//! Failed handshakes are the client's doing and are logged at debug: the accept path checks a
+//! TLS h2 connection's preface itself, and defers a write failure during the h2 handshake to
+//! the connection's first read (see [`Opened`]), so Pingora's h2 handshake does not fail.
 
 use std::collections::HashMap;
 use std::future::Future;
 use std::pin::Pin;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicU8, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, MutexGuard};
 use std::task::{Context, Poll};
 use std::time::Duration;
 
@@ -34,6 +40,7 @@ use pingora::listeners::tls::Acceptor;
 use pingora::protocols::http::ServerSession;
 use pingora::protocols::l4::stream::Stream as L4Stream;
 use pingora::protocols::raw_connect::ProxyDigest;
+use pingora::protocols::tls::{SslDigest, TlsRef};
 use pingora::protocols::{
     GetProxyDigest, GetSocketDigest, GetTimingDigest, Peek, Shutdown, SocketDigest, Ssl, Stream,
     TimingDigest, UniqueID, UniqueIDType, ALPN,
@@ -142,71 +149,104 @@ pub fn body_progress(end: bool) {
 }
 
 // ---------------------------------------------------------------------------------------------
-// HTTP/2 connections: their streams run on tasks of their own, so the first stream finds its
-// connection's state through the socket digest the stream's session shares with it.
+// HTTP/2 connections: Pingora runs each stream on a task of its own, so the first stream finds
+// its connection's state through the socket digest the stream's session shares with it. An
+// entry lives only while its connection waits for its first stream: the first stream or the
+// end of the connection removes it.
 
-type Registry = Mutex<HashMap<usize, (Arc<SocketDigest>, Arc<ConnState>)>>;
-
-fn registry() -> &'static Registry {
-    static REGISTRY: std::sync::OnceLock<Registry> = std::sync::OnceLock::new();
-    REGISTRY.get_or_init(|| Mutex::new(HashMap::new()))
+/// The HTTP/2 connections of one listener still waiting for their first stream.
+#[derive(Default)]
+struct Pending {
+    entries: Mutex<HashMap<usize, Entry>>,
+    tickets: AtomicU64,
 }
 
-/// An HTTP/2 connection waiting for its first stream; unregistered on drop. The entry holds
-/// the digest, so its address cannot be reused by another connection while registered.
-struct Registration(Option<usize>);
+struct Entry {
+    /// Which registration made this entry (a digest's address is reused once it is freed).
+    ticket: u64,
+    /// Held so that the address keying the entry stays this connection's while registered.
+    _digest: Arc<SocketDigest>,
+    conn: Arc<ConnState>,
+}
 
-impl Registration {
-    fn new(digest: Option<Arc<SocketDigest>>, conn: &Arc<ConnState>) -> Self {
+impl Pending {
+    fn entries(&self) -> MutexGuard<'_, HashMap<usize, Entry>> {
+        self.entries.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Wait for this connection's first stream; the registration ends with the returned guard.
+    fn register(
+        self: &Arc<Self>,
+        digest: Option<Arc<SocketDigest>>,
+        conn: &Arc<ConnState>,
+    ) -> Option<Registration> {
         let Some(digest) = digest else {
             // No digest to find it by: the connection is not held to the first-stream deadline
             // (the handshake still is, and idle connections are closed by the idle timeout).
             conn.head_seen.store(true, Ordering::Release);
-            return Self(None);
+            return None;
         };
         let key = Arc::as_ptr(&digest) as usize;
-        registry()
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .insert(key, (digest, conn.clone()));
-        Self(Some(key))
+        let ticket = self.tickets.fetch_add(1, Ordering::Relaxed);
+        self.entries().insert(
+            key,
+            Entry {
+                ticket,
+                _digest: digest,
+                conn: conn.clone(),
+            },
+        );
+        Some(Registration {
+            pending: self.clone(),
+            key,
+            ticket,
+        })
     }
+
+    /// A stream of an HTTP/2 connection has arrived: its connection has delivered a request.
+    fn first_stream(&self, session: &ServerSession) {
+        let Some(digest) = session.digest().and_then(|d| d.socket_digest.as_ref()) else {
+            return;
+        };
+        let key = Arc::as_ptr(digest) as usize;
+        if let Some(entry) = self.entries().remove(&key) {
+            entry.conn.head_seen.store(true, Ordering::Release);
+        }
+    }
+
+    /// Connections waiting for their first stream.
+    fn len(&self) -> usize {
+        self.entries().len()
+    }
+}
+
+/// An HTTP/2 connection's entry in [`Pending`], removed on drop if it is still there.
+struct Registration {
+    pending: Arc<Pending>,
+    key: usize,
+    ticket: u64,
 }
 
 impl Drop for Registration {
     fn drop(&mut self) {
-        if let Some(key) = self.0 {
-            registry()
-                .lock()
-                .unwrap_or_else(|e| e.into_inner())
-                .remove(&key);
+        let mut entries = self.pending.entries();
+        if entries
+            .get(&self.key)
+            .is_some_and(|e| e.ticket == self.ticket)
+        {
+            entries.remove(&self.key);
         }
-    }
-}
-
-/// A stream of an HTTP/2 connection has arrived: its connection has delivered a request head.
-fn mark_h2_stream(session: &ServerSession) {
-    let Some(digest) = session.digest().and_then(|d| d.socket_digest.as_ref()) else {
-        return;
-    };
-    let key = Arc::as_ptr(digest) as usize;
-    let found = registry()
-        .lock()
-        .unwrap_or_else(|e| e.into_inner())
-        .remove(&key);
-    if let Some((_, conn)) = found {
-        conn.head_seen.store(true, Ordering::Release);
     }
 }
 
 // ---------------------------------------------------------------------------------------------
 // The listener's application.
 
-/// Owns the accept path: TLS handshake, h2c sniff and the first-head deadline, then hands the
-/// connection to the HTTP app `A` (which must not sniff for h2c itself: its `h2c` option is
-/// off; this wrapper reports a sniffed h2c connection as ALPN h2).
+/// Owns the accept path: TLS handshake, h2c sniff and the first-request deadline, then hands
+/// the connection to [`Requests`] and Pingora's HTTP machinery (whose own `h2c` option must be
+/// off: this wrapper reports a sniffed h2c connection as ALPN h2).
 pub struct Connections<A> {
-    inner: Arc<A>,
+    inner: Arc<Requests<A>>,
     tls: Option<Arc<Acceptor>>,
     h2c: bool,
     header: Duration,
@@ -215,7 +255,7 @@ pub struct Connections<A> {
 impl<A> Connections<A> {
     /// `tls`: terminate TLS with this acceptor; `h2c`: accept HTTP/2 with prior knowledge on
     /// cleartext connections.
-    pub fn new(inner: A, tls: Option<Acceptor>, h2c: bool, header: Duration) -> Self {
+    pub fn new(inner: Requests<A>, tls: Option<Acceptor>, h2c: bool, header: Duration) -> Self {
         Self {
             inner: Arc::new(inner),
             tls: tls.map(Arc::new),
@@ -223,9 +263,31 @@ impl<A> Connections<A> {
             header,
         }
     }
+
+    /// HTTP/2 connections accepted and still waiting for their first stream.
+    pub fn awaiting_first_stream(&self) -> usize {
+        self.inner.pending.len()
+    }
+
+    /// TLS, then the protocol's opening bytes: what must happen before Pingora gets the stream.
+    async fn open(&self, stream: Stream) -> Result<Stream, &'static str> {
+        match &self.tls {
+            Some(acceptor) => {
+                let tls = tls_accept(acceptor, stream).await?;
+                if matches!(tls.selected_alpn_proto(), Some(ALPN::H2)) {
+                    expect_preface(tls).await
+                } else {
+                    Ok(tls)
+                }
+            }
+            None if self.h2c => sniff(stream).await,
+            None => Ok(stream),
+        }
+    }
 }
 
-/// Why a connection was dropped before it could carry a request.
+/// Why a connection was dropped before it carried a request. Clients cause these at will:
+/// never above debug.
 fn dropped(why: &'static str) -> Option<Stream> {
     tracing::debug!(
         reason = why,
@@ -245,36 +307,37 @@ where
         shutdown: &ShutdownWatch,
     ) -> Option<Stream> {
         let deadline = Instant::now() + self.header;
-        let opening = async {
-            match &self.tls {
-                Some(acceptor) => tls_accept(acceptor, stream).await,
-                None if self.h2c => sniff(stream).await,
-                None => Some(stream),
-            }
-        };
-        let stream = match tokio::time::timeout_at(deadline, opening).await {
-            Ok(Some(stream)) => stream,
-            Ok(None) => return dropped("handshake failed or the client left"),
+        let stream = match tokio::time::timeout_at(deadline, self.open(stream)).await {
+            Ok(Ok(stream)) => stream,
+            Ok(Err(why)) => return dropped(why),
             Err(_) => return dropped("no request head in time"),
         };
         let conn = Arc::new(ConnState::default());
-        let _registration = matches!(stream.selected_alpn_proto(), Some(ALPN::H2))
-            .then(|| Registration::new(stream.get_socket_digest(), &conn));
+        let _registration = if matches!(stream.selected_alpn_proto(), Some(ALPN::H2)) {
+            self.inner
+                .pending
+                .register(stream.get_socket_digest(), &conn)
+        } else {
+            None
+        };
         let work = CONNECTION.scope(
             conn.clone(),
             ServerApp::process_new(&self.inner, stream, shutdown),
         );
         tokio::pin!(work);
-        tokio::select! {
+        let out = tokio::select! {
             out = &mut work => out,
             _ = tokio::time::sleep_until(deadline) => {
-                if conn.head_seen.load(Ordering::Acquire) {
-                    work.await
-                } else {
-                    dropped("no request head in time")
+                if !conn.head_seen.load(Ordering::Acquire) {
+                    return dropped("no request head in time");
                 }
+                work.await
             }
+        };
+        if !conn.head_seen.load(Ordering::Acquire) {
+            return dropped("the client left, or its HTTP/2 handshake failed");
         }
+        out
     }
 
     async fn cleanup(&self) {
@@ -282,33 +345,32 @@ where
     }
 }
 
-/// The TLS handshake, on the raw TCP stream the plain listener accepted. A failed handshake is
-/// the client's doing: it is logged at debug, never at error.
-async fn tls_accept(acceptor: &Acceptor, stream: Stream) -> Option<Stream> {
+/// The TLS handshake, on the raw TCP stream the plain listener accepted.
+async fn tls_accept(acceptor: &Acceptor, stream: Stream) -> Result<Stream, &'static str> {
     let l4 = match stream.into_any().downcast::<L4Stream>() {
         Ok(l4) => *l4,
         Err(_) => {
             tracing::warn!("TLS listener got a stream that is not TCP; closing");
-            return None;
+            return Err("not a TCP stream");
         }
     };
     match acceptor.tls_handshake(l4).await {
-        Ok(tls) => Some(Box::new(tls)),
+        Ok(tls) => Ok(Box::new(tls)),
         Err(e) => {
             tracing::debug!(error = %e, "TLS handshake failed");
-            None
+            Err("TLS handshake failed")
         }
     }
 }
 
-/// Read just enough to tell the h2 preface from an HTTP/1.x request: a request shorter than the
-/// preface is not held waiting for 24 bytes.
-async fn sniff(mut stream: Stream) -> Option<Stream> {
+/// Read just enough of a cleartext connection to tell the h2 preface from an HTTP/1.x request:
+/// a request shorter than the preface is not held waiting for 24 bytes.
+async fn sniff(mut stream: Stream) -> Result<Stream, &'static str> {
     let mut buf = [0u8; H2_PREFACE.len()];
     let mut n = 0;
     let h2 = loop {
         match stream.read(&mut buf[n..]).await {
-            Ok(0) | Err(_) => return None,
+            Ok(0) | Err(_) => return Err("the client left"),
             Ok(read) => n += read,
         }
         if buf[..n] != H2_PREFACE[..n] {
@@ -318,27 +380,78 @@ async fn sniff(mut stream: Stream) -> Option<Stream> {
             break true;
         }
     };
-    Some(Box::new(Sniffed {
-        prefix: buf,
-        len: n,
-        pos: 0,
-        h2,
-        inner: stream,
-    }))
+    Ok(Box::new(Opened::new(stream, buf, n, h2, h2)))
 }
 
-/// A cleartext stream whose first bytes were read by the sniff: they are read again first, and
-/// a connection that opened with the h2 preface reports ALPN h2 (as TLS would have).
+/// A TLS connection that chose h2 must open with the preface: anything else is refused here,
+/// quietly, instead of failing Pingora's h2 handshake (which logs at ERROR).
+async fn expect_preface(mut stream: Stream) -> Result<Stream, &'static str> {
+    let mut buf = [0u8; H2_PREFACE.len()];
+    let mut n = 0;
+    while n < buf.len() {
+        match stream.read(&mut buf[n..]).await {
+            Ok(0) | Err(_) => return Err("the client left"),
+            Ok(read) => n += read,
+        }
+        if buf[..n] != H2_PREFACE[..n] {
+            return Err("ALPN h2 without the HTTP/2 preface");
+        }
+    }
+    Ok(Box::new(Opened::new(stream, buf, n, true, false)))
+}
+
+/// A stream whose first bytes were read by the accept path: they are read again first. A
+/// cleartext connection that opened with the h2 preface reports ALPN h2 (as TLS would have).
+///
+/// On an HTTP/2 connection, a write that fails before the first read past the preface (the
+/// server's SETTINGS, while the client already reset the connection) is reported as done and
+/// the failure is returned by the next read instead: the h2 handshake then succeeds and the
+/// connection ends at its first read, which Pingora logs at debug, rather than failing the
+/// handshake, which Pingora logs at ERROR, at whatever rate clients connect and reset.
 #[derive(Debug)]
-struct Sniffed {
+struct Opened {
     prefix: [u8; 24],
     len: usize,
     pos: usize,
-    h2: bool,
+    /// Cleartext HTTP/2 by prior knowledge: report ALPN h2.
+    h2c: bool,
+    /// Defer write failures until the first read past the preface.
+    handshaking: bool,
+    failed: Option<std::io::ErrorKind>,
     inner: Stream,
 }
 
-impl AsyncRead for Sniffed {
+impl Opened {
+    fn new(inner: Stream, prefix: [u8; 24], len: usize, h2: bool, h2c: bool) -> Self {
+        Self {
+            prefix,
+            len,
+            pos: 0,
+            h2c,
+            handshaking: h2,
+            failed: None,
+            inner,
+        }
+    }
+
+    /// A write's outcome, with a failure during the HTTP/2 handshake deferred to the next read.
+    fn deferred<T>(
+        &mut self,
+        polled: Poll<std::io::Result<T>>,
+        done: T,
+    ) -> Poll<std::io::Result<T>> {
+        match polled {
+            Poll::Ready(Err(e)) if self.handshaking => {
+                tracing::debug!(error = %e, "downstream write failed during the HTTP/2 handshake");
+                self.failed = Some(e.kind());
+                Poll::Ready(Ok(done))
+            }
+            other => other,
+        }
+    }
+}
+
+impl AsyncRead for Opened {
     fn poll_read(
         mut self: Pin<&mut Self>,
         cx: &mut Context<'_>,
@@ -351,17 +464,29 @@ impl AsyncRead for Sniffed {
             self.pos += n;
             return Poll::Ready(Ok(()));
         }
-        Pin::new(&mut self.inner).poll_read(cx, buf)
+        if let Some(kind) = self.failed {
+            return Poll::Ready(Err(kind.into()));
+        }
+        let before = buf.filled().len();
+        let polled = Pin::new(&mut self.inner).poll_read(cx, buf);
+        if matches!(polled, Poll::Ready(Ok(()))) && buf.filled().len() > before {
+            self.handshaking = false;
+        }
+        polled
     }
 }
 
-impl AsyncWrite for Sniffed {
+impl AsyncWrite for Opened {
     fn poll_write(
         mut self: Pin<&mut Self>,
         cx: &mut Context<'_>,
         buf: &[u8],
     ) -> Poll<std::io::Result<usize>> {
-        Pin::new(&mut self.inner).poll_write(cx, buf)
+        if let Some(kind) = self.failed {
+            return Poll::Ready(Err(kind.into()));
+        }
+        let polled = Pin::new(&mut self.inner).poll_write(cx, buf);
+        self.deferred(polled, buf.len())
     }
 
     fn poll_write_vectored(
@@ -369,7 +494,12 @@ impl AsyncWrite for Sniffed {
         cx: &mut Context<'_>,
         bufs: &[std::io::IoSlice<'_>],
     ) -> Poll<std::io::Result<usize>> {
-        Pin::new(&mut self.inner).poll_write_vectored(cx, bufs)
+        if let Some(kind) = self.failed {
+            return Poll::Ready(Err(kind.into()));
+        }
+        let polled = Pin::new(&mut self.inner).poll_write_vectored(cx, bufs);
+        let all = bufs.iter().map(|b| b.len()).sum();
+        self.deferred(polled, all)
     }
 
     fn is_write_vectored(&self) -> bool {
@@ -377,7 +507,11 @@ impl AsyncWrite for Sniffed {
     }
 
     fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
-        Pin::new(&mut self.inner).poll_flush(cx)
+        if self.failed.is_some() {
+            return Poll::Ready(Ok(()));
+        }
+        let polled = Pin::new(&mut self.inner).poll_flush(cx);
+        self.deferred(polled, ())
     }
 
     fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
@@ -386,29 +520,37 @@ impl AsyncWrite for Sniffed {
 }
 
 #[async_trait]
-impl Shutdown for Sniffed {
+impl Shutdown for Opened {
     async fn shutdown(&mut self) {
         self.inner.shutdown().await
     }
 }
 
-impl UniqueID for Sniffed {
+impl UniqueID for Opened {
     fn id(&self) -> UniqueIDType {
         self.inner.id()
     }
 }
 
-impl Ssl for Sniffed {
+impl Ssl for Opened {
+    fn get_ssl(&self) -> Option<&TlsRef> {
+        self.inner.get_ssl()
+    }
+
+    fn get_ssl_digest(&self) -> Option<Arc<SslDigest>> {
+        self.inner.get_ssl_digest()
+    }
+
     fn selected_alpn_proto(&self) -> Option<ALPN> {
-        if self.h2 {
+        if self.h2c {
             Some(ALPN::H2)
         } else {
-            None
+            self.inner.selected_alpn_proto()
         }
     }
 }
 
-impl GetTimingDigest for Sniffed {
+impl GetTimingDigest for Opened {
     fn get_timing_digest(&self) -> Vec<Option<TimingDigest>> {
         self.inner.get_timing_digest()
     }
@@ -422,7 +564,7 @@ impl GetTimingDigest for Sniffed {
     }
 }
 
-impl GetProxyDigest for Sniffed {
+impl GetProxyDigest for Opened {
     fn get_proxy_digest(&self) -> Option<Arc<ProxyDigest>> {
         self.inner.get_proxy_digest()
     }
@@ -432,7 +574,7 @@ impl GetProxyDigest for Sniffed {
     }
 }
 
-impl GetSocketDigest for Sniffed {
+impl GetSocketDigest for Opened {
     fn get_socket_digest(&self) -> Option<Arc<SocketDigest>> {
         self.inner.get_socket_digest()
     }
@@ -443,7 +585,7 @@ impl GetSocketDigest for Sniffed {
 }
 
 #[async_trait]
-impl Peek for Sniffed {}
+impl Peek for Opened {}
 
 // ---------------------------------------------------------------------------------------------
 // Each request.
@@ -452,6 +594,7 @@ impl Peek for Sniffed {}
 pub struct Requests<A> {
     inner: Arc<A>,
     limits: Limits,
+    pending: Arc<Pending>,
 }
 
 impl<A> Requests<A> {
@@ -459,6 +602,7 @@ impl<A> Requests<A> {
         Self {
             inner: Arc::new(inner),
             limits,
+            pending: Arc::default(),
         }
     }
 }
@@ -520,7 +664,7 @@ where
             limits.header
         };
         if session.is_http2() {
-            mark_h2_stream(&session);
+            self.pending.first_stream(&session);
         } else {
             session.set_pipelining_enabled(true);
         }
@@ -576,6 +720,7 @@ where
 #[cfg(test)]
 mod tests {
     use super::*;
+    use tokio::io::AsyncWriteExt;
 
     fn limits() -> Limits {
         Limits {
@@ -585,6 +730,146 @@ mod tests {
             body_idle: Duration::from_secs(5),
             send: Duration::from_secs(60),
         }
+    }
+
+    /// An app that takes each request and answers nothing.
+    struct Silent;
+
+    #[async_trait]
+    impl HttpServerApp for Silent {
+        async fn process_new_http(
+            self: &Arc<Self>,
+            _session: ServerSession,
+            _shutdown: &ShutdownWatch,
+        ) -> Option<ReusedHttpStream> {
+            None
+        }
+    }
+
+    /// A cleartext listener served by `Connections` (h2c on), as Pingora would hand it streams.
+    async fn listener() -> (std::net::SocketAddr, Arc<Connections<Silent>>) {
+        use std::os::fd::AsRawFd;
+        let tcp = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind");
+        let addr = tcp.local_addr().expect("addr");
+        let app = Arc::new(Connections::new(
+            Requests::new(Silent, limits()),
+            None,
+            true,
+            Duration::from_secs(30),
+        ));
+        let served = app.clone();
+        tokio::spawn(async move {
+            let (_stop, shutdown) = tokio::sync::watch::channel(false);
+            while let Ok((socket, _)) = tcp.accept().await {
+                let fd = socket.as_raw_fd();
+                let mut l4 = L4Stream::from(socket);
+                l4.set_socket_digest(SocketDigest::from_raw_fd(fd));
+                let (app, shutdown) = (served.clone(), shutdown.clone());
+                tokio::spawn(async move { app.process_new(Box::new(l4), &shutdown).await });
+            }
+        });
+        (addr, app)
+    }
+
+    async fn until(what: &str, mut done: impl FnMut() -> bool) {
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while !done() {
+            assert!(Instant::now() < deadline, "timed out waiting until {what}");
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    }
+
+    #[tokio::test]
+    async fn an_h2_connection_leaves_the_first_stream_registry_when_it_ends_or_sends_a_stream() {
+        let (addr, app) = listener().await;
+        // Handshake, no stream, then the client goes away.
+        let tcp = tokio::net::TcpStream::connect(addr).await.expect("connect");
+        let (send, conn) = h2::client::handshake(tcp).await.expect("handshake");
+        let driver = tokio::spawn(conn);
+        until("registered", || app.awaiting_first_stream() == 1).await;
+        drop(send);
+        driver.abort();
+        until("drained after the client left", || {
+            app.awaiting_first_stream() == 0
+        })
+        .await;
+
+        // A stream removes the entry while the connection stays open.
+        let tcp = tokio::net::TcpStream::connect(addr).await.expect("connect");
+        let (send, conn) = h2::client::handshake(tcp).await.expect("handshake");
+        let driver = tokio::spawn(conn);
+        until("registered", || app.awaiting_first_stream() == 1).await;
+        let mut send = send.ready().await.expect("ready");
+        let req = http::Request::get("http://localhost/")
+            .body(())
+            .expect("request");
+        let _ = send.send_request(req, true).expect("send");
+        until("drained at the first stream", || {
+            app.awaiting_first_stream() == 0
+        })
+        .await;
+        assert!(!driver.is_finished(), "the connection ended");
+
+        // Many connections that come and go leave nothing behind.
+        let mut clients = Vec::new();
+        for _ in 0..50 {
+            let tcp = tokio::net::TcpStream::connect(addr).await.expect("connect");
+            let (send, conn) = h2::client::handshake(tcp).await.expect("handshake");
+            clients.push((send, tokio::spawn(conn)));
+        }
+        until("all registered", || app.awaiting_first_stream() >= 50).await;
+        for (send, driver) in clients {
+            drop(send);
+            driver.abort();
+        }
+        until("all drained", || app.awaiting_first_stream() == 0).await;
+    }
+
+    #[tokio::test]
+    async fn a_registration_never_removes_a_newer_connections_entry() {
+        let pending = Arc::new(Pending::default());
+        let digest = Arc::new(SocketDigest::from_raw_fd(0));
+        let (old, new) = (Arc::default(), Arc::default());
+        let first = pending.register(Some(digest.clone()), &old);
+        // The first connection's entry is gone (its first stream came); the same address now
+        // keys another connection's entry.
+        pending.entries().clear();
+        let second = pending.register(Some(digest), &new);
+        drop(first);
+        assert_eq!(pending.len(), 1, "the newer entry was removed");
+        drop(second);
+        assert_eq!(pending.len(), 0);
+    }
+
+    /// The client sent the preface, then reset the connection before the server's SETTINGS.
+    fn reset_after_preface() -> tokio::io::DuplexStream {
+        let (client, server) = tokio::io::duplex(1024);
+        drop(client);
+        server
+    }
+
+    #[tokio::test]
+    async fn a_reset_during_the_h2_handshake_does_not_fail_the_handshake() {
+        use pingora::protocols::http::v2::server::handshake;
+        // Unwrapped, Pingora's handshake fails (and Pingora logs that at ERROR).
+        let mut preface_then_reset = tokio::io::duplex(1024);
+        preface_then_reset
+            .0
+            .write_all(H2_PREFACE)
+            .await
+            .expect("write");
+        drop(preface_then_reset.0);
+        assert!(handshake(Box::new(preface_then_reset.1), None)
+            .await
+            .is_err());
+        // Through the accept path's wrapper the failure surfaces at the first read instead.
+        let opened = Opened::new(Box::new(reset_after_preface()), *H2_PREFACE, 24, true, true);
+        let mut conn = handshake(Box::new(opened), None)
+            .await
+            .expect("the handshake succeeds");
+        assert!(conn.accept().await.is_none_or(|r| r.is_err()));
     }
 
     #[tokio::test]
