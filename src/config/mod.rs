@@ -235,12 +235,12 @@ pub struct TlsSettings {
     pub warnings: Vec<String>,
 }
 
+/// A loaded listener certificate and key, with warnings that do not stop keygate.
+type LoadedTls = (Arc<rustls::ServerConfig>, Vec<String>);
+
 /// Load the public listener's certificate chain and key and check that they belong together;
 /// an error names the option at fault. Warns on a certificate outside its validity period.
-fn load_tls(
-    cert_file: &Path,
-    key_file: &Path,
-) -> Result<(Arc<rustls::ServerConfig>, Vec<String>), (&'static str, String)> {
+fn load_tls(cert_file: &Path, key_file: &Path) -> Result<LoadedTls, (&'static str, String)> {
     use rustls::pki_types::pem::PemObject;
     use rustls::pki_types::{CertificateDer, PrivateKeyDer};
     const CERT: &str = "server.tls.cert_file";
