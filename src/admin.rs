@@ -1,5 +1,6 @@
-//! The admin listener: `/health` (the process is up) and `/ready` (keygate can decide: every
-//! issuer's signing keys are loaded and fresh). Metrics will be served here too.
+//! The admin listener: `/health` (the process is up), `/ready` (keygate serves and can decide:
+//! the public listener accepts connections, every issuer's signing keys are loaded and fresh,
+//! the key store answers) and `/metrics`.
 
 use std::sync::Arc;
 
@@ -57,6 +58,24 @@ impl Admin {
     }
 }
 
+/// Whether the public listener accepts a TCP connection now (an unspecified address is probed
+/// on loopback).
+async fn public_listener_accepts(listen: std::net::SocketAddr) -> bool {
+    let mut addr = listen;
+    if addr.ip().is_unspecified() {
+        addr.set_ip(match addr {
+            std::net::SocketAddr::V4(_) => std::net::Ipv4Addr::LOCALHOST.into(),
+            std::net::SocketAddr::V6(_) => std::net::Ipv6Addr::LOCALHOST.into(),
+        });
+    }
+    tokio::time::timeout(
+        std::time::Duration::from_secs(1),
+        tokio::net::TcpStream::connect(addr),
+    )
+    .await
+    .is_ok_and(|c| c.is_ok())
+}
+
 #[async_trait]
 impl ServeHttp for Admin {
     async fn response(&self, session: &mut ServerSession) -> Response<Vec<u8>> {
@@ -86,9 +105,11 @@ impl ServeHttp for Admin {
                     .is_ok_and(|r| r.is_ok()),
                     None => true,
                 };
-                let ready = keys && store && !draining;
+                let listener = public_listener_accepts(self.state.settings.server.listen).await;
+                let ready = listener && keys && store && !draining;
                 let body = serde_json::json!({
                     "ready": ready,
+                    "listener": listener,
                     "signing_keys": keys,
                     "key_store": store,
                     "draining": draining,

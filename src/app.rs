@@ -1,5 +1,6 @@
-//! Wiring: settings in, a Pingora server out — the public proxy listener (wrapped in the
-//! header deadline), the admin listener, and the background key refresher. Also a [`Handle`]
+//! Wiring: settings in, a Pingora server out — the public proxy listener (its accept path and
+//! every downstream deadline owned by `proxy::deadline`), the admin listener, and the
+//! background key refresher. Also a [`Handle`]
 //! to run a whole gateway inside another process (tests, benches) and stop it again.
 
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -11,7 +12,7 @@ use async_trait::async_trait;
 use bytes::Bytes;
 use pingora::apps::http_app::HttpServer;
 use pingora::apps::HttpServerOptions;
-use pingora::listeners::tls::TlsSettings;
+use pingora::listeners::tls::Acceptor;
 use pingora::server::configuration::ServerConf;
 use pingora::server::{RunArgs, Server, ShutdownSignal, ShutdownSignalWatch, ShutdownWatch};
 use pingora::services::background::{background_service, BackgroundService};
@@ -34,7 +35,7 @@ use crate::policy::ratelimit::{
     FallbackLimiter, LocalLimiter, OnRedisError, Quota, RateLimiter, RedisLimiter,
 };
 use crate::policy::sessions::{LocalBindings, RedisBindings, SessionBindings};
-use crate::proxy::deadline::HeaderDeadline;
+use crate::proxy::deadline::{Connections, Limits, Requests};
 use crate::proxy::CompiledRateRule;
 use crate::proxy::{Gateway, GatewayState};
 use crate::telemetry::metrics::Metrics;
@@ -336,26 +337,34 @@ pub fn build_server(state: Arc<GatewayState>) -> anyhow::Result<Server> {
         },
     );
     let mut options = HttpServerOptions::default();
-    options.h2c = s.server.h2c;
+    // The accept path (`Connections`) sniffs for h2c itself, with a deadline.
+    options.h2c = false;
+    options.h2_idle_timeout = Some(s.server.keepalive_timeout);
     proxy.server_options = Some(options);
-    let app = HeaderDeadline::new(
-        proxy,
+    let limits = Limits {
+        header: s.server.request_header_timeout,
+        keepalive: s.server.keepalive_timeout,
+        body: s.server.body_timeout,
+        body_idle: s.server.body_idle_timeout,
+        send: s.server.send_timeout,
+    };
+    let tls = match &s.server.tls {
+        Some(tls) => Some(Acceptor::from_server_config(
+            tls.server_config
+                .clone()
+                .ok_or_else(|| anyhow::anyhow!("server.tls: certificate and key not loaded"))?,
+        )),
+        None => None,
+    };
+    let app = Connections::new(
+        Requests::new(proxy, limits),
+        tls,
+        s.server.h2c,
         s.server.request_header_timeout,
-        s.server.keepalive_timeout,
     );
     let mut public = Service::new("keygate proxy".to_string(), app);
-    let listen = s.server.listen.to_string();
-    match &s.server.tls {
-        Some(tls) => {
-            let cert = tls.cert_file.to_string_lossy();
-            let key = tls.key_file.to_string_lossy();
-            let mut settings = TlsSettings::intermediate(&cert, &key)
-                .map_err(|e| anyhow::anyhow!("loading TLS certificate and key: {e}"))?;
-            settings.enable_h2();
-            public.add_tls_with_settings(&listen, None, settings);
-        }
-        None => public.add_tcp(&listen),
-    }
+    // Plain TCP even with TLS: the handshake runs in `Connections`, under the header deadline.
+    public.add_tcp(&s.server.listen.to_string());
     server.add_service(public);
 
     let draining = Arc::new(AtomicBool::new(false));
@@ -413,6 +422,7 @@ pub struct Handle {
 impl Handle {
     /// Start a gateway; it listens once this returns (the caller waits for the port).
     pub fn spawn(settings: Settings) -> anyhow::Result<Self> {
+        check_listeners(&settings)?;
         let state = build_state(settings)?;
         let server = build_server(state.clone())?;
         let (stop, rx) = tokio::sync::watch::channel(Stop::Running);
@@ -467,8 +477,30 @@ pub fn run(settings: Settings) -> anyhow::Result<()> {
         auth = settings.auth.enabled,
         "keygate starting"
     );
+    if let Some(tls) = &settings.server.tls {
+        for warning in &tls.warnings {
+            tracing::warn!("{warning}");
+        }
+    }
+    check_listeners(&settings)?;
     let state = build_state(settings)?;
     let server = build_server(state)?;
     server.run(RunArgs::default());
+    Ok(())
+}
+
+/// Fail before starting when a listener's address cannot be bound, instead of leaving a
+/// process whose port is dead.
+fn check_listeners(settings: &Settings) -> anyhow::Result<()> {
+    for (option, addr) in [
+        ("server.listen (KEYGATE_LISTEN)", settings.server.listen),
+        (
+            "server.admin_listen (KEYGATE_ADMIN_LISTEN)",
+            settings.server.admin_listen,
+        ),
+    ] {
+        std::net::TcpListener::bind(addr)
+            .map_err(|e| anyhow::anyhow!("{option} {addr}: cannot listen: {e}"))?;
+    }
     Ok(())
 }

@@ -172,6 +172,9 @@ fn run_cli() -> ExitCode {
             }
         },
         Command::CheckConfig => {
+            for warning in settings.server.tls.iter().flat_map(|t| &t.warnings) {
+                eprintln!("keygate: warning: {warning}");
+            }
             println!(
                 "configuration ok: listen {} -> upstream {}, admin {}, auth {}",
                 settings.server.listen,

@@ -10,6 +10,7 @@ mod source;
 use std::fmt;
 use std::net::{IpAddr, SocketAddr};
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 use std::time::Duration;
 
 use base64::Engine;
@@ -219,6 +220,12 @@ pub struct ServerSettings {
     pub h2c: bool,
     pub request_header_timeout: Duration,
     pub keepalive_timeout: Duration,
+    /// Request head to the whole body, for bodies read before forwarding.
+    pub body_timeout: Duration,
+    /// Longest gap between two chunks of a streamed request body.
+    pub body_idle_timeout: Duration,
+    /// Longest a write to the client may wait.
+    pub send_timeout: Duration,
     pub trusted_proxies: Vec<IpNet>,
     pub grace_period: Duration,
     pub shutdown_timeout: Duration,
@@ -229,6 +236,86 @@ pub struct ServerSettings {
 pub struct TlsSettings {
     pub cert_file: PathBuf,
     pub key_file: PathBuf,
+    /// The certificate and key, loaded and matched (present whenever the settings are valid).
+    pub server_config: Option<Arc<rustls::ServerConfig>>,
+    /// Problems that do not stop keygate (an expired or not yet valid certificate).
+    pub warnings: Vec<String>,
+}
+
+/// A loaded listener certificate and key, with warnings that do not stop keygate.
+type LoadedTls = (Arc<rustls::ServerConfig>, Vec<String>);
+
+/// Load the public listener's certificate chain and key and check that they belong together;
+/// an error names the option at fault. Warns on a certificate outside its validity period.
+fn load_tls(cert_file: &Path, key_file: &Path) -> Result<LoadedTls, (&'static str, String)> {
+    use rustls::pki_types::pem::PemObject;
+    use rustls::pki_types::{CertificateDer, PrivateKeyDer};
+    const CERT: &str = "server.tls.cert_file";
+    const KEY: &str = "server.tls.key_file";
+    let certs: Vec<CertificateDer<'static>> = CertificateDer::pem_file_iter(cert_file)
+        .and_then(|it| it.collect::<Result<Vec<_>, _>>())
+        .map_err(|e| {
+            (
+                CERT,
+                format!("{}: not a PEM certificate: {e}", cert_file.display()),
+            )
+        })?;
+    let Some(leaf) = certs.first() else {
+        return Err((
+            CERT,
+            format!("{}: no PEM certificate found", cert_file.display()),
+        ));
+    };
+    let mut warnings = Vec::new();
+    match x509_parser::parse_x509_certificate(leaf.as_ref()) {
+        Ok((_, parsed)) => {
+            let validity = parsed.validity();
+            let now = time::OffsetDateTime::now_utc().unix_timestamp();
+            if now > validity.not_after.timestamp() {
+                warnings.push(format!(
+                    "{CERT}: the certificate expired on {}",
+                    validity.not_after
+                ));
+            } else if now < validity.not_before.timestamp() {
+                warnings.push(format!(
+                    "{CERT}: the certificate is not valid before {}",
+                    validity.not_before
+                ));
+            }
+        }
+        Err(e) => {
+            return Err((
+                CERT,
+                format!(
+                    "{}: not a valid X.509 certificate: {e}",
+                    cert_file.display()
+                ),
+            ))
+        }
+    }
+    let key = PrivateKeyDer::from_pem_file(key_file).map_err(|e| {
+        (
+            KEY,
+            format!("{}: no PEM private key found: {e}", key_file.display()),
+        )
+    })?;
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let mut config = rustls::ServerConfig::builder_with_provider(provider)
+        .with_protocol_versions(&[&rustls::version::TLS12, &rustls::version::TLS13])
+        .map_err(|e| (CERT, format!("TLS setup: {e}")))?
+        .with_no_client_auth()
+        .with_single_cert(certs, key)
+        .map_err(|e| {
+            (
+                KEY,
+                format!(
+                    "{}: cannot be used with the certificate in {CERT}: {e}",
+                    key_file.display()
+                ),
+            )
+        })?;
+    config.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
+    Ok((Arc::new(config), warnings))
 }
 
 #[derive(Debug, Clone)]
@@ -653,8 +740,21 @@ fn validate(f: FileConfig, base: &Path, problems: &mut Problems) -> Option<Setti
     if f.server.threads == 0 {
         problems.push("server.threads", "must be at least 1");
     }
-    if f.server.request_header_timeout_secs == 0 {
-        problems.push("server.request_header_timeout_secs", "must be at least 1");
+    for (name, value) in [
+        (
+            "server.request_header_timeout_secs",
+            f.server.request_header_timeout_secs,
+        ),
+        ("server.body_timeout_secs", f.server.body_timeout_secs),
+        (
+            "server.body_idle_timeout_secs",
+            f.server.body_idle_timeout_secs,
+        ),
+        ("server.send_timeout_secs", f.server.send_timeout_secs),
+    ] {
+        if value == 0 {
+            problems.push(name, "must be at least 1");
+        }
     }
     let mut trusted_proxies = Vec::new();
     for raw in &f.server.trusted_proxies {
@@ -684,9 +784,22 @@ fn validate(f: FileConfig, base: &Path, problems: &mut Problems) -> Option<Setti
                 format!("{} does not exist", key_file.display()),
             );
         }
+        let mut server_config = None;
+        let mut warnings = Vec::new();
+        if cert_file.is_file() && key_file.is_file() {
+            match load_tls(&cert_file, &key_file) {
+                Ok((config, w)) => {
+                    server_config = Some(config);
+                    warnings = w;
+                }
+                Err((option, problem)) => problems.push(option, problem),
+            }
+        }
         TlsSettings {
             cert_file,
             key_file,
+            server_config,
+            warnings,
         }
     });
 
@@ -1266,6 +1379,9 @@ fn validate(f: FileConfig, base: &Path, problems: &mut Problems) -> Option<Setti
             h2c: f.server.h2c,
             request_header_timeout: secs(f.server.request_header_timeout_secs.max(1)),
             keepalive_timeout: secs(f.server.keepalive_timeout_secs),
+            body_timeout: secs(f.server.body_timeout_secs.max(1)),
+            body_idle_timeout: secs(f.server.body_idle_timeout_secs.max(1)),
+            send_timeout: secs(f.server.send_timeout_secs.max(1)),
             trusted_proxies,
             grace_period: secs(f.server.grace_period_secs),
             shutdown_timeout: secs(f.server.shutdown_timeout_secs),

@@ -10,6 +10,7 @@ mod discovery;
 mod floods;
 mod harness_selfcheck;
 mod identity;
+mod lifetimes;
 mod ops;
 mod policy;
 mod proxy;
