@@ -306,8 +306,13 @@ async fn tls_is_terminated_when_configured() {
     .await;
     let cert = reqwest::Certificate::from_pem(include_bytes!("../fixtures/tls-ca.crt"))
         .expect("certificate");
+    // The certificate names `localhost`; pinned to loopback so the test needs no /etc/hosts.
     let tls_client = reqwest::Client::builder()
         .add_root_certificate(cert)
+        .resolve(
+            "localhost",
+            std::net::SocketAddr::from(([127, 0, 0, 1], env.gw.port)),
+        )
         .build()
         .expect("client");
     let resp = tls_client
