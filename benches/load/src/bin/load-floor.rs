@@ -5,7 +5,7 @@
 //! keygate's cost over the bare passthrough any proxy doing the same job on Pingora would pay.
 //!
 //! Per request, as keygate's step 4 does:
-//! - the whole-header deadline (keygate's own wrapper, the same one);
+//! - keygate's connection and request deadlines (its own accept path and watchdog, the same ones);
 //! - the bearer token taken from `Authorization`, hashed with SHA-256, looked up in a verified
 //!   token map, then the user's key looked up by subject;
 //! - the JSON-RPC body read before the upstream is chosen (Pingora's retry buffer sends it on)
@@ -28,7 +28,7 @@ use std::time::Duration;
 use async_trait::async_trait;
 use bytes::{Bytes, BytesMut};
 use http::HeaderValue;
-use keygate::proxy::deadline::{mark_headers_read, HeaderDeadline};
+use keygate::proxy::deadline::{body_progress, mark_headers_read, Connections, Limits, Requests};
 use pingora::prelude::*;
 use pingora::server::configuration::ServerConf;
 use pingora::services::listening::Service;
@@ -191,6 +191,18 @@ impl ProxyHttp for Floor {
         Ok(())
     }
 
+    async fn request_body_filter(
+        &self,
+        _session: &mut Session,
+        _body: &mut Option<Bytes>,
+        end_of_stream: bool,
+        _ctx: &mut Ctx,
+    ) -> Result<()> {
+        // The body deadlines' watchdog, as keygate feeds it.
+        body_progress(end_of_stream);
+        Ok(())
+    }
+
     async fn response_filter(
         &self,
         _session: &mut Session,
@@ -225,7 +237,20 @@ fn main() -> anyhow::Result<()> {
         next_id: AtomicU64::new(1),
     };
     let proxy = pingora::proxy::http_proxy(&server.configuration, floor);
-    let app = HeaderDeadline::new(proxy, Duration::from_secs(10), Duration::from_secs(60));
+    // keygate's connection and request deadlines, with its defaults (h2c sniffed at accept).
+    let limits = Limits {
+        header: Duration::from_secs(10),
+        keepalive: Duration::from_secs(60),
+        body: Duration::from_secs(30),
+        body_idle: Duration::from_secs(30),
+        send: Duration::from_secs(60),
+    };
+    let app = Connections::new(
+        Requests::new(proxy, limits),
+        None,
+        true,
+        Duration::from_secs(10),
+    );
     let mut service = Service::new("load-floor".to_string(), app);
     service.add_tcp(&listen);
     server.add_service(service);
