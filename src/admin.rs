@@ -123,3 +123,49 @@ impl ServeHttp for Admin {
         }
     }
 }
+
+/// The admin listener's app: [`Admin`] behind Pingora's HTTP server, noting the shutdown signal
+/// on every request it serves. The listeners stop accepting the moment shutdown is signalled;
+/// a background task that sets the draining flag may run a little later, and a probe on a
+/// kept-alive connection in between must not read "ready".
+pub struct AdminApp {
+    inner: Arc<pingora::apps::http_app::HttpServer<Admin>>,
+    draining: Arc<std::sync::atomic::AtomicBool>,
+}
+
+impl AdminApp {
+    pub fn new(admin: Admin) -> Self {
+        let draining = admin.shutting_down.clone();
+        Self {
+            inner: Arc::new(pingora::apps::http_app::HttpServer::new_app(admin)),
+            draining,
+        }
+    }
+}
+
+#[async_trait]
+impl pingora::apps::HttpServerApp for AdminApp {
+    async fn process_new_http(
+        self: &Arc<Self>,
+        session: ServerSession,
+        shutdown: &pingora::server::ShutdownWatch,
+    ) -> Option<pingora::apps::ReusedHttpStream> {
+        if *shutdown.borrow() {
+            self.draining
+                .store(true, std::sync::atomic::Ordering::Release);
+        }
+        self.inner.process_new_http(session, shutdown).await
+    }
+
+    fn h2_options(&self) -> Option<pingora::protocols::http::v2::server::H2Options> {
+        self.inner.h2_options()
+    }
+
+    fn server_options(&self) -> Option<&pingora::apps::HttpServerOptions> {
+        self.inner.server_options()
+    }
+
+    async fn http_cleanup(&self) {
+        self.inner.http_cleanup().await
+    }
+}

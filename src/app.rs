@@ -10,7 +10,6 @@ use std::time::Duration;
 use anyhow::Context;
 use async_trait::async_trait;
 use bytes::Bytes;
-use pingora::apps::http_app::HttpServer;
 use pingora::apps::HttpServerOptions;
 use pingora::listeners::tls::Acceptor;
 use pingora::server::configuration::ServerConf;
@@ -370,7 +369,7 @@ pub fn build_server(state: Arc<GatewayState>) -> anyhow::Result<Server> {
     let draining = Arc::new(AtomicBool::new(false));
     let mut admin = Service::new(
         "keygate admin".to_string(),
-        HttpServer::new_app(Admin {
+        crate::admin::AdminApp::new(Admin {
             state: state.clone(),
             shutting_down: draining.clone(),
         }),
