@@ -342,6 +342,7 @@ pub struct IdentityHeadersFile {
     pub org: Option<String>,
     pub scopes: Option<String>,
     pub token_kind: Option<String>,
+    pub issuer: Option<String>,
 }
 
 /// `[clerk]`: Clerk as the authorization server.

@@ -369,14 +369,22 @@ pub struct IdentityHeaders {
     pub org: Option<http::HeaderName>,
     pub scopes: Option<http::HeaderName>,
     pub token_kind: Option<http::HeaderName>,
+    /// The issuer that vouched for the user: identity is (issuer, subject).
+    pub issuer: Option<http::HeaderName>,
 }
 
 impl IdentityHeaders {
     /// Every configured name, so client-sent copies can be stripped.
     pub fn names(&self) -> impl Iterator<Item = &http::HeaderName> {
-        [&self.user, &self.org, &self.scopes, &self.token_kind]
-            .into_iter()
-            .flatten()
+        [
+            &self.user,
+            &self.org,
+            &self.scopes,
+            &self.token_kind,
+            &self.issuer,
+        ]
+        .into_iter()
+        .flatten()
     }
 }
 
@@ -912,6 +920,7 @@ fn validate(f: FileConfig, base: &Path, problems: &mut Problems) -> Option<Setti
         org: parse_header_name("auth.identity_headers.org", &ih.org, problems),
         scopes: parse_header_name("auth.identity_headers.scopes", &ih.scopes, problems),
         token_kind: parse_header_name("auth.identity_headers.token_kind", &ih.token_kind, problems),
+        issuer: parse_header_name("auth.identity_headers.issuer", &ih.issuer, problems),
     };
 
     // [clerk]

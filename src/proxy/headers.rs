@@ -291,6 +291,9 @@ pub fn rewrite(
         if let Some(h) = &identity_headers.token_kind {
             req.insert_header(h, id.kind.as_str())?;
         }
+        if let Some(h) = &identity_headers.issuer {
+            req.insert_header(h, id.issuer.as_str())?;
+        }
     }
     Ok(())
 }

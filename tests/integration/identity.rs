@@ -158,6 +158,26 @@ async fn equal_subjects_of_two_issuers_share_no_key() {
         t.call(&other).await,
         (200, Some("idp_users_key".to_string()))
     );
+    // The upstream is told which issuer vouched for the user, whatever the client claims.
+    let seen = t.upstream.last().expect("forwarded");
+    assert_eq!(seen.header("x-keygate-user"), Some("user_1"));
+    assert_eq!(seen.header("x-keygate-issuer"), Some(t.idp.url().as_str()));
+    let before = t.upstream.count();
+    let resp = client()
+        .post(t.gw.at("/mcp"))
+        .bearer_auth(t.clerk_access("user_1"))
+        .header("x-keygate-issuer", t.idp.url())
+        .json(&json!({"jsonrpc": "2.0", "id": 1, "method": "ping"}))
+        .send()
+        .await
+        .expect("request");
+    assert_eq!(resp.status(), 200);
+    assert_eq!(t.upstream.count(), before + 1);
+    let seen = t.upstream.last().expect("forwarded");
+    assert_eq!(
+        seen.header("x-keygate-issuer"),
+        Some(t.clerk.url().as_str())
+    );
     assert_eq!(
         t.call(&t.clerk_access("user_1")).await,
         (200, Some("clerk_users_key".to_string()))

@@ -205,6 +205,7 @@ user = "X-Keygate-User"
 org = "X-Keygate-Org"
 scopes = "X-Keygate-Scopes"
 token_kind = "X-Keygate-Token-Kind"
+issuer = "X-Keygate-Issuer"
 {vault}
 {extra}
 "#,
