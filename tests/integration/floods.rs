@@ -71,17 +71,7 @@ fn retry_after(resp: &reqwest::Response) -> u64 {
 
 /// The value of one series in keygate's `/metrics` (0 when absent).
 async fn metric(stack: &Stack, series: &str) -> f64 {
-    let text = client()
-        .get(format!("{}/metrics", stack.gw.admin_url))
-        .send()
-        .await
-        .expect("metrics")
-        .text()
-        .await
-        .expect("metrics text");
-    text.lines()
-        .find_map(|l| l.strip_prefix(series)?.strip_prefix(' ')?.parse().ok())
-        .unwrap_or(0.0)
+    stack.gw.metric(series).await.unwrap_or(0.0)
 }
 
 const MAX_FAILURES: usize = 10;

@@ -130,16 +130,7 @@ fn injected_key(upstream: &Upstream) -> Option<String> {
 
 /// The value of the sample `name{labels}` (exact label text) in `/metrics`, if present.
 async fn metric(gw: &Keygate, series: &str) -> Option<f64> {
-    let text = client()
-        .get(format!("{}/metrics", gw.admin_url))
-        .send()
-        .await
-        .expect("metrics")
-        .text()
-        .await
-        .expect("text");
-    text.lines()
-        .find_map(|l| l.strip_prefix(series)?.strip_prefix(' ')?.parse().ok())
+    gw.metric(series).await
 }
 
 /// Store `user`'s key through `gw` and cache it with one proxied request, asserting both.

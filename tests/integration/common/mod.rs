@@ -154,6 +154,26 @@ impl Keygate {
     }
 
     /// The full URL of `path` on the public listener.
+    /// The admin listener's `/metrics` text.
+    pub async fn metrics_text(&self) -> String {
+        client()
+            .get(format!("{}/metrics", self.admin_url))
+            .send()
+            .await
+            .expect("metrics")
+            .text()
+            .await
+            .expect("metrics text")
+    }
+
+    /// The value of the sample `series` (name with its exact label text) in `/metrics`.
+    pub async fn metric(&self, series: &str) -> Option<f64> {
+        self.metrics_text()
+            .await
+            .lines()
+            .find_map(|l| l.strip_prefix(series)?.strip_prefix(' ')?.parse().ok())
+    }
+
     pub fn at(&self, path: &str) -> String {
         format!("{}{}", self.url, path)
     }
