@@ -182,23 +182,7 @@ impl<K: Hash + Eq + Clone> LockTable<K> {
     /// Drop ended locks; if that frees less than a quarter of the table, also the locks that
     /// end soonest, down to three quarters.
     fn make_room(locks: &mut HashMap<K, Instant>, now: Instant, max: usize) {
-        locks.retain(|_, until| *until > now);
-        let keep = max - max.div_ceil(4);
-        if locks.len() <= keep {
-            return;
-        }
-        let mut ends: Vec<Instant> = locks.values().copied().collect();
-        let drop = ends.len() - keep;
-        let (_, &mut cutoff, _) = ends.select_nth_unstable(drop - 1);
-        let mut over = drop;
-        locks.retain(|_, until| {
-            if over > 0 && *until <= cutoff {
-                over -= 1;
-                false
-            } else {
-                true
-            }
-        });
+        super::ratelimit::evict_soonest(locks, now, max);
     }
 
     /// Locks held, ended or not yet dropped.

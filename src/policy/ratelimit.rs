@@ -329,23 +329,7 @@ impl LocalLimiter {
         if buckets.len() < self.per_shard {
             return;
         }
-        buckets.retain(|_, tat| *tat > now);
-        let keep = self.per_shard - self.per_shard.div_ceil(4);
-        if buckets.len() <= keep {
-            return;
-        }
-        let mut tats: Vec<u64> = buckets.values().copied().collect();
-        let drop = tats.len() - keep;
-        let (_, &mut cutoff, _) = tats.select_nth_unstable(drop - 1);
-        let mut over = drop;
-        buckets.retain(|_, tat| {
-            if over > 0 && *tat <= cutoff {
-                over -= 1;
-                false
-            } else {
-                true
-            }
-        });
+        evict_soonest(buckets, now, self.per_shard);
     }
 }
 
@@ -542,6 +526,30 @@ fn sf_string(s: &str) -> String {
     }
     out.push('"');
     out
+}
+
+/// Make room in a bounded table whose values are the moments entries stop mattering (a
+/// bucket's `TAT`, a lock's end): drop those over by `now`; if that frees less than a quarter
+/// of `max`, also those that end soonest, down to three quarters of `max`. Shared by the local
+/// limiter and the failed-authentication lock table.
+pub(crate) fn evict_soonest<K, V: Copy + Ord>(table: &mut HashMap<K, V>, now: V, max: usize) {
+    table.retain(|_, end| *end > now);
+    let keep = max - max.div_ceil(4);
+    if table.len() <= keep {
+        return;
+    }
+    let mut ends: Vec<V> = table.values().copied().collect();
+    let drop = ends.len() - keep;
+    let (_, &mut cutoff, _) = ends.select_nth_unstable(drop - 1);
+    let mut over = drop;
+    table.retain(|_, end| {
+        if over > 0 && *end <= cutoff {
+            over -= 1;
+            false
+        } else {
+            true
+        }
+    });
 }
 
 #[cfg(test)]
