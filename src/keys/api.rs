@@ -7,7 +7,6 @@ use serde::Deserialize;
 
 use super::check::{KeyRules, Rejected};
 use super::vault::KeyMetadata;
-use crate::config::KeysSettings;
 use crate::error::GatewayError;
 
 /// `POST /api/keys` success body.
@@ -30,7 +29,7 @@ pub struct NewKey {
 
 /// Check a `POST` body: JSON, an `apiKey` string within the length limit, and a `baseUrl`
 /// whose host is on the allowlist.
-pub fn parse_post(body: &[u8], settings: &KeysSettings) -> Result<NewKey, GatewayError> {
+pub fn parse_post(body: &[u8], rules: &KeyRules) -> Result<NewKey, GatewayError> {
     let parsed: PostBody =
         serde_json::from_slice(body).map_err(|_| GatewayError::BadRequest("Invalid JSON body"))?;
     let api_key = match parsed.api_key {
@@ -40,7 +39,6 @@ pub fn parse_post(body: &[u8], settings: &KeysSettings) -> Result<NewKey, Gatewa
         }
         Some(_) => return Err(GatewayError::BadRequest("API key must be a string")),
     };
-    let rules = KeyRules::new(settings);
     let api_key = rules.api_key(&api_key).map_err(invalid)?.to_string();
     let base_url = match parsed.base_url {
         None | Some(serde_json::Value::Null) => None,
@@ -81,6 +79,7 @@ pub fn metadata_body(meta: Option<&KeyMetadata>) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::config::KeysSettings;
     use secrecy::ExposeSecret;
 
     /// The validated defaults, with a small key limit and a loopback host allowed.
@@ -92,7 +91,7 @@ mod tests {
     }
 
     fn reason(body: &str) -> String {
-        match parse_post(body.as_bytes(), &settings()) {
+        match parse_post(body.as_bytes(), &KeyRules::new(&settings())) {
             Ok(_) => "ok".into(),
             Err(e) => e.to_string(),
         }
@@ -102,7 +101,7 @@ mod tests {
     fn post_bodies_are_checked() {
         let ok = parse_post(
             br#"{"apiKey":" tw_1 ","baseUrl":"https://api.twenty.com/"}"#,
-            &settings(),
+            &KeyRules::new(&settings()),
         )
         .expect("valid");
         assert_eq!(ok.api_key.expose_secret(), "tw_1");

@@ -136,6 +136,11 @@ impl Vault {
         }
     }
 
+    /// What a key and base URL must be to enter the vault (built once, from the settings).
+    pub fn rules(&self) -> &KeyRules {
+        &self.rules
+    }
+
     /// Record store operations, cache lookups and decrypt failures in `metrics`.
     pub fn with_metrics(mut self, metrics: Arc<Metrics>) -> Self {
         self.metrics = Some(metrics);

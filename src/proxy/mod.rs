@@ -612,7 +612,7 @@ impl Gateway {
             keys_api::metadata_body(meta.as_ref())
         } else if method == http::Method::POST {
             let raw = read_body(session, self.state.settings.keys.max_body_bytes).await?;
-            let new = keys_api::parse_post(&raw, &self.state.settings.keys)?;
+            let new = keys_api::parse_post(&raw, vault.rules())?;
             vault
                 .put(&owner, &new.api_key, new.base_url, None)
                 .await
