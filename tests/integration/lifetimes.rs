@@ -8,7 +8,7 @@ use std::time::{Duration, Instant};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 
-use crate::common::{client, free_port, Stack};
+use crate::common::{client, free_port, Stack, TempDir};
 
 /// Short deadlines so that each test takes seconds.
 const SHORT: &str = "[server]\nrequest_header_timeout_secs = 1\nkeepalive_timeout_secs = 2\n";
@@ -683,29 +683,43 @@ fn keygate_bin() -> std::process::Command {
     c
 }
 
-/// A config directory holding the dev config plus `[server.tls]` with the given PEM contents.
-fn tls_dir(cert: &[u8], key: &[u8]) -> std::path::PathBuf {
+/// A temporary config directory holding `config/dev.toml` (its `dev/` files by absolute path,
+/// its data inside the directory), with `server` added to its `[server]` table and `extra`
+/// after it.
+fn dev_dir(label: &str, server: &str, extra: &str) -> TempDir {
     let root = env!("CARGO_MANIFEST_DIR");
-    let dir = std::env::temp_dir().join(format!(
-        "keygate-tls-{}-{}",
-        std::process::id(),
-        free_port()
-    ));
-    std::fs::create_dir_all(&dir).expect("dir");
-    std::fs::write(dir.join("tls.crt"), cert).expect("cert");
-    std::fs::write(dir.join("tls.key"), key).expect("key");
+    let dir = TempDir::new(label);
     let dev = std::fs::read_to_string(format!("{root}/config/dev.toml")).expect("dev config");
-    let dev = dev
-        .replace("\"dev/", &format!("\"{root}/config/dev/"))
-        .replace(
-            &format!("data_dir = \"{root}/config/dev/data\""),
-            &format!("data_dir = \"{}\"", dir.join("data").display()),
-        );
+    let data = format!("data_dir = \"{}\"", dir.join("data").display());
+    let dev: Vec<String> = dev
+        .lines()
+        .map(|l| {
+            if l.trim_start().starts_with("data_dir") {
+                data.clone()
+            } else if l.trim() == "[server]" {
+                format!("[server]\n{server}")
+            } else {
+                l.replace("\"dev/", &format!("\"{root}/config/dev/"))
+            }
+        })
+        .collect();
     std::fs::write(
         dir.join("keygate.toml"),
-        format!("{dev}\n[server.tls]\ncert_file = \"tls.crt\"\nkey_file = \"tls.key\"\n"),
+        format!("{}\n{extra}", dev.join("\n")),
     )
     .expect("config");
+    dir
+}
+
+/// A config directory holding the dev config plus `[server.tls]` with the given PEM contents.
+fn tls_dir(cert: &[u8], key: &[u8]) -> TempDir {
+    let dir = dev_dir(
+        "tls",
+        "",
+        "[server.tls]\ncert_file = \"tls.crt\"\nkey_file = \"tls.key\"\n",
+    );
+    std::fs::write(dir.join("tls.crt"), cert).expect("cert");
+    std::fs::write(dir.join("tls.key"), key).expect("key");
     dir
 }
 
@@ -829,7 +843,7 @@ fn a_broken_certificate_stops_keygate_with_a_clear_error_and_never_ready() {
     for (what, cert, key, option) in broken_pairs() {
         let dir = tls_dir(&cert, &key);
         let (code, stderr, ready) = run_until_exit(
-            &dir,
+            dir.path(),
             &format!("127.0.0.1:{}", free_port()),
             free_port(),
             Duration::from_secs(15),
@@ -851,19 +865,22 @@ fn a_public_listener_that_cannot_bind_stops_keygate_and_is_never_ready() {
     let taken = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
     let addr = taken.local_addr().expect("addr").to_string();
     let dir = tls_dir(&fixture("tls.crt"), &fixture("tls.key"));
-    let (code, stderr, ready) = run_until_exit(&dir, &addr, free_port(), Duration::from_secs(15));
+    let (code, stderr, ready) =
+        run_until_exit(dir.path(), &addr, free_port(), Duration::from_secs(15));
     assert!(code.is_some_and(|c| c != 0), "exit {code:?}\n{stderr}");
     assert!(stderr.contains("server.listen"), "{stderr}");
     assert!(!ready, "/ready said 200 with no public listener");
 }
 
 /// The gateway binary on a TLS listener with debug logs for keygate, its stderr collected line
-/// by line. Returns the child, the public and admin ports, and the lines.
+/// by line. Returns the child, the public and admin ports, the lines, and the config directory
+/// (the child's data: removed when dropped).
 async fn logging_tls_gateway() -> (
     std::process::Child,
     u16,
     u16,
     Arc<std::sync::Mutex<Vec<String>>>,
+    TempDir,
 ) {
     let dir = tls_dir(&fixture("tls.crt"), &fixture("tls.key"));
     let (port, admin) = (free_port(), free_port());
@@ -906,12 +923,12 @@ async fn logging_tls_gateway() -> (
         );
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
-    (child, port, admin, lines)
+    (child, port, admin, lines, dir)
 }
 
 #[tokio::test]
 async fn failed_handshakes_are_not_logged_as_errors() {
-    let (mut child, port, _admin, lines) = logging_tls_gateway().await;
+    let (mut child, port, _admin, lines, _dir) = logging_tls_gateway().await;
     let rounds = 10;
     for _ in 0..rounds {
         // Not TLS at all.
@@ -965,4 +982,142 @@ async fn failed_handshakes_are_not_logged_as_errors() {
         seen >= 3 * rounds,
         "not every hostile connection was seen closing ({seen}): {lines:#?}"
     );
+}
+
+/// A token from `keygate dev-token` for the config in `dir`.
+fn dev_token(dir: &TempDir) -> String {
+    let out = keygate_bin()
+        .arg("--config")
+        .arg(dir.join("keygate.toml"))
+        .args(["dev-token", "--scope", "twenty:read", "--sub", "user_flood"])
+        .output()
+        .expect("run keygate dev-token");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8(out.stdout)
+        .expect("utf8")
+        .trim()
+        .to_string()
+}
+
+/// The release binary's real situation: a process limited to 256 descriptors, 300 connections
+/// that never send a byte (and some that stop inside the h2c preface). The connections past the
+/// limit wait in the kernel's backlog while accept() fails; those accepted are closed at the
+/// header deadline, which frees descriptors, and a valid client (queued behind the flood) is
+/// served.
+#[tokio::test]
+async fn valid_clients_are_served_during_a_flood_at_the_descriptor_limit() {
+    let upstream = crate::common::upstream::Upstream::start().await;
+    let dir = dev_dir(
+        "fdlimit",
+        "request_header_timeout_secs = 2\nkeepalive_timeout_secs = 2\n",
+        "",
+    );
+    let (port, admin) = (free_port(), free_port());
+    let mut child = std::process::Command::new("sh");
+    child
+        .arg("-c")
+        .arg("ulimit -n 256 && exec \"$0\" \"$@\"")
+        .arg(env!("CARGO_BIN_EXE_keygate"))
+        .arg("--config")
+        .arg(dir.join("keygate.toml"));
+    for var in [
+        "KEYGATE_CONFIG",
+        "AUTH_ENABLED",
+        "CLERK_PUBLISHABLE_KEY",
+        "CLERK_SECRET_KEY",
+        "MCP_SERVER_URL",
+        "API_KEY_ENCRYPTION_SECRET",
+        "REDIS_URL",
+    ] {
+        child.env_remove(var);
+    }
+    let fallback_key = crate::common::clerk::random_token("fallback_");
+    let mut child = KillOnDrop(
+        child
+            .env("KEYGATE_LISTEN", format!("127.0.0.1:{port}"))
+            .env("KEYGATE_ADMIN_LISTEN", format!("127.0.0.1:{admin}"))
+            .env("KEYGATE_UPSTREAM", upstream.url())
+            .env("TWENTY_API_KEY", &fallback_key)
+            .stdout(std::process::Stdio::null())
+            .stderr(std::fs::File::create(dir.join("stderr")).expect("stderr file"))
+            .spawn()
+            .expect("spawn keygate"),
+    );
+    let until = Instant::now() + Duration::from_secs(20);
+    loop {
+        let ready = client()
+            .get(format!("http://127.0.0.1:{admin}/ready"))
+            .send()
+            .await
+            .is_ok_and(|r| r.status() == 200);
+        if ready {
+            break;
+        }
+        assert!(
+            child.0.try_wait().expect("wait").is_none(),
+            "keygate exited"
+        );
+        assert!(Instant::now() < until, "keygate never ready");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let token = dev_token(&dir);
+
+    let mut flood = Vec::new();
+    for i in 0..300 {
+        let mut c = connect(port).await;
+        if i % 10 == 0 {
+            c.write_all(&H2_PREFACE[..19]).await.expect("write");
+        }
+        flood.push(c);
+    }
+    let resp = reqwest::Client::builder()
+        .no_proxy()
+        .timeout(Duration::from_secs(30))
+        .build()
+        .expect("client")
+        .post(format!("http://127.0.0.1:{port}/mcp"))
+        .bearer_auth(&token)
+        .json(&serde_json::json!({"jsonrpc": "2.0", "id": 1, "method": "ping"}))
+        .send()
+        .await
+        .expect("a valid client is served during the flood");
+    assert_eq!(resp.status(), 200);
+    let seen = upstream.requests();
+    assert_eq!(seen.len(), 1, "the upstream got the valid request");
+    let closed = futures::future::join_all(
+        flood
+            .iter_mut()
+            .map(|c| closes_within(c, Duration::from_secs(20))),
+    )
+    .await;
+    assert!(
+        closed.iter().all(|c| *c),
+        "flood connections outlived the deadline"
+    );
+    assert!(
+        child.0.try_wait().expect("wait").is_none(),
+        "keygate exited"
+    );
+    // The flood did reach the limit: accept() failed for want of descriptors.
+    let _ = child.0.kill();
+    let _ = child.0.wait();
+    let stderr = std::fs::read_to_string(dir.join("stderr")).expect("stderr");
+    assert!(
+        stderr.contains("Too many open files"),
+        "the flood never reached the descriptor limit:\n{stderr}"
+    );
+}
+
+/// A child process killed when the test ends, however it ends.
+struct KillOnDrop(std::process::Child);
+
+impl Drop for KillOnDrop {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
 }

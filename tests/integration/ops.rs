@@ -342,7 +342,12 @@ async fn a_draining_replica_finishes_in_flight_work_and_loses_nothing() {
     assert_eq!(sse.status(), 200);
     // The slow request is in flight once the upstream has it.
     let deadline = Instant::now() + Duration::from_secs(10);
-    while !s.upstream.requests().iter().any(|r| r.path.starts_with("/slow")) {
+    while !s
+        .upstream
+        .requests()
+        .iter()
+        .any(|r| r.path.starts_with("/slow"))
+    {
         assert!(Instant::now() < deadline, "the slow request never arrived");
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
@@ -352,7 +357,10 @@ async fn a_draining_replica_finishes_in_flight_work_and_loses_nothing() {
     let addr = s.gw.url.trim_start_matches("http://").to_string();
     let deadline = Instant::now() + Duration::from_secs(10);
     while tokio::net::TcpStream::connect(&addr).await.is_ok() {
-        assert!(Instant::now() < deadline, "the draining replica kept its listener");
+        assert!(
+            Instant::now() < deadline,
+            "the draining replica kept its listener"
+        );
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
 
