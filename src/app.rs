@@ -360,7 +360,8 @@ pub fn build_server(state: Arc<GatewayState>) -> anyhow::Result<Server> {
         tls,
         s.server.h2c,
         s.server.request_header_timeout,
-    );
+    )
+    .count_control_floods(state.metrics.h2_control_floods.clone());
     let mut public = Service::new("keygate proxy".to_string(), app);
     // Plain TCP even with TLS: the handshake runs in `Connections`, under the header deadline.
     public.add_tcp(&s.server.listen.to_string());

@@ -22,6 +22,11 @@
 //! upgrade, an event stream) has no body deadline at all.
 //! Idle HTTP/2 connections are closed by Pingora's `h2_idle_timeout` (see `app.rs`).
 //!
+//! HTTP/2 control frames that make the server work without any stream (SETTINGS and PING that
+//! ask for an acknowledgement, PRIORITY) are metered per connection as they are read
+//! ([`ControlBudget`]): the h2 layer acknowledges every one and has no limit of its own, so a
+//! flood past the budget closes the connection.
+//!
 //! Failed handshakes are the client's doing and are logged at debug: the accept path checks a
 //! TLS h2 connection's preface itself, and defers a write failure during the h2 handshake to
 //! the connection's first read (see [`Opened`]), so Pingora's h2 handshake does not fail.
@@ -250,6 +255,8 @@ pub struct Connections<A> {
     tls: Option<Arc<Acceptor>>,
     h2c: bool,
     header: Duration,
+    control: ControlBudget,
+    floods: Option<prometheus::IntCounter>,
 }
 
 impl<A> Connections<A> {
@@ -261,12 +268,25 @@ impl<A> Connections<A> {
             tls: tls.map(Arc::new),
             h2c,
             header,
+            control: ControlBudget::DEFAULT,
+            floods: None,
         }
+    }
+
+    /// Count the HTTP/2 connections closed for a control-frame flood on `counter`.
+    pub fn count_control_floods(mut self, counter: prometheus::IntCounter) -> Self {
+        self.floods = Some(counter);
+        self
     }
 
     /// HTTP/2 connections accepted and still waiting for their first stream.
     pub fn awaiting_first_stream(&self) -> usize {
         self.inner.pending.len()
+    }
+
+    /// A fresh control-frame meter for one HTTP/2 connection.
+    fn meter(&self) -> FrameMeter {
+        FrameMeter::new(self.control, self.floods.clone())
     }
 
     /// TLS, then the protocol's opening bytes: what must happen before Pingora gets the stream.
@@ -275,12 +295,12 @@ impl<A> Connections<A> {
             Some(acceptor) => {
                 let tls = tls_accept(acceptor, stream).await?;
                 if matches!(tls.selected_alpn_proto(), Some(ALPN::H2)) {
-                    expect_preface(tls).await
+                    expect_preface(tls, self.meter()).await
                 } else {
                     Ok(tls)
                 }
             }
-            None if self.h2c => sniff(stream).await,
+            None if self.h2c => sniff(stream, self.meter()).await,
             None => Ok(stream),
         }
     }
@@ -365,7 +385,7 @@ async fn tls_accept(acceptor: &Acceptor, stream: Stream) -> Result<Stream, &'sta
 
 /// Read just enough of a cleartext connection to tell the h2 preface from an HTTP/1.x request:
 /// a request shorter than the preface is not held waiting for 24 bytes.
-async fn sniff(mut stream: Stream) -> Result<Stream, &'static str> {
+async fn sniff(mut stream: Stream, meter: FrameMeter) -> Result<Stream, &'static str> {
     let mut buf = [0u8; H2_PREFACE.len()];
     let mut n = 0;
     let h2 = loop {
@@ -380,12 +400,13 @@ async fn sniff(mut stream: Stream) -> Result<Stream, &'static str> {
             break true;
         }
     };
-    Ok(Box::new(Opened::new(stream, buf, n, h2, h2)))
+    let meter = h2.then_some(meter);
+    Ok(Box::new(Opened::new(stream, buf, n, h2, h2, meter)))
 }
 
 /// A TLS connection that chose h2 must open with the preface: anything else is refused here,
 /// quietly, instead of failing Pingora's h2 handshake (which logs at ERROR).
-async fn expect_preface(mut stream: Stream) -> Result<Stream, &'static str> {
+async fn expect_preface(mut stream: Stream, meter: FrameMeter) -> Result<Stream, &'static str> {
     let mut buf = [0u8; H2_PREFACE.len()];
     let mut n = 0;
     while n < buf.len() {
@@ -397,7 +418,112 @@ async fn expect_preface(mut stream: Stream) -> Result<Stream, &'static str> {
             return Err("ALPN h2 without the HTTP/2 preface");
         }
     }
-    Ok(Box::new(Opened::new(stream, buf, n, true, false)))
+    Ok(Box::new(Opened::new(
+        stream,
+        buf,
+        n,
+        true,
+        false,
+        Some(meter),
+    )))
+}
+
+/// How many HTTP/2 control frames (SETTINGS or PING asking for an acknowledgement, PRIORITY) a
+/// connection may send: `burst` at once, refilled at `per_sec`. Clients send a handful (SETTINGS
+/// at the start, keep-alive or window-estimation PINGs); a flood sends millions a second.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ControlBudget {
+    pub burst: u32,
+    pub per_sec: u32,
+}
+
+impl ControlBudget {
+    /// 1,000 at once, 100 a second after that.
+    pub const DEFAULT: ControlBudget = ControlBudget {
+        burst: 1000,
+        per_sec: 100,
+    };
+}
+
+/// Follows the frame boundaries of an HTTP/2 connection's inbound bytes (after the preface) and
+/// spends the control budget on each control frame. Only frame headers are looked at; payloads
+/// are skipped by length. The clock is read only when the budget runs dry.
+#[derive(Debug)]
+struct FrameMeter {
+    budget: ControlBudget,
+    tokens: u32,
+    refilled: Instant,
+    /// The frame header being collected, and how many of its bytes are in.
+    head: [u8; 9],
+    have: usize,
+    /// Payload bytes of the current frame still to skip.
+    skip: usize,
+    exceeded: bool,
+    floods: Option<prometheus::IntCounter>,
+}
+
+impl FrameMeter {
+    fn new(budget: ControlBudget, floods: Option<prometheus::IntCounter>) -> Self {
+        Self {
+            budget,
+            tokens: budget.burst,
+            refilled: Instant::now(),
+            head: [0; 9],
+            have: 0,
+            skip: 0,
+            exceeded: false,
+            floods,
+        }
+    }
+
+    /// Account for `bytes` read from the client; false once the budget is exceeded.
+    fn read(&mut self, mut bytes: &[u8]) -> bool {
+        while !bytes.is_empty() && !self.exceeded {
+            if self.skip > 0 {
+                let n = self.skip.min(bytes.len());
+                self.skip -= n;
+                bytes = &bytes[n..];
+                continue;
+            }
+            let n = (9 - self.have).min(bytes.len());
+            self.head[self.have..self.have + n].copy_from_slice(&bytes[..n]);
+            self.have += n;
+            bytes = &bytes[n..];
+            if self.have == 9 {
+                self.have = 0;
+                let [l0, l1, l2, kind, flags, ..] = self.head;
+                self.skip = usize::from(l0) << 16 | usize::from(l1) << 8 | usize::from(l2);
+                // SETTINGS (4) and PING (6) without ACK are acknowledged; PRIORITY (2) is read.
+                let control = matches!(kind, 4 | 6) && flags & 1 == 0 || kind == 2;
+                if control && !self.spend() {
+                    self.exceeded = true;
+                    tracing::debug!("HTTP/2 control-frame flood: closing the connection");
+                    if let Some(c) = &self.floods {
+                        c.inc();
+                    }
+                }
+            }
+        }
+        !self.exceeded
+    }
+
+    fn spend(&mut self) -> bool {
+        if self.tokens == 0 {
+            let now = Instant::now();
+            let earned = now.saturating_duration_since(self.refilled).as_secs_f64()
+                * f64::from(self.budget.per_sec);
+            if earned >= 1.0 {
+                // Saturating float-to-int conversion; at most the burst.
+                self.tokens = (earned as u32).min(self.budget.burst);
+                self.refilled = now;
+            }
+        }
+        if self.tokens == 0 {
+            return false;
+        }
+        self.tokens -= 1;
+        true
+    }
 }
 
 /// A stream whose first bytes were read by the accept path: they are read again first. A
@@ -418,11 +544,20 @@ struct Opened {
     /// Defer write failures until the first read past the preface.
     handshaking: bool,
     failed: Option<std::io::ErrorKind>,
+    /// HTTP/2: the control frames read so far, against the budget.
+    meter: Option<FrameMeter>,
     inner: Stream,
 }
 
 impl Opened {
-    fn new(inner: Stream, prefix: [u8; 24], len: usize, h2: bool, h2c: bool) -> Self {
+    fn new(
+        inner: Stream,
+        prefix: [u8; 24],
+        len: usize,
+        h2: bool,
+        h2c: bool,
+        meter: Option<FrameMeter>,
+    ) -> Self {
         Self {
             prefix,
             len,
@@ -430,6 +565,7 @@ impl Opened {
             h2c,
             handshaking: h2,
             failed: None,
+            meter,
             inner,
         }
     }
@@ -471,6 +607,11 @@ impl AsyncRead for Opened {
         let polled = Pin::new(&mut self.inner).poll_read(cx, buf);
         if matches!(polled, Poll::Ready(Ok(()))) && buf.filled().len() > before {
             self.handshaking = false;
+            if let Some(meter) = &mut self.meter {
+                if !meter.read(&buf.filled()[before..]) {
+                    return Poll::Ready(Err(std::io::Error::other("HTTP/2 control-frame flood")));
+                }
+            }
         }
         polled
     }
@@ -720,7 +861,116 @@ where
 #[cfg(test)]
 mod tests {
     use super::*;
+    use proptest::prelude::*;
     use tokio::io::AsyncWriteExt;
+
+    fn frame(kind: u8, flags: u8, payload: usize) -> Vec<u8> {
+        let len = u32::try_from(payload).expect("small");
+        let mut f = vec![
+            (len >> 16) as u8,
+            (len >> 8) as u8,
+            len as u8,
+            kind,
+            flags,
+            0,
+            0,
+            0,
+            0,
+        ];
+        f.resize(9 + payload, 0xAB);
+        f
+    }
+
+    /// A budget that never refills: verdicts that do not depend on the clock.
+    fn budget(burst: u32) -> ControlBudget {
+        ControlBudget { burst, per_sec: 0 }
+    }
+
+    #[test]
+    fn control_frames_spend_the_budget_and_others_do_not() {
+        let mut m = FrameMeter::new(budget(3), None);
+        // DATA, HEADERS, WINDOW_UPDATE, and acknowledgements are free.
+        let mut free = frame(0, 0, 100);
+        free.extend(frame(1, 4, 20));
+        free.extend(frame(8, 0, 4));
+        free.extend(frame(4, 1, 0));
+        free.extend(frame(6, 1, 8));
+        for _ in 0..50 {
+            assert!(m.read(&free));
+        }
+        // PING, SETTINGS, PRIORITY spend one each: the fourth is over a burst of three.
+        assert!(m.read(&frame(6, 0, 8)));
+        assert!(m.read(&frame(4, 0, 6)));
+        assert!(m.read(&frame(2, 0, 5)));
+        assert!(!m.read(&frame(6, 0, 8)));
+        // Once over, always over.
+        assert!(!m.read(&frame(0, 0, 1)));
+    }
+
+    #[test]
+    fn a_payload_that_looks_like_frames_is_skipped() {
+        let mut m = FrameMeter::new(budget(1), None);
+        // A DATA frame whose payload is full of PING frame headers.
+        let pings: Vec<u8> = frame(6, 0, 8).repeat(100);
+        let mut data = frame(0, 0, pings.len());
+        data.truncate(9);
+        data.extend(&pings);
+        assert!(m.read(&data));
+        assert!(m.read(&frame(6, 0, 8)));
+        assert!(!m.read(&frame(6, 0, 8)));
+    }
+
+    #[test]
+    fn the_budget_refills_with_time() {
+        let mut m = FrameMeter::new(
+            ControlBudget {
+                burst: 2,
+                per_sec: 1000,
+            },
+            None,
+        );
+        assert!(m.read(&frame(6, 0, 8)));
+        assert!(m.read(&frame(6, 0, 8)));
+        // Dry now; a refill is due once a millisecond has passed.
+        m.refilled -= Duration::from_millis(5);
+        assert!(m.read(&frame(6, 0, 8)));
+    }
+
+    proptest! {
+        /// However the bytes are cut into reads, the meter sees the same frames: the same
+        /// verdict, after the same number of control frames.
+        #[test]
+        fn any_chunking_gives_the_same_verdict(
+            frames in proptest::collection::vec((0u8..10, 0u8..2, 0usize..40), 0..60),
+            cuts in proptest::collection::vec(1usize..30, 1..40),
+            burst in 0u32..30,
+        ) {
+            let bytes: Vec<u8> = frames
+                .iter()
+                .flat_map(|&(kind, flags, len)| frame(kind, flags, len))
+                .collect();
+            let mut whole = FrameMeter::new(budget(burst), None);
+            let whole_ok = whole.read(&bytes);
+            let mut parts = FrameMeter::new(budget(burst), None);
+            let mut rest = &bytes[..];
+            let mut parts_ok = true;
+            for cut in cuts.iter().cycle() {
+                if rest.is_empty() {
+                    break;
+                }
+                let n = (*cut).min(rest.len());
+                parts_ok &= parts.read(&rest[..n]);
+                rest = &rest[n..];
+            }
+            prop_assert_eq!(whole_ok, parts_ok);
+            prop_assert_eq!(whole.tokens, parts.tokens);
+            let control = frames
+                .iter()
+                .filter(|&&(k, f, _)| matches!(k, 4 | 6) && f & 1 == 0 || k == 2)
+                .count();
+            prop_assert_eq!(whole_ok, control <= burst as usize);
+        }
+    }
 
     fn limits() -> Limits {
         Limits {
@@ -865,7 +1115,14 @@ mod tests {
             .await
             .is_err());
         // Through the accept path's wrapper the failure surfaces at the first read instead.
-        let opened = Opened::new(Box::new(reset_after_preface()), *H2_PREFACE, 24, true, true);
+        let opened = Opened::new(
+            Box::new(reset_after_preface()),
+            *H2_PREFACE,
+            24,
+            true,
+            true,
+            None,
+        );
         let mut conn = handshake(Box::new(opened), None)
             .await
             .expect("the handshake succeeds");

@@ -75,6 +75,8 @@ pub struct Metrics {
     pub sse_open: IntGauge,
     /// Requests that ended because the client closed its connection or stopped reading.
     pub downstream_disconnects: IntCounter,
+    /// HTTP/2 connections closed for sending control frames past their budget.
+    pub h2_control_floods: IntCounter,
     /// Authentication outcomes by token kind, outcome and reason.
     pub auth: IntCounterVec,
     /// JWKS fetch attempts by issuer and result.
@@ -169,6 +171,12 @@ impl Metrics {
         )
         .unwrap_or_else(|e| unreachable_metric("keygate_downstream_disconnects_total", e));
         register(&r, Box::new(downstream_disconnects.clone()), "disconnects");
+        let h2_control_floods = IntCounter::new(
+            "keygate_h2_control_floods_total",
+            "HTTP/2 connections closed for sending SETTINGS, PING or PRIORITY frames past their budget.",
+        )
+        .unwrap_or_else(|e| unreachable_metric("keygate_h2_control_floods_total", e));
+        register(&r, Box::new(h2_control_floods.clone()), "h2_control_floods");
         let jwks_age = IntGaugeVec::new(
             Opts::new(
                 "keygate_jwks_age_seconds",
@@ -255,6 +263,7 @@ impl Metrics {
             in_flight,
             sse_open,
             downstream_disconnects,
+            h2_control_floods,
             auth: counter(
                 &r,
                 "keygate_auth_total",

@@ -1121,3 +1121,111 @@ impl Drop for KillOnDrop {
         let _ = self.0.wait();
     }
 }
+
+/// An HTTP/2 frame header with an empty or 8-byte payload on stream 0.
+fn control_frame(kind: u8) -> Vec<u8> {
+    let payload = if kind == 6 { 8 } else { 0 };
+    let mut f = vec![0, 0, payload, kind, 0, 0, 0, 0, 0];
+    f.resize(9 + usize::from(payload), 0);
+    f
+}
+
+/// Send the preface, then `frames` copies of a control frame as fast as the socket takes them
+/// (reading what comes back meanwhile); true when the server closed the connection within
+/// `limit` of the flood's start.
+async fn control_flood<S>(conn: S, kind: u8, frames: usize, limit: Duration) -> bool
+where
+    S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Send + 'static,
+{
+    let (mut rd, mut wr) = tokio::io::split(conn);
+    let started = Instant::now();
+    let writer = tokio::spawn(async move {
+        let mut opening = H2_PREFACE.to_vec();
+        opening.extend(control_frame(4));
+        if wr.write_all(&opening).await.is_err() {
+            return;
+        }
+        let chunk = control_frame(kind).repeat(4096);
+        let mut sent = 0;
+        while sent < frames {
+            if wr.write_all(&chunk).await.is_err() {
+                return;
+            }
+            sent += 4096;
+        }
+        // Keep the write side open: a closed half would end the connection by itself.
+        std::future::pending::<()>().await;
+    });
+    let closed = closes_within(&mut rd, limit.saturating_sub(started.elapsed())).await;
+    writer.abort();
+    closed
+}
+
+const FLOOD_CONFIG: &str =
+    "[server]\nrequest_header_timeout_secs = 10\nkeepalive_timeout_secs = 30\n";
+
+/// A flood of SETTINGS or PING frames (each asks for an acknowledgement) is cut off: the
+/// connection is closed long before any idle or header deadline would close it, over h2c and
+/// TLS h2, and counted; a client that pings within the budget is still served.
+#[tokio::test]
+async fn http2_control_frame_floods_are_cut_off() {
+    let s = Stack::start(FLOOD_CONFIG).await;
+    let before =
+        s.gw.metric("keygate_h2_control_floods_total")
+            .await
+            .unwrap_or(0.0);
+    for (kind, name) in [(6u8, "PING"), (4u8, "SETTINGS")] {
+        let c = connect(s.gw.port).await;
+        assert!(
+            control_flood(c, kind, 200_000, LIMIT).await,
+            "an h2c {name} flood was not cut off"
+        );
+    }
+    let after =
+        s.gw.metric("keygate_h2_control_floods_total")
+            .await
+            .unwrap_or(0.0);
+    assert!(
+        after >= before + 2.0,
+        "floods not counted: {before} -> {after}"
+    );
+
+    // Within the budget: pings answered, then a request served on the same connection.
+    let (mut send, mut conn) = {
+        let tcp = connect(s.gw.port).await;
+        h2::client::handshake(tcp).await.expect("h2 handshake")
+    };
+    let mut pings = conn.ping_pong().expect("ping_pong");
+    let driver = tokio::spawn(async move {
+        let _ = conn.await;
+    });
+    for _ in 0..300 {
+        tokio::time::timeout(LIMIT, pings.ping(h2::Ping::opaque()))
+            .await
+            .expect("pong in time")
+            .expect("pong");
+    }
+    send = send.ready().await.expect("ready");
+    let req = http::Request::get(format!("http://127.0.0.1:{}/health", s.gw.port))
+        .body(())
+        .expect("request");
+    let (resp, _) = send.send_request(req, true).expect("send");
+    let resp = tokio::time::timeout(LIMIT, resp)
+        .await
+        .expect("in time")
+        .expect("response");
+    assert!(resp.status().as_u16() < 500, "{}", resp.status());
+    driver.abort();
+
+    // The same over TLS h2.
+    let dir = env!("CARGO_MANIFEST_DIR");
+    let tls_stack = Stack::start(&format!(
+        "{FLOOD_CONFIG}[server.tls]\ncert_file = \"{dir}/tests/fixtures/tls.crt\"\nkey_file = \"{dir}/tests/fixtures/tls.key\"\n"
+    ))
+    .await;
+    let c = tls(tls_stack.gw.port, &[b"h2"]).await;
+    assert!(
+        control_flood(c, 6, 200_000, LIMIT).await,
+        "a TLS h2 PING flood was not cut off"
+    );
+}
