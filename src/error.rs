@@ -169,6 +169,17 @@ fn quoted(v: &str) -> String {
 }
 
 impl GatewayError {
+    /// Whether this refuses an authenticated caller for what it asked (scope, org, another
+    /// user's session): what the per-subject refusal budget counts.
+    pub fn is_policy_refusal(&self) -> bool {
+        matches!(
+            self,
+            GatewayError::InsufficientScope(_)
+                | GatewayError::Forbidden(_)
+                | GatewayError::SessionNotFound
+        )
+    }
+
     /// A stable label for logs and metrics.
     pub fn reason(&self) -> &'static str {
         match self {

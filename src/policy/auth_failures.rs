@@ -1,5 +1,7 @@
 //! The failed-authentication budget: a client that keeps presenting tokens that are rejected is
-//! locked out for a while (429), and while locked its tokens are not verified at all.
+//! locked out for a while (429), and while locked its tokens are not verified at all. Likewise a
+//! subject (issuer and user) whose valid token keeps being refused by policy — a read-only token
+//! probing write tools, a user outside the allowed orgs — is locked out itself, from every IP.
 //!
 //! It owns the `[policy.auth_failures]` section, the budget (one GCRA budget per client, spent
 //! through a [`RateLimiter`], so with Redis configured every replica spends one shared budget)
@@ -11,9 +13,10 @@
 //! A client is its IP address; IPv4-mapped IPv6 addresses are their IPv4 address, and IPv6
 //! addresses are grouped by their `/ipv6_prefix_len` network (one host usually holds a whole
 //! /64, so locking single addresses would not stop it). The budget key is
-//! `authfail/ip/<client>`, which no rate-limit rule key (`<rule>:<ip|user|org>:<who>`) can
-//! equal. A per-subject budget fits the same shape: another [`LockTable`] and keys under
-//! `authfail/sub/`.
+//! `authfail/ip/<client>`, a subject's `authfail/sub/<issuer>|<subject>`; no rate-limit rule
+//! key (`<rule>:<ip|user|org>:<who>`) can equal either. Only the budgets are shared through
+//! Redis; each replica keeps its own lock table, so a client locked on one replica is locked on
+//! another at its next refusal there.
 //!
 //! The lock table is bounded: when full, expired locks go first, then the locks closest to
 //! their end (those clients are refused for a little less long; nobody is refused longer).
@@ -47,6 +50,9 @@ pub struct AuthFailuresConfig {
     pub max_tracked_ips: u64,
     /// IPv6 clients are grouped by this network prefix.
     pub ipv6_prefix_len: u8,
+    /// Policy refusals (403) a subject may have in `window_secs`; the next one locks the
+    /// subject out for `lockout_secs`. 0 turns the subject budget off.
+    pub subject_max_denials: u32,
 }
 
 impl Default for AuthFailuresConfig {
@@ -58,6 +64,7 @@ impl Default for AuthFailuresConfig {
             lockout_secs: 60,
             max_tracked_ips: 100_000,
             ipv6_prefix_len: 64,
+            subject_max_denials: 30,
         }
     }
 }
@@ -71,6 +78,8 @@ pub struct AuthFailuresSettings {
     pub lockout: Duration,
     pub max_tracked_ips: u64,
     pub ipv6_prefix_len: u8,
+    /// `subject_max_denials` per `window`; `None` when off.
+    pub subject_budget: Option<Quota>,
 }
 
 /// The longest lockout accepted: a day.
@@ -110,9 +119,20 @@ impl AuthFailuresConfig {
                 "must be between 32 and 128",
             );
         }
+        let subject_budget = (self.subject_max_denials > 0)
+            .then(|| {
+                Quota::new(
+                    self.subject_max_denials,
+                    Duration::from_secs(self.window_secs),
+                    self.subject_max_denials,
+                )
+                .ok()
+            })
+            .flatten();
         AuthFailuresSettings {
             enabled: self.enabled,
             budget,
+            subject_budget,
             lockout: Duration::from_secs(self.lockout_secs.clamp(1, MAX_LOCKOUT_SECS)),
             max_tracked_ips: self.max_tracked_ips.max(1),
             ipv6_prefix_len: self.ipv6_prefix_len.clamp(32, 128),
@@ -201,9 +221,12 @@ pub struct AuthFailures {
     settings: AuthFailuresSettings,
     limiter: Arc<dyn RateLimiter>,
     ips: LockTable<IpAddr>,
+    subjects: LockTable<String>,
     clock: Clock,
     lockouts: prometheus::IntCounter,
     refusals: prometheus::IntCounter,
+    subject_lockouts: prometheus::IntCounter,
+    subject_refusals: prometheus::IntCounter,
 }
 
 /// Whole seconds, rounded up, as a duration: what a `Retry-After` can say exactly.
@@ -223,10 +246,73 @@ impl AuthFailures {
             settings: settings.clone(),
             limiter,
             ips: LockTable::new(settings.max_tracked_ips),
+            subjects: LockTable::new(settings.max_tracked_ips),
             clock: Clock::System,
             lockouts: metrics.auth_lockouts.clone(),
             refusals: metrics.auth_locked_refusals.clone(),
+            subject_lockouts: metrics.subject_lockouts.clone(),
+            subject_refusals: metrics.subject_locked_refusals.clone(),
         })
+    }
+
+    /// The subject's key: issuer and subject (an issuer never contains `|`).
+    fn subject_key(issuer: &str, subject: &str) -> String {
+        let mut key = String::with_capacity(issuer.len() + subject.len() + 1);
+        key.push_str(issuer);
+        key.push('|');
+        key.push_str(subject);
+        key
+    }
+
+    /// If the subject is locked out: how long it still is, in whole seconds (rounded up).
+    /// Cheap and local (nothing is built while no subject is locked); a `Some` is counted.
+    pub fn subject_locked(&self, issuer: &str, subject: &str) -> Option<Duration> {
+        if self.subjects.is_empty() {
+            return None;
+        }
+        let now = self.clock.now();
+        let until = self
+            .subjects
+            .until(&Self::subject_key(issuer, subject), now)?;
+        self.subject_refusals.inc();
+        Some(whole_secs(until - now))
+    }
+
+    /// Spend one unit of the subject's budget for a policy refusal. When the budget refuses
+    /// it, the subject is locked out from now on: returns the lockout, else `None`.
+    pub async fn record_denial(&self, issuer: &str, subject: &str) -> Option<Duration> {
+        let budget = self.settings.subject_budget.as_ref()?;
+        let who = Self::subject_key(issuer, subject);
+        let key = format!("authfail/sub/{who}");
+        let decision = match self.limiter.check(&key, budget, 1).await {
+            Ok(d) => d,
+            Err(e) => {
+                tracing::warn!(error = %e, "policy-refusal budget unavailable");
+                return None;
+            }
+        };
+        if decision.allowed {
+            return None;
+        }
+        let now = self.clock.now();
+        let lockout = self.settings.lockout;
+        if self.subjects.lock(&who, now, now + lockout) {
+            self.subject_lockouts.inc();
+            tracing::info!(
+                target: "keygate::audit",
+                event = "lockout_started",
+                issuer = issuer,
+                user = subject,
+                max_denials = budget.requests,
+                window_secs = budget.period.as_secs(),
+                lockout_secs = lockout.as_secs(),
+                "subject locked out after repeated policy refusals"
+            );
+            return Some(lockout);
+        }
+        self.subjects
+            .until(&who, now)
+            .map(|until| whole_secs(until - now))
     }
 
     /// The client `ip` stands for: IPv4-mapped addresses as IPv4, IPv6 by its network.
@@ -343,6 +429,50 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn a_subject_past_its_refusal_budget_is_locked_and_no_one_else() {
+        let (f, now, metrics) = failures(3);
+        let iss = "https://issuer.example";
+        for _ in 0..30 {
+            assert_eq!(f.record_denial(iss, "user_a").await, None);
+        }
+        assert_eq!(f.subject_locked(iss, "user_a"), None);
+        assert_eq!(
+            f.record_denial(iss, "user_a").await,
+            Some(Duration::from_secs(30))
+        );
+        assert_eq!(
+            f.subject_locked(iss, "user_a"),
+            Some(Duration::from_secs(30))
+        );
+        // Another user, and the same user id from another issuer, are someone else.
+        assert_eq!(f.subject_locked(iss, "user_b"), None);
+        assert_eq!(f.subject_locked("https://other.example", "user_a"), None);
+        // Refusals are not failed authentications: no IP is locked.
+        assert_eq!(metrics.auth_lockouts.get(), 0);
+        assert_eq!(metrics.subject_lockouts.get(), 1);
+        assert_eq!(metrics.subject_locked_refusals.get(), 1);
+        *now.lock().unwrap() += Duration::from_secs(30);
+        assert_eq!(f.subject_locked(iss, "user_a"), None);
+    }
+
+    #[tokio::test]
+    async fn no_subject_budget_when_turned_off() {
+        let metrics = Metrics::new();
+        let mut problems = Problems::default();
+        let settings = AuthFailuresConfig {
+            subject_max_denials: 0,
+            ..AuthFailuresConfig::default()
+        }
+        .validate("policy.auth_failures", &mut problems);
+        let f = AuthFailures::new(&settings, Arc::new(LocalLimiter::new(1000)), &metrics)
+            .expect("enabled");
+        for _ in 0..1000 {
+            assert_eq!(f.record_denial("iss", "user_a").await, None);
+        }
+        assert_eq!(f.subject_locked("iss", "user_a"), None);
+    }
+
+    #[tokio::test]
     async fn concurrent_failures_start_one_lockout() {
         let (f, _, metrics) = failures(1);
         let a = ip("192.0.2.1");
@@ -409,6 +539,22 @@ mod tests {
         assert_eq!(e["target"], "keygate::audit");
         assert_eq!(e["fields"]["client_ip"], "198.51.100.4");
         assert_eq!(e["fields"]["lockout_secs"], 30);
+        // A subject's lockout names the subject and its issuer.
+        for _ in 0..32 {
+            f.record_denial("https://issuer.example", "user_probe")
+                .await;
+        }
+        let text = String::from_utf8(logs.0.lock().unwrap().clone()).unwrap();
+        let events: Vec<serde_json::Value> = text
+            .lines()
+            .map(|l| serde_json::from_str(l).expect("json line"))
+            .filter(|e: &serde_json::Value| {
+                e["fields"]["event"] == "lockout_started" && e["fields"]["user"] == "user_probe"
+            })
+            .collect();
+        assert_eq!(events.len(), 1, "{text}");
+        assert_eq!(events[0]["fields"]["issuer"], "https://issuer.example");
+        assert_eq!(events[0]["fields"]["max_denials"], 30);
     }
 
     #[test]

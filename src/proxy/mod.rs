@@ -389,6 +389,18 @@ impl Gateway {
             {
                 Ok(identity) => {
                     self.state.metrics.auth_accepted(identity.kind.as_str());
+                    // A subject locked out for repeated policy refusals, from any IP.
+                    if let Some(failures) = self.state.auth_failures.as_deref() {
+                        if let Some(retry_after) =
+                            failures.subject_locked(&identity.issuer, &identity.subject)
+                        {
+                            ctx.identity = Some(identity);
+                            return Err(GatewayError::RateLimited {
+                                retry_after,
+                                headers: Vec::new(),
+                            });
+                        }
+                    }
                     ctx.identity = Some(identity);
                     return Ok(());
                 }
@@ -660,6 +672,17 @@ impl Gateway {
 
     async fn deny(&self, session: &mut Session, ctx: &mut RequestCtx, err: GatewayError) {
         ctx.denied = Some(err.reason());
+        // Policy refusals spend the subject's refusal budget (this answer stays a refusal;
+        // a lockout applies from the next request).
+        if err.is_policy_refusal() {
+            if let (Some(failures), Some(identity)) =
+                (self.state.auth_failures.as_deref(), ctx.identity.as_deref())
+            {
+                failures
+                    .record_denial(&identity.issuer, &identity.subject)
+                    .await;
+            }
+        }
         if !matches!(err, GatewayError::Unauthorized(_)) {
             self.state
                 .metrics

@@ -108,6 +108,10 @@ pub struct Metrics {
     pub auth_lockouts: IntCounter,
     /// Requests refused because their client IP was locked out.
     pub auth_locked_refusals: IntCounter,
+    /// Subjects locked out after repeated policy refusals.
+    pub subject_lockouts: IntCounter,
+    /// Requests refused because their subject was locked out.
+    pub subject_locked_refusals: IntCounter,
     /// Clerk Backend API calls refused by keygate's own bound, by which limit refused them
     /// (`concurrency`, `rate`): their requests got 503.
     pub clerk_backend_refused: IntCounterVec,
@@ -240,6 +244,22 @@ impl Metrics {
             Box::new(auth_locked_refusals.clone()),
             "auth_locked_refusals",
         );
+        let subject_lockouts = IntCounter::new(
+            "keygate_subject_lockouts_total",
+            "Subjects (issuer and user) locked out after repeated policy refusals.",
+        )
+        .unwrap_or_else(|e| unreachable_metric("keygate_subject_lockouts_total", e));
+        register(&r, Box::new(subject_lockouts.clone()), "subject_lockouts");
+        let subject_locked_refusals = IntCounter::new(
+            "keygate_subject_locked_refusals_total",
+            "Requests refused because their subject was locked out.",
+        )
+        .unwrap_or_else(|e| unreachable_metric("keygate_subject_locked_refusals_total", e));
+        register(
+            &r,
+            Box::new(subject_locked_refusals.clone()),
+            "subject_locked_refusals",
+        );
         let key_cache = counter(
             &r,
             "keygate_key_cache_total",
@@ -321,6 +341,8 @@ impl Metrics {
             ),
             auth_lockouts,
             auth_locked_refusals,
+            subject_lockouts,
+            subject_locked_refusals,
             clerk_backend_refused: counter(
                 &r,
                 "keygate_clerk_backend_refused_total",

@@ -373,3 +373,94 @@ async fn backend_api_call_rate_is_bounded() {
         unavailable as f64
     );
 }
+
+const DENIAL_RULES: &str = "[server]\ntrusted_proxies = [\"127.0.0.1/32\"]\n\
+    [policy.auth_failures]\nmax_failures = 100\nwindow_secs = 3600\nlockout_secs = 60\n\
+    subject_max_denials = 3\n\
+    [[policy.scopes]]\nmethod = \"tools/call\"\nname = \"delete_*\"\nscopes = [\"twenty:write\"]\n";
+
+/// `tools/call <tool>` as `ip`.
+async fn call_tool(stack: &Stack, ip: &str, token: &str, tool: &str) -> reqwest::Response {
+    client()
+        .post(stack.gw.at("/mcp"))
+        .header("x-forwarded-for", ip)
+        .bearer_auth(token)
+        .json(&json!({"jsonrpc": "2.0", "id": 1, "method": "tools/call",
+                      "params": {"name": tool, "arguments": {}}}))
+        .send()
+        .await
+        .expect("request")
+}
+
+/// A subject whose valid token keeps being refused by policy (a read-only token probing
+/// write tools) is locked out itself, from every IP; other users on the same IP are not.
+#[tokio::test]
+async fn a_subject_refused_by_policy_again_and_again_is_locked_out() {
+    let s = stack("", DENIAL_RULES).await;
+    let prober = fresh_token(&s, "user_prober");
+    let neighbour = fresh_token(&s, "user_neighbour");
+    // Three refusals fit the budget; the fourth starts the lockout (and is itself a 403).
+    for _ in 0..4 {
+        let r = call_tool(&s, IP_A, &prober, "delete_person").await;
+        assert_eq!(r.status(), 403);
+    }
+    // From now on the subject is refused with 429, whatever it asks and from wherever.
+    for ip in [IP_A, IP_B] {
+        let r = call_tool(&s, ip, &prober, "get_person").await;
+        assert_eq!(r.status(), 429, "from {ip}");
+        let wait = retry_after(&r);
+        assert!((1..=60).contains(&wait), "Retry-After {wait}");
+    }
+    let forwarded = s.upstream.count();
+    // Another user on the same IP is served.
+    let r = call_tool(&s, IP_A, &neighbour, "get_person").await;
+    assert_eq!(r.status(), 200);
+    assert_eq!(s.upstream.count(), forwarded + 1);
+    assert_eq!(metric(&s, "keygate_subject_lockouts_total").await, 1.0);
+    assert_eq!(
+        metric(&s, "keygate_subject_locked_refusals_total").await,
+        2.0
+    );
+    // The IP was never locked: policy refusals are not failed authentications.
+    assert_eq!(metric(&s, "keygate_auth_lockouts_total").await, 0.0);
+}
+
+/// Denials are counted on the budget every replica shares through Redis: refusals spread over
+/// two replicas add up to one lockout.
+#[tokio::test]
+async fn subject_denials_add_up_across_replicas_through_redis() {
+    let redis = crate::common::redis::RedisServer::start();
+    let rules = format!("[redis]\nurl = \"{}\"\n{DENIAL_RULES}", redis.url());
+    let s = stack("", &rules).await;
+    let toml = clerk_config(&s.clerk.url(), s.clerk.secret_key(), &rules);
+    let other = Keygate::start(&toml, &s.upstream.url()).await;
+    other.wait_ready().await;
+    let prober = fresh_token(&s, "user_prober");
+    let mut statuses = Vec::new();
+    for i in 0..4 {
+        let url = if i % 2 == 0 {
+            s.gw.at("/mcp")
+        } else {
+            other.at("/mcp")
+        };
+        let r = client()
+            .post(url)
+            .bearer_auth(&prober)
+            .json(&json!({"jsonrpc": "2.0", "id": 1, "method": "tools/call",
+                          "params": {"name": "delete_person", "arguments": {}}}))
+            .send()
+            .await
+            .expect("request");
+        statuses.push(r.status().as_u16());
+    }
+    assert_eq!(statuses, [403, 403, 403, 403]);
+    // The replica that saw the fourth refusal locked the subject.
+    let r = client()
+        .post(other.at("/mcp"))
+        .bearer_auth(&prober)
+        .json(&json!({"jsonrpc": "2.0", "id": 1, "method": "ping"}))
+        .send()
+        .await
+        .expect("request");
+    assert_eq!(r.status(), 429);
+}
