@@ -198,7 +198,7 @@ pub fn build_vault(
     if !settings.keys.enabled {
         return Ok(None);
     }
-    let keyring = crate::keys::keyring(&settings.keys).map_err(anyhow::Error::msg)?;
+    let keyring = crate::keys::keyring(&settings.keys)?;
     let store = build_store(settings, metrics.as_deref())?;
     let vault = Vault::new(store, keyring, &settings.keys);
     Ok(Some(Arc::new(match metrics {

@@ -585,34 +585,23 @@ fn check_passphrase(s: &str, which: &str) -> Result<(), KeyringError> {
     Ok(())
 }
 
+/// 64 hex digits (checked by the caller) as the key's 32 bytes.
 fn decode_hex(s: &str) -> Zeroizing<[u8; KEY_LEN]> {
-    fn nibble(b: u8) -> u8 {
-        match b {
-            b'0'..=b'9' => b - b'0',
-            b'a'..=b'f' => b - b'a' + 10,
-            b'A'..=b'F' => b - b'A' + 10,
-            _ => 0,
-        }
-    }
     let mut key = Zeroizing::new([0u8; KEY_LEN]);
-    for (out, pair) in key.iter_mut().zip(s.as_bytes().chunks_exact(2)) {
-        *out = (nibble(pair[0]) << 4) | nibble(pair[1]);
+    if hex::decode_to_slice(s, &mut key[..]).is_err() {
+        // Unreachable for checked input; an all-zero key is refused as weak anyway.
+        key.fill(0);
     }
     key
 }
 
 fn to_hex(bytes: &[u8]) -> String {
-    const DIGITS: &[u8; 16] = b"0123456789abcdef";
-    let mut s = String::with_capacity(2 * bytes.len());
-    for b in bytes {
-        s.push(char::from(DIGITS[usize::from(b >> 4)]));
-        s.push(char::from(DIGITS[usize::from(b & 0x0f)]));
-    }
-    s
+    hex::encode(bytes)
 }
 
+/// Constant-time comparison of key material.
 fn same_bytes(a: &[u8], b: &[u8]) -> bool {
-    a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
+    subtle::ConstantTimeEq::ct_eq(a, b).into()
 }
 
 #[cfg(test)]

@@ -16,12 +16,14 @@ use std::sync::Arc;
 
 use crate::config::KeysSettings;
 
+/// The vault was asked for while no encryption secret is configured.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+#[error("keys.encryption_secret (API_KEY_ENCRYPTION_SECRET) is not set")]
+pub struct NoEncryptionSecret;
+
 /// The keyring built (and checked) when the configuration was validated.
-pub fn keyring(settings: &KeysSettings) -> Result<Arc<crypto::Keyring>, String> {
-    settings
-        .keyring
-        .clone()
-        .ok_or_else(|| "keys.encryption_secret (API_KEY_ENCRYPTION_SECRET) is not set".to_string())
+pub fn keyring(settings: &KeysSettings) -> Result<Arc<crypto::Keyring>, NoEncryptionSecret> {
+    settings.keyring.clone().ok_or(NoEncryptionSecret)
 }
 
 /// The validated default key settings (with a test encryption secret), for unit tests.
