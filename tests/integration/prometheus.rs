@@ -63,7 +63,7 @@ const INACTIVE: [(&str, &str); 6] = [
 
 /// Panels whose data the load must move (a value other than zero somewhere in the range); the
 /// others (in flight, SSE, decrypt failures, JWKS) must only return data.
-const DRIVEN: [&str; 20] = [
+const DRIVEN: [&str; 21] = [
     "Requests/s",
     "5xx ratio",
     "p99 latency, proxied",
@@ -82,6 +82,7 @@ const DRIVEN: [&str; 20] = [
     "Rate-limited requests/s by rule",
     "Rate-limit decisions/s by rule and result",
     "Redis fallbacks/s",
+    "Redis circuit breakers",
     "Upstream errors/s by kind",
     "Upstream responses/s and error ratio",
 ];
