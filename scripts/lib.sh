@@ -24,12 +24,14 @@ need_build_tools() {
 }
 
 # What the test suite needs besides the build: a real redis-server (and redis-cli, for the
-# cluster tests), promtool for the alert rules and dashboard queries, and the Kubernetes and
-# Compose schema validators (Python packages).
+# cluster tests), promtool for the alert rules and dashboard queries, the prometheus server (the
+# dashboard and alerts are evaluated against a running one), and the Kubernetes and Compose
+# schema validators (Python packages).
 need_test_tools() {
   need redis-server redis-server
   need redis-cli redis-tools
   need promtool prometheus
+  need prometheus prometheus
   need python3 python3
   if ! python3 -m pip --version >/dev/null 2>&1; then
     keygate_missing_packages+=(python3-pip)

@@ -1310,8 +1310,11 @@ async fn dashboard_and_alerts_query_only_exported_metrics() {
 
     let mut missing = Vec::new();
     for (name, files) in &wanted {
+        // Series of the Redis clients exist only with Redis: prometheus.rs checks them against
+        // a keygate that has it.
         let found = match types.get(name.as_str()) {
             Some(_) => true,
+            None if name.starts_with("keygate_redis_") => true,
             // A histogram's series carry suffixes its TYPE line does not.
             None => ["_bucket", "_sum", "_count"].iter().any(|suffix| {
                 name.strip_suffix(suffix)

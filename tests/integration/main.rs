@@ -13,6 +13,7 @@ mod identity;
 mod lifetimes;
 mod ops;
 mod policy;
+mod prometheus;
 mod proxy;
 mod ratelimit;
 mod redis_faults;
