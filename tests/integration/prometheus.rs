@@ -35,7 +35,7 @@ const JOB: &str = "keygate";
 const RATE_INTERVAL: &str = "1m";
 
 /// Alerts the load below must trigger, and why.
-const FIRING: [(&str, &str); 4] = [
+const FIRING: [(&str, &str); 5] = [
     ("KeygateHighErrorRate", "a 504 and 503s among ~25 requests"),
     ("KeygateUpstreamErrors", "one upstream timeout among ~10"),
     (
@@ -46,10 +46,14 @@ const FIRING: [(&str, &str); 4] = [
         "KeygateRateLimitRedisFallback",
         "rate-limit checks after the Redis stop",
     ),
+    (
+        "KeygateLockouts",
+        "user_c refused by policy past its budget",
+    ),
 ];
 
 /// Alerts the load must leave inactive, and why.
-const INACTIVE: [(&str, &str); 6] = [
+const INACTIVE: [(&str, &str); 7] = [
     ("KeygateMetricsAbsent", "keygate is scraped"),
     ("KeygateUpstreamDown", "most upstream requests are answered"),
     ("KeygateKeyDecryptFailures", "every stored key decrypts"),
@@ -59,11 +63,12 @@ const INACTIVE: [(&str, &str); 6] = [
         "the keys were fetched seconds ago",
     ),
     ("KeygateJwksFetchFailing", "the fake Clerk serves its JWKS"),
+    ("KeygateHttp2ControlFloods", "no HTTP/2 client at all"),
 ];
 
 /// Panels whose data the load must move (a value other than zero somewhere in the range); the
 /// others (in flight, SSE, decrypt failures, JWKS) must only return data.
-const DRIVEN: [&str; 21] = [
+const DRIVEN: [&str; 22] = [
     "Requests/s",
     "5xx ratio",
     "p99 latency, proxied",
@@ -75,6 +80,7 @@ const DRIVEN: [&str; 21] = [
     "Upstream latency (p50, p90, p99)",
     "Authentication failures/s by reason and token kind",
     "Accepted tokens/s by kind",
+    "Lockouts and HTTP/2 control-frame floods",
     "Key store operations/s",
     "Key store errors/s",
     "Key store latency (p50, p99)",
@@ -499,6 +505,9 @@ method = "tools/call"
 name = "delete_*"
 scopes = ["twenty:write"]
 
+[policy.auth_failures]
+subject_max_denials = 1
+
 [upstream]
 read_timeout_secs = 1
 "#;
@@ -556,9 +565,12 @@ read_timeout_secs = 1
         &keys::access_token_claims(&load.clerk.url(), "user_a", Some(RESOURCE), "twenty:read"),
     );
     assert_eq!(load.mcp(Some(&forged), None).await, 401);
-    // 403: a delete tool without twenty:write.
-    assert_eq!(load.mcp(Some(&a), Some("delete_person")).await, 403);
-    assert_eq!(load.mcp(Some(&a), Some("delete_company")).await, 403);
+    // 403: a delete tool without twenty:write, twice: the second refusal is past the
+    // subject's budget of one and locks user_c out (429 from then on).
+    let c = load.access("user_c");
+    assert_eq!(load.mcp(Some(&c), Some("delete_person")).await, 403);
+    assert_eq!(load.mcp(Some(&c), Some("delete_company")).await, 403);
+    assert_eq!(load.mcp(Some(&c), None).await, 429);
     // 429: the export budget is one call.
     assert_eq!(load.mcp(Some(&a), Some("export_all")).await, 200);
     assert_eq!(load.mcp(Some(&a), Some("export_all")).await, 429);
