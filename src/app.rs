@@ -25,7 +25,7 @@ use crate::auth::Authenticator;
 use crate::config::RedisFailure;
 use crate::config::Settings;
 use crate::keys::embedded::EmbeddedStore;
-use crate::keys::redis_store::{RedisConn, RedisSettings, RedisStore};
+use crate::keys::redis_store::RedisStore;
 use crate::keys::store::KeyStore;
 use crate::keys::vault::{UserKey, Vault};
 use crate::policy::auth_failures::AuthFailures;
@@ -37,6 +37,7 @@ use crate::policy::sessions::{LocalBindings, RedisBindings, SessionBindings};
 use crate::proxy::deadline::{Connections, Limits, Requests};
 use crate::proxy::CompiledRateRule;
 use crate::proxy::{Gateway, GatewayState};
+use crate::redis::{RedisConn, RedisSettings};
 use crate::telemetry::metrics::Metrics;
 
 /// The HTTP client for JWKS, discovery and Clerk's Backend API, built once.

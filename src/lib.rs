@@ -9,4 +9,5 @@ pub mod error;
 pub mod keys;
 pub mod policy;
 pub mod proxy;
+pub mod redis;
 pub mod telemetry;

@@ -2,7 +2,7 @@
 //! process running without Redis.
 //!
 //! It owns the database file `keys.redb` in the configured directory and one table, slot →
-//! JSON record (the same form the Redis store keeps, see `redis_store::encode_record`). redb is
+//! JSON record (the same form the Redis store keeps, see `store::encode_record`). redb is
 //! blocking, so every call runs on tokio's blocking pool; writes return once their transaction
 //! committed durably. Invalidations only reach this process's own subscribers. It does not
 //! share data between processes: redb locks the file, so a second process opening the same
@@ -15,7 +15,7 @@ use async_trait::async_trait;
 use redb::{Database, ReadableTable, TableDefinition};
 use tokio::sync::broadcast;
 
-use super::redis_store::{decode_record, encode_record};
+use super::store::{decode_record, encode_record};
 use super::store::{Invalidation, KeyStore, Owner, StoreError, StoredRecord};
 
 /// The one table: owner slot → JSON record.

@@ -5,6 +5,7 @@
 //! and `embedded` (one process, on disk).
 
 use async_trait::async_trait;
+use base64::Engine as _;
 
 use crate::auth::Identity;
 use serde::{Deserialize, Serialize};
@@ -149,9 +150,71 @@ pub trait KeyStore: Send + Sync + 'static {
     fn name(&self) -> &'static str;
 }
 
+/// The record as stored: JSON with `sealed` in standard base64.
+#[derive(Serialize, Deserialize)]
+struct WireRecord {
+    sealed: String,
+    #[serde(default)]
+    base_url: Option<String>,
+    updated_at: i64,
+}
+
+/// Encode a record in the JSON form both stores keep.
+pub(crate) fn encode_record(record: &StoredRecord) -> Result<Vec<u8>, StoreError> {
+    let wire = WireRecord {
+        sealed: base64::engine::general_purpose::STANDARD.encode(&record.sealed),
+        base_url: record.base_url.clone(),
+        updated_at: record.updated_at,
+    };
+    serde_json::to_vec(&wire).map_err(|e| StoreError::Corrupt(format!("cannot encode record: {e}")))
+}
+
+/// Decode [`encode_record`]'s form; anything else is [`StoreError::Corrupt`]. The error never
+/// quotes the stored bytes.
+pub(crate) fn decode_record(slot: &str, bytes: &[u8]) -> Result<StoredRecord, StoreError> {
+    let wire: WireRecord = serde_json::from_slice(bytes).map_err(|e| {
+        StoreError::Corrupt(format!(
+            "record for {slot} is not a valid record (line {}, column {})",
+            e.line(),
+            e.column()
+        ))
+    })?;
+    let sealed = base64::engine::general_purpose::STANDARD
+        .decode(wire.sealed.as_bytes())
+        .map_err(|_| StoreError::Corrupt(format!("record for {slot}: sealed is not base64")))?;
+    Ok(StoredRecord {
+        sealed,
+        base_url: wire.base_url,
+        updated_at: wire.updated_at,
+    })
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn records_round_trip_and_garbage_is_corrupt() {
+        let record = StoredRecord {
+            sealed: vec![0, 1, 2, 255],
+            base_url: Some("https://crm.example.com".into()),
+            updated_at: 42,
+        };
+        let bytes = encode_record(&record).unwrap();
+        let json: serde_json::Value = serde_json::from_slice(&bytes).unwrap();
+        assert_eq!(json["sealed"], "AAEC/w==");
+        assert_eq!(decode_record("user:u", &bytes).unwrap(), record);
+        for garbage in [
+            &b"not json"[..],
+            br#"{"sealed":"***","updated_at":1}"#,
+            b"[]",
+        ] {
+            assert!(matches!(
+                decode_record("user:u", garbage),
+                Err(StoreError::Corrupt(_))
+            ));
+        }
+    }
 
     #[test]
     fn slots_round_trip() {

@@ -55,7 +55,7 @@ use std::time::{Duration, Instant};
 
 use async_trait::async_trait;
 
-use crate::keys::redis_store::RedisConn;
+use crate::redis::RedisConn;
 
 /// Keys the local limiter tracks at most, unless told otherwise.
 pub const DEFAULT_LOCAL_MAX_KEYS: u64 = 100_000;

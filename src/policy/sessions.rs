@@ -25,7 +25,7 @@ use moka::ops::compute::Op;
 use moka::sync::Cache;
 use sha2::{Digest, Sha256};
 
-use crate::keys::redis_store::RedisConn;
+use crate::redis::RedisConn;
 
 /// How long a binding lives unless told otherwise.
 pub const DEFAULT_TTL: Duration = Duration::from_secs(24 * 60 * 60);
@@ -279,7 +279,7 @@ impl SessionBindings for RedisBindings {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::keys::redis_store::RedisSettings;
+    use crate::redis::RedisSettings;
 
     #[tokio::test]
     async fn first_binding_wins() {

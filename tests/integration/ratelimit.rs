@@ -6,11 +6,11 @@ use std::future::Future;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use keygate::keys::redis_store::{RedisConn, RedisSettings};
 use keygate::policy::ratelimit::{
     Decision, FallbackLimiter, LocalLimiter, OnRedisError, Quota, RateLimiter, RedisLimiter,
 };
 use keygate::policy::sessions::{RedisBindings, SessionBindings};
+use keygate::redis::{RedisConn, RedisSettings};
 
 use crate::common::redis::{RedisCluster, RedisServer};
 

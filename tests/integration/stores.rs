@@ -7,8 +7,9 @@ use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
 use keygate::keys::embedded::EmbeddedStore;
-use keygate::keys::redis_store::{RedisSettings, RedisStore};
+use keygate::keys::redis_store::RedisStore;
 use keygate::keys::store::{Invalidation, KeyStore, Owner, StoreError, StoredRecord};
+use keygate::redis::RedisSettings;
 use tokio::sync::broadcast;
 
 use crate::common::free_port;
