@@ -556,3 +556,107 @@ time_zone = "Europe/Atlantis"
     assert_eq!(code, Some(2));
     assert!(stderr.contains("issuers[0].claims.roles"), "{stderr}");
 }
+
+/// A refusal's audit event names the rule and the condition, as the body does; a mistyped
+/// option in a rule is a configuration error, never a rule without that requirement.
+#[tokio::test]
+async fn the_audit_event_names_the_rule_and_the_reason() {
+    use std::io::Read;
+    use std::process::Stdio;
+    use std::time::{Duration, Instant};
+
+    let key = SigningKey::rsa_a("kid-a");
+    let clerk = FakeClerk::start(vec![key.clone()]).await;
+    let upstream = Upstream::start().await;
+    let dir = TempDir::new("authz-audit");
+    let cfg = dir.join("keygate.toml");
+    std::fs::write(
+        &cfg,
+        clerk_config(
+            &clerk.url(),
+            clerk.secret_key(),
+            &format!(
+                "[log]\nformat = \"json\"\n[server]\ngrace_period_secs = 1\n\
+                 shutdown_timeout_secs = 1\nthreads = 1\n{KEYS_MFA_RULE}"
+            ),
+        ),
+    )
+    .expect("config");
+    let (port, admin) = (crate::common::free_port(), crate::common::free_port());
+    let mut child = Command::new(env!("CARGO_BIN_EXE_keygate"))
+        .arg("--config")
+        .arg(&cfg)
+        .env("KEYGATE_LISTEN", format!("127.0.0.1:{port}"))
+        .env("KEYGATE_ADMIN_LISTEN", format!("127.0.0.1:{admin}"))
+        .env("KEYGATE_UPSTREAM", upstream.url())
+        .env("RUST_LOG", "info")
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("start keygate");
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let ready = client()
+            .get(format!("http://127.0.0.1:{admin}/ready"))
+            .send()
+            .await
+            .is_ok_and(|r| r.status() == 200);
+        if ready {
+            break;
+        }
+        assert!(Instant::now() < deadline, "keygate never became ready");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let session = key.sign(
+        json!({"typ": "JWT"}),
+        &keys::clerk_session_claims(&clerk.url(), "user_audit", "sess_audit"),
+    );
+    let resp = client()
+        .post(format!("http://127.0.0.1:{port}/api/keys"))
+        .bearer_auth(&session)
+        .json(&json!({"apiKey": "k"}))
+        .send()
+        .await
+        .expect("request");
+    assert_eq!(resp.status(), 403);
+    assert_eq!(upstream.count(), 0);
+    let killed = Command::new("kill")
+        .args(["-TERM", &child.id().to_string()])
+        .status()
+        .expect("kill");
+    assert!(killed.success());
+    let deadline = Instant::now() + Duration::from_secs(15);
+    while child.try_wait().expect("wait").is_none() {
+        assert!(Instant::now() < deadline, "keygate did not exit");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let mut logs = String::new();
+    for stream in [
+        child.stderr.take().map(|s| Box::new(s) as Box<dyn Read>),
+        child.stdout.take().map(|s| Box::new(s) as Box<dyn Read>),
+    ]
+    .into_iter()
+    .flatten()
+    {
+        let mut stream = stream;
+        stream.read_to_string(&mut logs).expect("read");
+    }
+    let refusal = logs
+        .lines()
+        .find(|l| l.contains("\"target\":\"keygate::audit\"") && l.contains("\"event\":\"denied\""))
+        .unwrap_or_else(|| panic!("no denied audit event:\n{logs}"));
+    assert!(
+        refusal.contains("\"rule\":\"key-writes-need-fresh-mfa\""),
+        "{refusal}"
+    );
+    assert!(refusal.contains("\"reason\":\"mfa\""), "{refusal}");
+    assert!(!logs.contains(&session), "the token was logged");
+
+    // A typo in a rule (`role` for `roles`) is refused, naming it.
+    let (code, stderr) = check_config(&format!(
+        "[keys]\nenabled = false\n[clerk]\nfrontend_api_url = \"https://clerk.example.com\"\n\
+         [[policy.rules]]\nname = \"x\"\nrole = [\"admin\"]\n"
+    ));
+    assert_eq!(code, Some(2), "{stderr}");
+    assert!(stderr.contains("role"), "{stderr}");
+}
