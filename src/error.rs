@@ -416,6 +416,36 @@ mod tests {
     }
 
     #[test]
+    fn rule_refusals_name_the_rule_and_step_up_only_oauth_clients() {
+        use crate::policy::rules::{Condition, Denial};
+        let denial = |oauth| {
+            GatewayError::RuleDenied(Box::new(Denial {
+                rule: "key-writes-need-fresh-mfa".into(),
+                condition: Condition::Mfa,
+                max_age: Some(Duration::from_secs(600)),
+                scopes: Vec::new(),
+                oauth,
+            }))
+        };
+        let r = denial(true).response(&CH);
+        assert_eq!(r.status, 403);
+        let body: serde_json::Value = serde_json::from_str(&r.body).expect("json");
+        assert_eq!(body["rule"], "key-writes-need-fresh-mfa");
+        assert_eq!(body["reason"], "mfa");
+        assert_eq!(body["max_age"], 600);
+        let (name, v) = &r.headers[0];
+        assert_eq!(*name, "www-authenticate");
+        assert!(
+            v.starts_with("Bearer error=\"insufficient_user_authentication\"")
+                && v.contains("max_age=600"),
+            "{v}"
+        );
+        assert!(denial(false).response(&CH).headers.is_empty());
+        assert_eq!(denial(false).reason(), "mfa");
+        assert_eq!(denial(false).rule(), Some("key-writes-need-fresh-mfa"));
+    }
+
+    #[test]
     fn unavailable_carries_retry_after() {
         let r = GatewayError::Unavailable {
             what: "token verification",

@@ -653,10 +653,10 @@ async fn the_audit_event_names_the_rule_and_the_reason() {
     assert!(!logs.contains(&session), "the token was logged");
 
     // A typo in a rule (`role` for `roles`) is refused, naming it.
-    let (code, stderr) = check_config(&format!(
+    let (code, stderr) = check_config(
         "[keys]\nenabled = false\n[clerk]\nfrontend_api_url = \"https://clerk.example.com\"\n\
-         [[policy.rules]]\nname = \"x\"\nrole = [\"admin\"]\n"
-    ));
+         [[policy.rules]]\nname = \"x\"\nrole = [\"admin\"]\n",
+    );
     assert_eq!(code, Some(2), "{stderr}");
     assert!(stderr.contains("role"), "{stderr}");
 }
