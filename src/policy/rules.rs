@@ -854,6 +854,71 @@ mod tests {
     }
 
     #[test]
+    fn selectors_path_http_method_issuer_and_calls() {
+        let rules = compile(&[
+            RuleConfig {
+                name: "keys-writes".into(),
+                paths: strings(&["/api/keys"]),
+                http_methods: strings(&["post", "DELETE"]),
+                email_domains: Some(strings(&["company.com"])),
+                ..RuleConfig::default()
+            },
+            RuleConfig {
+                name: "idp-only-tools".into(),
+                issuers: strings(&["https://idp.example"]),
+                method: Some("tools/*".into()),
+                require_org: true,
+                ..RuleConfig::default()
+            },
+        ])
+        .expect("rules");
+        let clock = Clock::system();
+        let who = id();
+        let at = |path, method| Request {
+            path,
+            http_method: method,
+            calls: None,
+        };
+        let denied = |req: &Request<'_>, who: &Identity| {
+            rules
+                .check(req, Some(who), &clock)
+                .err()
+                .map(|d| (d.rule.to_string(), d.condition))
+        };
+        let post = http::Method::POST;
+        let get = http::Method::GET;
+        // Prefix of the normal form; methods compared case-insensitively in config.
+        for path in ["/api/keys", "/api/keys/"] {
+            assert_eq!(
+                denied(&at(path, &post), &who),
+                Some(("keys-writes".into(), Condition::EmailMissing))
+            );
+        }
+        assert_eq!(denied(&at("/api/keys", &get), &who), None);
+        assert_eq!(denied(&at("/other", &post), &who), None);
+        let mut with_email = id();
+        with_email.email = Some("a@company.com".into());
+        assert_eq!(denied(&at("/api/keys", &post), &with_email), None);
+        with_email.email_verified = Some(false);
+        assert_eq!(
+            denied(&at("/api/keys", &post), &with_email),
+            Some(("keys-writes".into(), Condition::EmailUnverified))
+        );
+        // A rule with a method selector never matches a request without calls.
+        assert_eq!(denied(&at("/mcp", &post), &who), None);
+        let calls = [tool("get_a")];
+        assert_eq!(
+            denied(&mcp_req(&calls), &who),
+            Some(("idp-only-tools".into(), Condition::NoOrg))
+        );
+        // Another issuer's token is not selected by the rule.
+        let other = Identity::new("https://other.example", "u1", TokenKind::OAuthJwt);
+        assert_eq!(denied(&mcp_req(&calls), &other), None);
+        // A body of responses only is checked as the request itself.
+        assert_eq!(denied(&mcp_req(&[]), &who), None);
+    }
+
+    #[test]
     fn email_domains_match_exactly() {
         let allowed = strings(&["company.com", "company.co"]);
         for ok in ["a@company.com", "a@COMPANY.com", "b.c@company.co"] {
