@@ -660,3 +660,42 @@ async fn the_audit_event_names_the_rule_and_the_reason() {
     assert_eq!(code, Some(2), "{stderr}");
     assert!(stderr.contains("role"), "{stderr}");
 }
+
+/// `[clerk.claims]` maps Clerk's tokens too (here an email a session-token template adds);
+/// Clerk's own org and role claims keep working beside it.
+#[tokio::test]
+async fn clerk_claims_can_be_mapped_too() {
+    let t = Authz::start(
+        "",
+        r#"
+[clerk.claims]
+email = "primary_email"
+
+[auth]
+session_token_paths = ["/api/keys", "/mcp"]
+
+[[policy.rules]]
+name = "company-admins-delete"
+method = "tools/call"
+call_name = "delete_*"
+roles = ["admin"]
+email_domains = ["company.com"]
+"#,
+    )
+    .await;
+    let session = |email: Value| t.clerk_session(json!({ "primary_email": email }));
+    assert_eq!(
+        t.call_tool(&session(json!("ana@company.com")), "delete_x")
+            .await
+            .0,
+        200
+    );
+    let (status, body) = t
+        .call_tool(&session(json!("ana@company.com.evil.io")), "delete_x")
+        .await;
+    assert_eq!(status, 403);
+    assert_eq!(refusal(&body), ("company-admins-delete", "email_domain"));
+    let (status, body) = t.call_tool(&session(Value::Null), "get_x").await;
+    assert_eq!(status, 403);
+    assert_eq!(refusal(&body), ("claims.email", "claim_missing"));
+}
