@@ -76,6 +76,7 @@ fn issuer(rt: &tokio::runtime::Runtime, f: &Fixture, alg: Algorithm) -> JwtIssue
         &[alg],
         Duration::from_secs(5),
         None,
+        Default::default(),
     )
 }
 

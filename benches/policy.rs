@@ -1,5 +1,6 @@
 //! Policy on the request path: one local rate-limit decision, the MCP checks of a
-//! `tools/call` body (parse, header match, scope rules), and the route decision.
+//! `tools/call` body (parse, header match, scope rules), the authorization rules over a mapped
+//! identity, and the route decision.
 
 use std::hint::black_box;
 use std::time::Duration;
@@ -37,6 +38,72 @@ fn policy_check(c: &mut Criterion) {
     });
 }
 
+fn authorization_rules(c: &mut Criterion) {
+    use keygate::auth::{Identity, TokenKind};
+    use keygate::policy::rules::{Clock, IssuerFacts, Request, RuleConfig, Rules};
+    let strings = |v: &[&str]| v.iter().map(|s| s.to_string()).collect::<Vec<_>>();
+    let rule = |name: &str, call_name: Option<&str>, roles: &[&str]| RuleConfig {
+        name: name.into(),
+        method: Some("tools/call".into()),
+        call_name: call_name.map(Into::into),
+        roles: Some(strings(roles)),
+        ..RuleConfig::default()
+    };
+    let configs = [
+        RuleConfig {
+            name: "key-writes-need-fresh-mfa".into(),
+            paths: strings(&["/api/keys"]),
+            http_methods: strings(&["POST", "DELETE"]),
+            mfa_max_age_mins: Some(10),
+            ..RuleConfig::default()
+        },
+        RuleConfig {
+            name: "contractor-hours".into(),
+            for_roles: Some(strings(&["contractor"])),
+            days: Some(strings(&["mon", "tue", "wed", "thu", "fri"])),
+            hours: Some("09:00-17:00".into()),
+            time_zone: Some("Europe/Berlin".into()),
+            ..RuleConfig::default()
+        },
+        rule("delete-tools-admin-only", Some("delete_*"), &["admin"]),
+        rule(
+            "write-tools-managers",
+            Some("{create,update}_*"),
+            &["manager", "admin"],
+        ),
+        rule("read-tools-members", None, &["member", "manager", "admin"]),
+    ];
+    let mut problems = keygate::config::Problems::default();
+    let facts = [IssuerFacts {
+        issuer: "https://idp.example".into(),
+        maps_roles: true,
+    }];
+    let domains = strings(&["company.com", "company.co"]);
+    let rules = Rules::compile(&configs, Some(&domains), &facts, &mut problems);
+    assert!(problems.0.is_empty(), "{problems}");
+    let mut identity = Identity::new("https://idp.example", "user_1", TokenKind::OAuthJwt);
+    identity.roles = strings(&["member"]);
+    identity.email = Some("ana@company.com".into());
+    let body = br#"{"jsonrpc":"2.0","id":7,"method":"tools/call","params":{"name":"get_person","arguments":{"id":"8f2c"}}}"#;
+    let calls = mcp::parse_body(body).expect("valid");
+    let clock = Clock::system();
+    c.bench_function(
+        "authorization rules (5 rules, email allowlist, allowed)",
+        |b| {
+            b.iter(|| {
+                let request = Request {
+                    path: "/mcp",
+                    http_method: &http::Method::POST,
+                    calls: Some(black_box(&calls)),
+                };
+                rules
+                    .check(&request, Some(black_box(&identity)), &clock)
+                    .expect("allowed")
+            })
+        },
+    );
+}
+
 fn route_decision(c: &mut Criterion) {
     let routes = Routes::new(&["/mcp".to_string()], true);
     c.bench_function("route decision (canonical /mcp)", |b| {
@@ -52,5 +119,11 @@ fn route_decision(c: &mut Criterion) {
     });
 }
 
-criterion_group!(benches, rate_limit, policy_check, route_decision);
+criterion_group!(
+    benches,
+    rate_limit,
+    policy_check,
+    authorization_rules,
+    route_decision
+);
 criterion_main!(benches);

@@ -101,6 +101,12 @@ pub enum GatewayError {
     /// Policy refuses this caller (org rules); the text names the rule.
     #[error("{0}")]
     Forbidden(String),
+    /// An authorization rule refuses the request: names the rule and the failed condition.
+    #[error("refused by rule {}: {}", .0.rule, .0.condition.description())]
+    RuleDenied(Box<crate::policy::rules::Denial>),
+    /// The token is genuine but does not carry a claim its issuer's mapping names.
+    #[error("{0}")]
+    Claims(crate::auth::claims::ClaimError),
     /// An MCP session id presented by someone other than the user who opened it.
     #[error("session not found")]
     SessionNotFound,
@@ -191,6 +197,8 @@ impl GatewayError {
             GatewayError::OriginForbidden => "origin",
             GatewayError::InsufficientScope(_) => "insufficient_scope",
             GatewayError::Forbidden(_) => "forbidden",
+            GatewayError::RuleDenied(d) => d.condition.as_str(),
+            GatewayError::Claims(e) => e.reason(),
             GatewayError::SessionNotFound => "session_not_found",
             GatewayError::RateLimited { .. } => "rate_limited",
             GatewayError::NotFound => "not_found",
@@ -199,6 +207,16 @@ impl GatewayError {
             GatewayError::UpstreamUnreachable => "upstream_unreachable",
             GatewayError::UpstreamTimeout => "upstream_timeout",
             GatewayError::Internal => "internal",
+        }
+    }
+
+    /// The authorization rule (or claim mapping option) behind a refusal, for the body, the
+    /// audit event and the metric label; `None` for other errors.
+    pub fn rule(&self) -> Option<&str> {
+        match self {
+            GatewayError::RuleDenied(d) => Some(&d.rule),
+            GatewayError::Claims(e) => Some(e.fact().option()),
+            _ => None,
         }
     }
 
@@ -265,6 +283,57 @@ impl GatewayError {
                 )
             }
             GatewayError::Forbidden(reason) => (403, json_body("forbidden", reason)),
+            GatewayError::RuleDenied(d) => {
+                use crate::policy::rules::Condition;
+                let description = d.condition.description();
+                let error = match d.condition {
+                    Condition::Mfa if d.oauth => {
+                        // RFC 9470: the client can ask for a fresh authentication.
+                        let max_age = d.max_age.map_or(0, |a| a.as_secs());
+                        headers.push((
+                            "www-authenticate",
+                            format!(
+                                "Bearer error=\"insufficient_user_authentication\", error_description={}, max_age={max_age}, resource_metadata={}",
+                                quoted(description),
+                                quoted(challenge.resource_metadata)
+                            ),
+                        ));
+                        "insufficient_user_authentication"
+                    }
+                    Condition::Scope => {
+                        headers.push((
+                            "www-authenticate",
+                            format!(
+                                "Bearer error=\"insufficient_scope\", scope={}, resource_metadata={}",
+                                quoted(&d.scopes.join(" ")),
+                                quoted(challenge.resource_metadata)
+                            ),
+                        ));
+                        "insufficient_scope"
+                    }
+                    _ => "forbidden",
+                };
+                let mut body = serde_json::json!({
+                    "error": error,
+                    "error_description": description,
+                    "rule": &*d.rule,
+                    "reason": d.condition.as_str(),
+                });
+                if let Some(max_age) = d.max_age {
+                    body["max_age"] = serde_json::json!(max_age.as_secs());
+                }
+                (403, body.to_string())
+            }
+            GatewayError::Claims(e) => (
+                403,
+                serde_json::json!({
+                    "error": "forbidden",
+                    "error_description": e.to_string(),
+                    "rule": e.fact().option(),
+                    "reason": e.reason(),
+                })
+                .to_string(),
+            ),
             GatewayError::SessionNotFound => (404, json_body("not_found", "Session not found")),
             GatewayError::RateLimited {
                 retry_after,
@@ -355,6 +424,36 @@ mod tests {
             v,
             "Bearer error=\"insufficient_scope\", scope=\"twenty:read twenty:write\", resource_metadata=\"https://mcp.example.com/.well-known/oauth-protected-resource/mcp\""
         );
+    }
+
+    #[test]
+    fn rule_refusals_name_the_rule_and_step_up_only_oauth_clients() {
+        use crate::policy::rules::{Condition, Denial};
+        let denial = |oauth| {
+            GatewayError::RuleDenied(Box::new(Denial {
+                rule: "key-writes-need-fresh-mfa".into(),
+                condition: Condition::Mfa,
+                max_age: Some(Duration::from_secs(600)),
+                scopes: Vec::new(),
+                oauth,
+            }))
+        };
+        let r = denial(true).response(&CH);
+        assert_eq!(r.status, 403);
+        let body: serde_json::Value = serde_json::from_str(&r.body).expect("json");
+        assert_eq!(body["rule"], "key-writes-need-fresh-mfa");
+        assert_eq!(body["reason"], "mfa");
+        assert_eq!(body["max_age"], 600);
+        let (name, v) = &r.headers[0];
+        assert_eq!(*name, "www-authenticate");
+        assert!(
+            v.starts_with("Bearer error=\"insufficient_user_authentication\"")
+                && v.contains("max_age=600"),
+            "{v}"
+        );
+        assert!(denial(false).response(&CH).headers.is_empty());
+        assert_eq!(denial(false).reason(), "mfa");
+        assert_eq!(denial(false).rule(), Some("key-writes-need-fresh-mfa"));
     }
 
     #[test]

@@ -346,8 +346,16 @@ impl ClerkBackend {
             kind,
             scopes: parsed.scopes,
             client_id: parsed.client_id,
+            roles: org
+                .as_ref()
+                .and_then(|o| o.role.clone())
+                .into_iter()
+                .collect(),
             org,
             expires_at,
+            email: None,
+            email_verified: None,
+            second_factor_at: None,
         })))
     }
 }

@@ -1,4 +1,7 @@
-//! The verified identity a request carries once its token has been accepted.
+//! The verified identity a request carries once its token has been accepted: the mapped facts
+//! (issuer, subject, org, roles, email, scopes, second-factor time) every policy, rate key, key
+//! slot and identity header reads. How tokens become one is `auth::jwt`, `auth::clerk` and
+//! `auth::claims`.
 
 use std::time::SystemTime;
 
@@ -51,11 +54,41 @@ pub struct Identity {
     pub org: Option<OrgContext>,
     /// When the credential stops being valid; caches never keep it past this.
     pub expires_at: Option<SystemTime>,
+    /// Roles from the issuer's mapped roles claim, plus the org role when there is one.
+    pub roles: Vec<String>,
+    /// The mapped email address, when the token carries one.
+    pub email: Option<String>,
+    /// The issuer's `email_verified`, when it says (absent: the issuer does not tell).
+    pub email_verified: Option<bool>,
+    /// When a second factor was last verified (Clerk `fva`, OIDC `amr` + `auth_time`).
+    pub second_factor_at: Option<SystemTime>,
 }
 
 impl Identity {
     /// Whether the identity holds `scope`.
     pub fn has_scope(&self, scope: &str) -> bool {
         self.scopes.iter().any(|s| s == scope)
+    }
+
+    /// A bare identity of `kind` (no scopes, org, roles, email or MFA facts).
+    pub fn new(issuer: &str, subject: &str, kind: TokenKind) -> Self {
+        Self {
+            subject: subject.to_string(),
+            issuer: issuer.to_string(),
+            kind,
+            scopes: Vec::new(),
+            client_id: None,
+            org: None,
+            expires_at: None,
+            roles: Vec::new(),
+            email: None,
+            email_verified: None,
+            second_factor_at: None,
+        }
+    }
+
+    /// Whether the credential is an OAuth access token (a client that can step up).
+    pub fn is_oauth(&self) -> bool {
+        matches!(self.kind, TokenKind::OAuthJwt | TokenKind::OAuthOpaque)
     }
 }

@@ -16,6 +16,7 @@ use jsonwebtoken::errors::ErrorKind;
 use jsonwebtoken::{Algorithm, Header, Validation};
 use serde::Deserialize;
 
+use super::claims::{self, ClaimMap, MappedClaims};
 use super::identity::{Identity, OrgContext, TokenKind};
 use super::jwks::{JwksCache, KeyError};
 use super::AuthFailure;
@@ -36,6 +37,8 @@ pub struct JwtIssuer {
     /// Prepared once per allowed algorithm at startup.
     validations: HashMap<Algorithm, Validation>,
     clerk: Option<ClerkRules>,
+    /// Where this issuer's tokens carry user id, org, roles, email and scopes.
+    claims: ClaimMap,
 }
 
 #[derive(Deserialize)]
@@ -159,6 +162,7 @@ impl JwtIssuer {
         algorithms: &[Algorithm],
         leeway: Duration,
         clerk: Option<ClerkRules>,
+        claims: ClaimMap,
     ) -> Self {
         let validations = algorithms
             .iter()
@@ -180,6 +184,7 @@ impl JwtIssuer {
             audiences,
             validations,
             clerk,
+            claims,
         }
     }
 
@@ -220,20 +225,29 @@ impl JwtIssuer {
         if !key.algorithms.contains(&header.alg) {
             return Err(AuthError::AlgorithmNotAllowed.into());
         }
-        let data =
-            jsonwebtoken::decode::<Claims>(token, &key.key, validation).map_err(|e| {
-                match e.kind() {
-                    ErrorKind::ExpiredSignature => AuthError::Expired,
-                    ErrorKind::ImmatureSignature => AuthError::NotYetValid,
-                    ErrorKind::InvalidSignature => AuthError::BadSignature,
-                    ErrorKind::InvalidIssuer => AuthError::UnknownIssuer,
-                    ErrorKind::MissingRequiredClaim(_) => AuthError::MissingClaim,
-                    ErrorKind::InvalidAlgorithm => AuthError::AlgorithmNotAllowed,
-                    _ => AuthError::Malformed,
-                }
-            })?;
-        self.classify(header.typ.as_deref(), data.claims)
-            .map_err(AuthFailure::from)
+        // Decoded once as JSON: the typed claims and the mapped facts are both read from it.
+        let data = jsonwebtoken::decode::<serde_json::Value>(token, &key.key, validation).map_err(
+            |e| match e.kind() {
+                ErrorKind::ExpiredSignature => AuthError::Expired,
+                ErrorKind::ImmatureSignature => AuthError::NotYetValid,
+                ErrorKind::InvalidSignature => AuthError::BadSignature,
+                ErrorKind::InvalidIssuer => AuthError::UnknownIssuer,
+                ErrorKind::MissingRequiredClaim(_) => AuthError::MissingClaim,
+                ErrorKind::InvalidAlgorithm => AuthError::AlgorithmNotAllowed,
+                _ => AuthError::Malformed,
+            },
+        )?;
+        let serde_json::Value::Object(raw) = &data.claims else {
+            return Err(AuthError::Malformed.into());
+        };
+        let typed = Claims::deserialize(&data.claims).map_err(|_| AuthError::Malformed)?;
+        let identity = self.classify(header.typ.as_deref(), typed)?;
+        let mapped = MappedClaims::read(&self.claims, raw).map_err(AuthFailure::Claims)?;
+        Ok(apply_mapping(
+            identity,
+            mapped,
+            claims::second_factor_at(raw),
+        ))
     }
 
     fn classify(&self, typ: Option<&str>, claims: Claims) -> Result<Identity, AuthError> {
@@ -310,8 +324,53 @@ impl JwtIssuer {
             client_id: claims.client_id.or(claims.azp),
             org,
             expires_at: expires_at.or(Some(SystemTime::now())),
+            roles: Vec::new(),
+            email: None,
+            email_verified: None,
+            second_factor_at: None,
         })
     }
+}
+
+/// Lay the mapped facts over the built-in reading: a mapped fact replaces the built-in one;
+/// roles are the mapped roles plus the org role, once each.
+fn apply_mapping(
+    mut identity: Identity,
+    mapped: MappedClaims,
+    second_factor_at: Option<SystemTime>,
+) -> Identity {
+    if let Some(user) = mapped.user_id {
+        identity.subject = user;
+    }
+    if let Some(scopes) = mapped.scopes {
+        identity.scopes = scopes;
+    }
+    if let Some(id) = mapped.org_id {
+        identity.org = Some(OrgContext {
+            id,
+            slug: None,
+            role: mapped.org_role.clone(),
+            permissions: Vec::new(),
+        });
+    } else if let (Some(org), Some(role)) = (identity.org.as_mut(), mapped.org_role.clone()) {
+        org.role = Some(role);
+    }
+    let mut roles = mapped.roles.unwrap_or_default();
+    let org_role = identity
+        .org
+        .as_ref()
+        .and_then(|o| o.role.clone())
+        .or(mapped.org_role);
+    if let Some(role) = org_role {
+        if !roles.contains(&role) {
+            roles.push(role);
+        }
+    }
+    identity.roles = roles;
+    identity.email = mapped.email;
+    identity.email_verified = mapped.email_verified;
+    identity.second_factor_at = second_factor_at;
+    identity
 }
 
 #[cfg(test)]
@@ -379,6 +438,7 @@ mod tests {
             &[Algorithm::RS256],
             Duration::from_secs(5),
             None,
+            Default::default(),
         )
     }
 
@@ -410,6 +470,7 @@ mod tests {
             AuthFailure::Rejected(e) => e,
             AuthFailure::Unavailable(what) => panic!("{what} unavailable"),
             AuthFailure::Saturated(_) => panic!("a JWT issuer is never saturated"),
+            AuthFailure::Claims(e) => panic!("no claims are mapped here: {e}"),
         })
     }
 

@@ -6,6 +6,7 @@
 //! Discovery documents live in `auth::discovery`. Policy on *what* an identity may do does not
 //! live here.
 
+pub mod claims;
 pub mod clerk;
 pub mod discovery;
 pub mod identity;
@@ -37,6 +38,9 @@ pub enum AuthFailure {
     /// Verification would need a Backend API call keygate's own bound refuses right now;
     /// fail closed (503), retry after this long (whole seconds).
     Saturated(Duration),
+    /// The token is genuine but lacks a claim the issuer's mapping names, or carries it with
+    /// the wrong type (403: a new token from the same account would not differ).
+    Claims(claims::ClaimError),
 }
 
 impl From<AuthError> for AuthFailure {
@@ -57,6 +61,7 @@ impl From<AuthFailure> for GatewayError {
                 what: "token verification",
                 retry_after,
             },
+            AuthFailure::Claims(e) => GatewayError::Claims(e),
         }
     }
 }
@@ -179,6 +184,7 @@ impl Authenticator {
                     &c.algorithms,
                     leeway,
                     Some(rules),
+                    c.claims.clone(),
                 )),
             );
         }
@@ -214,6 +220,7 @@ impl Authenticator {
                     &i.algorithms,
                     leeway,
                     None,
+                    i.claims.clone(),
                 )),
             );
         }

@@ -42,6 +42,11 @@ pub struct PolicyFile {
     pub default_scopes: String,
     pub scopes: Vec<crate::policy::mcp::ScopeRuleConfig>,
     pub org: crate::policy::mcp::OrgRulesConfig,
+    /// `[[policy.rules]]`: authorization rules over the mapped identity, first match wins.
+    pub rules: Vec<crate::policy::rules::RuleConfig>,
+    /// Every authenticated caller's mapped email must be at one of these domains (unset: no
+    /// global allowlist).
+    pub email_domains: Option<Vec<String>>,
     /// `[policy.auth_failures]`: the per-client-IP failed-authentication budget.
     pub auth_failures: crate::policy::auth_failures::AuthFailuresConfig,
 }
@@ -67,6 +72,8 @@ impl Default for PolicyFile {
             default_scopes: "none".into(),
             scopes: Vec::new(),
             org: crate::policy::mcp::OrgRulesConfig::default(),
+            rules: Vec::new(),
+            email_domains: None,
             auth_failures: crate::policy::auth_failures::AuthFailuresConfig::default(),
         }
     }
@@ -371,6 +378,8 @@ pub struct ClerkFile {
     pub backend_burst: u32,
     /// How long a call may wait for a slot (in flight and rate) before its request gets 503.
     pub backend_max_wait_ms: u64,
+    /// `[clerk.claims]`: where Clerk tokens carry each fact; unset ones read Clerk's own claims.
+    pub claims: ClaimsFile,
 }
 
 impl Default for ClerkFile {
@@ -394,6 +403,7 @@ impl Default for ClerkFile {
             backend_rate_per_sec: 50,
             backend_burst: 100,
             backend_max_wait_ms: 250,
+            claims: ClaimsFile::default(),
         }
     }
 }
@@ -411,6 +421,32 @@ pub struct IssuerFile {
     pub audiences: Vec<String>,
     #[serde(default = "default_algorithms")]
     pub algorithms: Vec<String>,
+    /// `[issuers.claims]`: where this issuer's tokens carry each fact.
+    #[serde(default)]
+    pub claims: ClaimsFile,
+}
+
+/// A claim path as written: `"a.b"` (quote a segment holding dots: `"\"https://x/org\".id"`)
+/// or a list of literal segments (`["https://x/org", "id"]`).
+#[derive(Debug, Clone, Deserialize)]
+#[serde(untagged)]
+pub enum ClaimPathFile {
+    Path(String),
+    Segments(Vec<String>),
+}
+
+/// `[issuers.claims]` / `[clerk.claims]`: where the facts keygate authorizes on live in a
+/// token; each unset fact keeps the built-in reading.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ClaimsFile {
+    pub user_id: Option<ClaimPathFile>,
+    pub org_id: Option<ClaimPathFile>,
+    pub org_role: Option<ClaimPathFile>,
+    pub roles: Option<ClaimPathFile>,
+    pub email: Option<ClaimPathFile>,
+    pub email_verified: Option<ClaimPathFile>,
+    pub scopes: Option<ClaimPathFile>,
 }
 
 fn default_algorithms() -> Vec<String> {

@@ -90,6 +90,10 @@ pub struct PolicySettings {
     /// Configured rules, then the built-in Twenty rules when `default_scopes = "twenty"`.
     pub scope_rules: crate::policy::mcp::ScopeRules,
     pub org: crate::policy::mcp::OrgRulesConfig,
+    /// `[[policy.rules]]` and `policy.email_domains`, compiled.
+    pub rules: crate::policy::rules::Rules,
+    /// The clock rules read (the system's; tests set a fixed one).
+    pub clock: crate::policy::rules::Clock,
     /// The per-client-IP failed-authentication budget.
     pub auth_failures: crate::policy::auth_failures::AuthFailuresSettings,
 }
@@ -411,6 +415,8 @@ pub struct ClerkSettings {
     pub backend_rate: crate::policy::ratelimit::Quota,
     /// The longest a call waits for a slot; never more than `backend_timeout`.
     pub backend_max_wait: Duration,
+    /// Where Clerk tokens carry each fact (unset: Clerk's own claims).
+    pub claims: crate::auth::claims::ClaimMap,
 }
 
 #[derive(Debug, Clone)]
@@ -429,6 +435,8 @@ pub struct IssuerSettings {
     pub keys: KeySource,
     pub audiences: Vec<String>,
     pub algorithms: Vec<Algorithm>,
+    /// Where this issuer's tokens carry each fact.
+    pub claims: crate::auth::claims::ClaimMap,
 }
 
 #[derive(Debug, Clone)]
@@ -670,6 +678,34 @@ fn legacy_slot_issuer(
             (None, [only]) => Some(only.to_string()),
             _ => None,
         },
+    }
+}
+
+/// A `claims` table as a [`ClaimMap`](crate::auth::claims::ClaimMap); a path that does not
+/// parse is a problem naming the option.
+fn claim_map(
+    field: &str,
+    f: &file::ClaimsFile,
+    problems: &mut Problems,
+) -> crate::auth::claims::ClaimMap {
+    use crate::auth::claims::ClaimPath;
+    let mut path = |name: &str, raw: &Option<file::ClaimPathFile>| {
+        let parsed = match raw.as_ref()? {
+            file::ClaimPathFile::Path(p) => ClaimPath::parse(p),
+            file::ClaimPathFile::Segments(s) => ClaimPath::from_segments(s.clone()),
+        };
+        parsed
+            .map_err(|e| problems.push(format!("{field}.{name}"), format!("the claim path {e}")))
+            .ok()
+    };
+    crate::auth::claims::ClaimMap {
+        user_id: path("user_id", &f.user_id),
+        org_id: path("org_id", &f.org_id),
+        org_role: path("org_role", &f.org_role),
+        roles: path("roles", &f.roles),
+        email: path("email", &f.email),
+        email_verified: path("email_verified", &f.email_verified),
+        scopes: path("scopes", &f.scopes),
     }
 }
 
@@ -1024,6 +1060,7 @@ fn validate(f: FileConfig, base: &Path, problems: &mut Problems) -> Option<Setti
                 .unwrap_or(usize::MAX),
             backend_rate,
             backend_max_wait: backend_max_wait.min(backend_timeout),
+            claims: claim_map("clerk.claims", &c.claims, problems),
         })
     });
 
@@ -1075,6 +1112,7 @@ fn validate(f: FileConfig, base: &Path, problems: &mut Problems) -> Option<Setti
                 iss.audiences.clone()
             },
             algorithms: parse_algorithms(&format!("{field}.algorithms"), &iss.algorithms, problems),
+            claims: claim_map(&format!("{field}.claims"), &iss.claims, problems),
         });
     }
     if f.auth.enabled && clerk.is_none() && issuers.is_empty() && f.clerk.is_none() {
@@ -1273,6 +1311,23 @@ fn validate(f: FileConfig, base: &Path, problems: &mut Problems) -> Option<Setti
         }
     };
     let auth_failures = p.auth_failures.validate("policy.auth_failures", problems);
+    let issuer_facts: Vec<crate::policy::rules::IssuerFacts> = clerk
+        .iter()
+        .map(|c| crate::policy::rules::IssuerFacts {
+            issuer: c.issuer.clone(),
+            maps_roles: c.claims.maps_roles(true),
+        })
+        .chain(issuers.iter().map(|i| crate::policy::rules::IssuerFacts {
+            issuer: i.issuer.clone(),
+            maps_roles: i.claims.maps_roles(false),
+        }))
+        .collect();
+    let authz_rules = crate::policy::rules::Rules::compile(
+        &p.rules,
+        p.email_domains.as_deref(),
+        &issuer_facts,
+        problems,
+    );
     let policy = PolicySettings {
         max_body_bytes: p.max_body_bytes,
         inspect_max_bytes: p.inspect_max_bytes.min(64 * 1024),
@@ -1282,6 +1337,8 @@ fn validate(f: FileConfig, base: &Path, problems: &mut Problems) -> Option<Setti
         mcp_paths: normal_paths(problems, "policy.mcp_paths", &p.mcp_paths),
         scope_rules,
         org: p.org.clone(),
+        rules: authz_rules,
+        clock: crate::policy::rules::Clock::system(),
         auth_failures,
     };
 

@@ -567,14 +567,14 @@ pub struct ScopeRuleConfig {
 
 /// A compiled glob; plain strings and `*` skip the regex.
 #[derive(Debug, Clone)]
-enum Pattern {
+pub(crate) enum Pattern {
     Any,
     Exact(String),
     Glob(GlobMatcher),
 }
 
 impl Pattern {
-    fn compile(pattern: &str) -> Result<Self, String> {
+    pub(crate) fn compile(pattern: &str) -> Result<Self, String> {
         if pattern.is_empty() {
             return Err("empty pattern".into());
         }
@@ -594,7 +594,7 @@ impl Pattern {
             .map_err(|e| e.to_string())
     }
 
-    fn matches(&self, s: &str) -> bool {
+    pub(crate) fn matches(&self, s: &str) -> bool {
         match self {
             Pattern::Any => true,
             Pattern::Exact(p) => p == s,
@@ -628,7 +628,7 @@ pub struct ScopeRules {
 }
 
 /// RFC 6749 `scope-token`: `%x21 / %x23-5B / %x5D-7E`, so it fits a quoted `scope="…"`.
-fn is_scope_token(s: &str) -> bool {
+pub(crate) fn is_scope_token(s: &str) -> bool {
     !s.is_empty()
         && s.bytes()
             .all(|b| matches!(b, 0x21 | 0x23..=0x5b | 0x5d..=0x7e))
@@ -1419,6 +1419,10 @@ mod tests {
                 permissions: vec![],
             }),
             expires_at: None,
+            roles: vec![],
+            email: None,
+            email_verified: None,
+            second_factor_at: None,
         }
     }
 

@@ -409,6 +409,7 @@ impl Gateway {
                         crate::auth::AuthFailure::Rejected(e) => ("rejected", e.reason()),
                         crate::auth::AuthFailure::Unavailable(_) => ("unavailable", "unavailable"),
                         crate::auth::AuthFailure::Saturated(_) => ("unavailable", "saturated"),
+                        crate::auth::AuthFailure::Claims(e) => ("rejected", e.reason()),
                     };
                     metric
                         .with_label_values(&[crate::auth::kind_hint(token), outcome, reason])
@@ -557,12 +558,27 @@ impl Gateway {
         Ok(())
     }
 
-    /// Org rules and per-method scopes, for authenticated callers.
+    /// Authorization rules (every request once authentication has run, `/api/keys` included),
+    /// then org rules and per-method scopes for authenticated callers.
     fn authorize(
         &self,
+        session: &Session,
         ctx: &RequestCtx,
+        route: &Classified<'_>,
         calls: Option<&[RpcCall<'_>]>,
     ) -> Result<(), GatewayError> {
+        let policy = &self.state.settings.policy;
+        if self.state.settings.auth.enabled && !policy.rules.is_empty() {
+            let request = crate::policy::rules::Request {
+                path: &route.normal,
+                http_method: &session.req_header().method,
+                calls,
+            };
+            policy
+                .rules
+                .check(&request, ctx.identity.as_deref(), &policy.clock)
+                .map_err(GatewayError::RuleDenied)?;
+        }
         let Some(identity) = ctx.identity.as_deref() else {
             return Ok(());
         };
@@ -687,7 +703,7 @@ impl Gateway {
             self.state
                 .metrics
                 .policy_denials
-                .with_label_values(&[err.reason()])
+                .with_label_values(&[err.rule().unwrap_or(""), err.reason()])
                 .inc();
         }
         respond::error(session, ctx, &self.state, &err).await;
@@ -809,7 +825,7 @@ impl ProxyHttp for Gateway {
                 &[RateKey::User, RateKey::Org],
             )
             .await?;
-            self.authorize(ctx, calls.as_deref())?;
+            self.authorize(session, ctx, &route, calls.as_deref())?;
             self.check_session(session, ctx).await?;
             if let Some(vault) = self.state.vault.clone() {
                 if route.kind == PathKind::Keys {

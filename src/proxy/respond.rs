@@ -122,6 +122,7 @@ pub async fn error(
         request_id = %ctx.request_id,
         status = r.status,
         reason = err.reason(),
+        rule = err.rule(),
         client_ip = ctx.client_ip.map(tracing::field::display),
         user = ctx.identity.as_ref().map(|i| i.subject.as_str()),
         issuer = ctx.identity.as_ref().map(|i| i.issuer.as_str()),

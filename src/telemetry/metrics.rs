@@ -102,7 +102,8 @@ pub struct Metrics {
     pub redis_circuit_open: IntGaugeVec,
     /// Times a Redis client's circuit breaker opened, by client.
     pub redis_circuit_trips: IntCounterVec,
-    /// Requests refused by policy, by reason.
+    /// Requests refused by policy, by rule (configured names; empty when no rule refused) and
+    /// reason (a fixed set).
     pub policy_denials: IntCounterVec,
     /// Client IPs locked out after repeated failed authentication.
     pub auth_lockouts: IntCounter,
@@ -336,8 +337,9 @@ impl Metrics {
             policy_denials: counter(
                 &r,
                 "keygate_policy_denials_total",
-                "Requests refused by keygate, by reason.",
-                &["reason"],
+                "Requests refused by keygate, by authorization rule (empty for refusals no \
+                 rule made) and reason.",
+                &["rule", "reason"],
             ),
             auth_lockouts,
             auth_locked_refusals,
@@ -459,7 +461,7 @@ impl Metrics {
             "key_decrypt",
             "unavailable",
         ] {
-            self.policy_denials.with_label_values(&[reason]);
+            self.policy_denials.with_label_values(&["", reason]);
         }
         for kind in ["connect", "timeout", "other"] {
             self.upstream_errors.with_label_values(&[kind]);

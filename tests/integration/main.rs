@@ -1,6 +1,7 @@
 //! keygate's integration suite: one binary, real sockets, real keys, real child processes.
 
 mod auth;
+mod authz;
 mod cli;
 mod common;
 mod conformance;

@@ -83,6 +83,17 @@ impl Keygate {
     /// Start keygate with `toml` as its config file, in front of `upstream`, and wait until it
     /// accepts connections. `env` adds environment overrides.
     pub async fn start_with_env(toml: &str, upstream: &str, env: &[(&str, &str)]) -> Keygate {
+        Self::start_with_settings(toml, upstream, env, |_| {}).await
+    }
+
+    /// [`Keygate::start_with_env`], with `edit` applied to the loaded settings before start
+    /// (for what no config file sets, such as the policy clock).
+    pub async fn start_with_settings(
+        toml: &str,
+        upstream: &str,
+        env: &[(&str, &str)],
+        edit: impl FnOnce(&mut keygate::config::Settings),
+    ) -> Keygate {
         let dir = TempDir::new("test");
         let path = dir.join("keygate.toml");
         std::fs::write(&path, toml).expect("write config");
@@ -95,10 +106,11 @@ impl Keygate {
         for (k, v) in env {
             vars.insert(k.to_string(), v.to_string());
         }
-        let settings = match keygate::config::load(Some(&path), &vars) {
+        let mut settings = match keygate::config::load(Some(&path), &vars) {
             Ok(s) => s,
             Err(p) => panic!("test config invalid: {p}"),
         };
+        edit(&mut settings);
         let handle = Handle::spawn(settings).expect("keygate starts");
         let deadline = Instant::now() + Duration::from_secs(10);
         loop {

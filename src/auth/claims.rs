@@ -1,0 +1,522 @@
+//! Claim mapping: where an issuer puts the facts keygate authorizes on (user id, org id, org
+//! role, roles, email, `email_verified`, scopes), and the second-factor facts (`fva`, `amr`,
+//! `auth_time`) every issuer spells the same way.
+//!
+//! A path names a claim or a value nested in objects. Written as a string, segments are
+//! separated by `.`; a segment that itself contains a `.` (a namespaced claim such as
+//! `https://example.com/org`) is written in double quotes, inside which `\"` and `\\` stand
+//! for `"` and `\`: `"https://example.com/org".id`. Written as a TOML array, each element is one
+//! segment, taken literally: `["https://example.com/org", "id"]`.
+//!
+//! Mapping happens once, when a token is verified; the [`Identity`](super::Identity) built from
+//! it is cached with the token. A configured claim that is absent (or `null`) or of the wrong
+//! type refuses the token with a [`ClaimError`] naming the mapping; it never silently becomes
+//! "no org" or "no roles". This module does not verify tokens (`auth::jwt`) or decide what an
+//! identity may do (`policy::rules`).
+
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use serde_json::{Map, Value};
+
+/// A parsed claim path: one or more object member names, outermost first.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ClaimPath(Vec<String>);
+
+/// Why a claim path as written in the configuration is not one.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum PathError {
+    #[error("is empty")]
+    Empty,
+    #[error("has an empty segment (two dots, or a dot at either end)")]
+    EmptySegment,
+    #[error("has an unterminated quoted segment")]
+    Unterminated,
+    #[error("has text right after a quoted segment (expected '.' or the end)")]
+    AfterQuote,
+    #[error("has a quote inside an unquoted segment (quote the whole segment)")]
+    StrayQuote,
+    #[error("has an invalid escape (inside quotes only \\\" and \\\\ are escapes)")]
+    BadEscape,
+}
+
+impl ClaimPath {
+    /// Parse the string syntax (see the module doc).
+    pub fn parse(raw: &str) -> Result<Self, PathError> {
+        if raw.is_empty() {
+            return Err(PathError::Empty);
+        }
+        let mut segments = Vec::new();
+        let mut chars = raw.chars().peekable();
+        loop {
+            let mut segment = String::new();
+            if chars.peek() == Some(&'"') {
+                chars.next();
+                loop {
+                    match chars.next() {
+                        None => return Err(PathError::Unterminated),
+                        Some('"') => break,
+                        Some('\\') => match chars.next() {
+                            Some(c @ ('"' | '\\')) => segment.push(c),
+                            _ => return Err(PathError::BadEscape),
+                        },
+                        Some(c) => segment.push(c),
+                    }
+                }
+                match chars.peek() {
+                    None | Some('.') => {}
+                    Some(_) => return Err(PathError::AfterQuote),
+                }
+            } else {
+                while let Some(&c) = chars.peek() {
+                    if c == '.' {
+                        break;
+                    }
+                    if c == '"' {
+                        return Err(PathError::StrayQuote);
+                    }
+                    segment.push(c);
+                    chars.next();
+                }
+            }
+            if segment.is_empty() {
+                return Err(PathError::EmptySegment);
+            }
+            segments.push(segment);
+            match chars.next() {
+                None => return Ok(Self(segments)),
+                Some(_dot) => {
+                    if chars.peek().is_none() {
+                        return Err(PathError::EmptySegment);
+                    }
+                }
+            }
+        }
+    }
+
+    /// A path from literal segments (the array syntax).
+    pub fn from_segments(segments: Vec<String>) -> Result<Self, PathError> {
+        if segments.is_empty() {
+            return Err(PathError::Empty);
+        }
+        if segments.iter().any(String::is_empty) {
+            return Err(PathError::EmptySegment);
+        }
+        Ok(Self(segments))
+    }
+
+    /// The segments, outermost first.
+    pub fn segments(&self) -> &[String] {
+        &self.0
+    }
+
+    /// The path in the string syntax: a segment holding `.` or `"` (or `\`, or starting with
+    /// a quote) is quoted.
+    pub fn render(&self) -> String {
+        let mut out = String::new();
+        for (i, s) in self.0.iter().enumerate() {
+            if i > 0 {
+                out.push('.');
+            }
+            if s.contains(['.', '"', '\\']) {
+                out.push('"');
+                for c in s.chars() {
+                    if c == '"' || c == '\\' {
+                        out.push('\\');
+                    }
+                    out.push(c);
+                }
+                out.push('"');
+            } else {
+                out.push_str(s);
+            }
+        }
+        out
+    }
+
+    /// The value at this path in `claims`; `null` counts as absent.
+    pub fn lookup<'a>(&self, claims: &'a Map<String, Value>) -> Option<&'a Value> {
+        let (first, rest) = self.0.split_first()?;
+        let mut value = claims.get(first)?;
+        for segment in rest {
+            value = value.as_object()?.get(segment)?;
+        }
+        (!value.is_null()).then_some(value)
+    }
+}
+
+impl std::fmt::Display for ClaimPath {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.render())
+    }
+}
+
+/// The facts a mapping can name, as the configuration spells them.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Fact {
+    UserId,
+    OrgId,
+    OrgRole,
+    Roles,
+    Email,
+    EmailVerified,
+    Scopes,
+}
+
+impl Fact {
+    /// The option name under `claims`.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Fact::UserId => "user_id",
+            Fact::OrgId => "org_id",
+            Fact::OrgRole => "org_role",
+            Fact::Roles => "roles",
+            Fact::Email => "email",
+            Fact::EmailVerified => "email_verified",
+            Fact::Scopes => "scopes",
+        }
+    }
+
+    /// The option's full name (`claims.org_id`), as refusals and metrics name it.
+    pub fn option(self) -> &'static str {
+        match self {
+            Fact::UserId => "claims.user_id",
+            Fact::OrgId => "claims.org_id",
+            Fact::OrgRole => "claims.org_role",
+            Fact::Roles => "claims.roles",
+            Fact::Email => "claims.email",
+            Fact::EmailVerified => "claims.email_verified",
+            Fact::Scopes => "claims.scopes",
+        }
+    }
+
+    /// Every fact, for priming metrics.
+    pub const ALL: [Fact; 7] = [
+        Fact::UserId,
+        Fact::OrgId,
+        Fact::OrgRole,
+        Fact::Roles,
+        Fact::Email,
+        Fact::EmailVerified,
+        Fact::Scopes,
+    ];
+}
+
+/// A configured claim that the token does not satisfy. The text names the mapping option
+/// (from configuration), never a value from the token.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum ClaimError {
+    #[error("the token lacks the claim mapped as {}", .0.as_str())]
+    Missing(Fact),
+    #[error("the token's claim mapped as {} has the wrong type", .0.as_str())]
+    WrongType(Fact),
+}
+
+impl ClaimError {
+    /// A stable label for the `reason` of refusals and metrics.
+    pub fn reason(&self) -> &'static str {
+        match self {
+            ClaimError::Missing(_) => "claim_missing",
+            ClaimError::WrongType(_) => "claim_type",
+        }
+    }
+
+    /// The mapping option at fault.
+    pub fn fact(&self) -> Fact {
+        match self {
+            ClaimError::Missing(f) | ClaimError::WrongType(f) => *f,
+        }
+    }
+}
+
+/// Where one issuer's tokens carry each fact; `None`: the built-in reading (see
+/// [`MappedClaims::read`]).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct ClaimMap {
+    pub user_id: Option<ClaimPath>,
+    pub org_id: Option<ClaimPath>,
+    pub org_role: Option<ClaimPath>,
+    pub roles: Option<ClaimPath>,
+    pub email: Option<ClaimPath>,
+    pub email_verified: Option<ClaimPath>,
+    pub scopes: Option<ClaimPath>,
+}
+
+impl ClaimMap {
+    /// Whether tokens mapped this way can carry roles (a role rule can ever match).
+    pub fn maps_roles(&self, builtin_roles: bool) -> bool {
+        builtin_roles || self.roles.is_some() || self.org_role.is_some()
+    }
+}
+
+/// What the mapping read out of one token's claims.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct MappedClaims {
+    /// `Some` only when `user_id` is mapped (else the subject is `sub`).
+    pub user_id: Option<String>,
+    /// `Some` only when `org_id` is mapped.
+    pub org_id: Option<String>,
+    pub org_role: Option<String>,
+    /// `Some` only when `roles` is mapped.
+    pub roles: Option<Vec<String>>,
+    pub email: Option<String>,
+    pub email_verified: Option<bool>,
+    /// `Some` only when `scopes` is mapped.
+    pub scopes: Option<Vec<String>>,
+}
+
+fn string(fact: Fact, v: &Value) -> Result<String, ClaimError> {
+    match v {
+        Value::String(s) if !s.is_empty() => Ok(s.clone()),
+        Value::String(_) => Err(ClaimError::Missing(fact)),
+        // Numeric ids are common (home-grown issuers); they are ids all the same.
+        Value::Number(n) if fact != Fact::Email => Ok(n.to_string()),
+        _ => Err(ClaimError::WrongType(fact)),
+    }
+}
+
+/// A JSON array of strings, or one space-separated string.
+fn list(fact: Fact, v: &Value) -> Result<Vec<String>, ClaimError> {
+    match v {
+        Value::String(s) => Ok(s.split_whitespace().map(str::to_string).collect()),
+        Value::Array(items) => items
+            .iter()
+            .map(|i| match i {
+                Value::String(s) => Ok(s.clone()),
+                _ => Err(ClaimError::WrongType(fact)),
+            })
+            .collect(),
+        _ => Err(ClaimError::WrongType(fact)),
+    }
+}
+
+fn boolean(fact: Fact, v: &Value) -> Result<bool, ClaimError> {
+    match v {
+        Value::Bool(b) => Ok(*b),
+        // Some issuers (Cognito) send the string form.
+        Value::String(s) if s == "true" => Ok(true),
+        Value::String(s) if s == "false" => Ok(false),
+        _ => Err(ClaimError::WrongType(fact)),
+    }
+}
+
+fn mapped<T>(
+    claims: &Map<String, Value>,
+    path: Option<&ClaimPath>,
+    fact: Fact,
+    read: impl Fn(Fact, &Value) -> Result<T, ClaimError>,
+) -> Result<Option<T>, ClaimError> {
+    let Some(path) = path else {
+        return Ok(None);
+    };
+    let value = path.lookup(claims).ok_or(ClaimError::Missing(fact))?;
+    read(fact, value).map(Some)
+}
+
+impl MappedClaims {
+    /// Read every mapped fact; a configured one that is absent or mistyped is an error.
+    /// Unmapped `email` / `email_verified` are read from the standard claims when present and
+    /// well typed (and ignored otherwise).
+    pub fn read(map: &ClaimMap, claims: &Map<String, Value>) -> Result<Self, ClaimError> {
+        let email = match &map.email {
+            Some(p) => mapped(claims, Some(p), Fact::Email, string)?,
+            None => claims
+                .get("email")
+                .and_then(Value::as_str)
+                .filter(|s| !s.is_empty())
+                .map(str::to_string),
+        };
+        let email_verified = match &map.email_verified {
+            Some(p) => mapped(claims, Some(p), Fact::EmailVerified, boolean)?,
+            None => claims
+                .get("email_verified")
+                .and_then(|v| boolean(Fact::EmailVerified, v).ok()),
+        };
+        Ok(Self {
+            user_id: mapped(claims, map.user_id.as_ref(), Fact::UserId, string)?,
+            org_id: mapped(claims, map.org_id.as_ref(), Fact::OrgId, string)?,
+            org_role: mapped(claims, map.org_role.as_ref(), Fact::OrgRole, string)?,
+            roles: mapped(claims, map.roles.as_ref(), Fact::Roles, list)?,
+            email,
+            email_verified,
+            scopes: mapped(claims, map.scopes.as_ref(), Fact::Scopes, list)?,
+        })
+    }
+}
+
+/// `amr` values (RFC 8176) that say more than one factor was used on their own.
+const MULTI_FACTOR_AMR: &[&str] = &["mfa"];
+
+/// When the second factor was last verified, from the token's own claims:
+///
+/// - Clerk session tokens: `fva` = `[first, second]` factor ages in minutes at issue time
+///   (`-1`: never); the second factor was verified `fva[1]` minutes before `iat`.
+/// - OIDC: `amr` containing `mfa`, or two or more distinct methods, with `auth_time` (the
+///   authentication that used them).
+///
+/// Absent or mistyped claims yield `None`: an MFA condition then fails closed.
+pub fn second_factor_at(claims: &Map<String, Value>) -> Option<SystemTime> {
+    let time = |name: &str| {
+        let secs = claims.get(name)?.as_f64()?;
+        (secs.is_finite() && secs >= 0.0)
+            .then(|| UNIX_EPOCH.checked_add(Duration::try_from_secs_f64(secs).ok()?))
+            .flatten()
+    };
+    if let Some(fva) = claims.get("fva").and_then(Value::as_array) {
+        let minutes = fva.get(1)?.as_i64()?;
+        if minutes < 0 {
+            return None;
+        }
+        let issued = time("iat")?;
+        return issued.checked_sub(Duration::from_secs(u64::try_from(minutes).ok()? * 60));
+    }
+    let amr = claims.get("amr")?.as_array()?;
+    let methods: Vec<&str> = amr.iter().filter_map(Value::as_str).collect();
+    let mut distinct = methods.clone();
+    distinct.sort_unstable();
+    distinct.dedup();
+    let multi = methods.iter().any(|m| MULTI_FACTOR_AMR.contains(m)) || distinct.len() >= 2;
+    if !multi {
+        return None;
+    }
+    time("auth_time")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    fn p(raw: &str) -> ClaimPath {
+        ClaimPath::parse(raw).expect("path")
+    }
+
+    fn obj(v: Value) -> Map<String, Value> {
+        v.as_object().cloned().expect("object")
+    }
+
+    #[test]
+    fn paths_parse_plain_dotted_and_quoted_segments() {
+        assert_eq!(p("org_id").segments(), ["org_id"]);
+        assert_eq!(
+            p("realm_access.roles").segments(),
+            ["realm_access", "roles"]
+        );
+        assert_eq!(
+            p("\"https://example.com/org\".id").segments(),
+            ["https://example.com/org", "id"]
+        );
+        assert_eq!(p(r#""a\"b\\c""#).segments(), ["a\"b\\c"]);
+        for (bad, err) in [
+            ("", PathError::Empty),
+            ("a..b", PathError::EmptySegment),
+            (".a", PathError::EmptySegment),
+            ("a.", PathError::EmptySegment),
+            ("\"a", PathError::Unterminated),
+            ("\"a\"b", PathError::AfterQuote),
+            ("a\"b\"", PathError::StrayQuote),
+            ("\"a\\x\"", PathError::BadEscape),
+            ("\"\"", PathError::EmptySegment),
+        ] {
+            assert_eq!(ClaimPath::parse(bad), Err(err), "{bad:?}");
+        }
+    }
+
+    #[test]
+    fn lookup_walks_objects_and_treats_null_as_absent() {
+        let claims = obj(json!({
+            "https://example.com/org": {"id": "org_1"},
+            "realm_access": {"roles": ["a"]},
+            "n": null,
+        }));
+        assert_eq!(
+            p("\"https://example.com/org\".id").lookup(&claims),
+            Some(&json!("org_1"))
+        );
+        assert_eq!(p("realm_access.roles").lookup(&claims), Some(&json!(["a"])));
+        assert_eq!(p("realm_access.roles.x").lookup(&claims), None);
+        // An unquoted dotted name is a nested path, not the namespaced claim.
+        assert_eq!(p("https://example.com/org").lookup(&claims), None);
+        assert_eq!(p("n").lookup(&claims), None);
+    }
+
+    #[test]
+    fn mapped_facts_missing_or_mistyped_are_refusals() {
+        let map = ClaimMap {
+            org_id: Some(p("organizationId")),
+            roles: Some(p("roles")),
+            ..ClaimMap::default()
+        };
+        let ok = MappedClaims::read(
+            &map,
+            &obj(json!({"organizationId": "o1", "roles": "a b", "email": "x@y.z"})),
+        )
+        .expect("mapped");
+        assert_eq!(ok.org_id.as_deref(), Some("o1"));
+        assert_eq!(ok.roles, Some(vec!["a".into(), "b".into()]));
+        assert_eq!(ok.email.as_deref(), Some("x@y.z"));
+        assert_eq!(
+            MappedClaims::read(&map, &obj(json!({"roles": []}))),
+            Err(ClaimError::Missing(Fact::OrgId))
+        );
+        assert_eq!(
+            MappedClaims::read(&map, &obj(json!({"organizationId": "o1", "roles": [1]}))),
+            Err(ClaimError::WrongType(Fact::Roles))
+        );
+        assert_eq!(
+            MappedClaims::read(&map, &obj(json!({"organizationId": {}, "roles": []}))),
+            Err(ClaimError::WrongType(Fact::OrgId))
+        );
+    }
+
+    #[test]
+    fn second_factor_time_from_fva_or_amr() {
+        let iat = 1_800_000_000u64;
+        let at = |v: Value| second_factor_at(&obj(v));
+        assert_eq!(
+            at(json!({"iat": iat, "fva": [0, 4]})),
+            Some(UNIX_EPOCH + Duration::from_secs(iat - 240))
+        );
+        assert_eq!(at(json!({"iat": iat, "fva": [0, -1]})), None);
+        assert_eq!(at(json!({"iat": iat, "fva": "x"})), None);
+        assert_eq!(
+            at(json!({"amr": ["pwd", "mfa"], "auth_time": iat})),
+            Some(UNIX_EPOCH + Duration::from_secs(iat))
+        );
+        assert_eq!(
+            at(json!({"amr": ["pwd", "otp"], "auth_time": iat})),
+            Some(UNIX_EPOCH + Duration::from_secs(iat))
+        );
+        assert_eq!(at(json!({"amr": ["pwd"], "auth_time": iat})), None);
+        assert_eq!(at(json!({"amr": ["pwd", "pwd"], "auth_time": iat})), None);
+        assert_eq!(at(json!({"amr": ["mfa"]})), None);
+    }
+}
+
+/// Property tests over the claim-path syntax.
+#[cfg(test)]
+mod prop {
+    use proptest::prelude::*;
+
+    use super::ClaimPath;
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(2000))]
+
+        /// Any list of non-empty segments survives rendering and parsing unchanged.
+        #[test]
+        fn rendered_paths_parse_back(segments in prop::collection::vec("[a-z./\"\\\\:_-]{1,8}", 1..5)) {
+            let path = ClaimPath::from_segments(segments.clone()).expect("non-empty");
+            let parsed = ClaimPath::parse(&path.render());
+            prop_assert_eq!(parsed.as_ref().map(ClaimPath::segments), Ok(segments.as_slice()));
+        }
+
+        /// Any text is decided without a panic; a parsed path has only non-empty segments.
+        #[test]
+        fn any_text_is_decided(raw in "\\PC{0,24}") {
+            if let Ok(path) = ClaimPath::parse(&raw) {
+                prop_assert!(path.segments().iter().all(|s| !s.is_empty()));
+                prop_assert_eq!(ClaimPath::parse(&path.render()), Ok(path));
+            }
+        }
+    }
+}
