@@ -7,6 +7,7 @@
 //! live here.
 
 pub mod clerk;
+pub mod dev_issuer;
 pub mod discovery;
 pub mod identity;
 pub mod jwks;

@@ -83,10 +83,15 @@ impl Keygate {
     /// Start keygate with `toml` as its config file, in front of `upstream`, and wait until it
     /// accepts connections. `env` adds environment overrides.
     pub async fn start_with_env(toml: &str, upstream: &str, env: &[(&str, &str)]) -> Keygate {
+        Self::start_on(free_port(), toml, upstream, env).await
+    }
+
+    /// Like [`Keygate::start_with_env`], with the public listener on `port` (from
+    /// [`free_port`]), for configs that must name their own URL (resource, issuer).
+    pub async fn start_on(port: u16, toml: &str, upstream: &str, env: &[(&str, &str)]) -> Keygate {
         let dir = TempDir::new("test");
         let path = dir.join("keygate.toml");
         std::fs::write(&path, toml).expect("write config");
-        let port = free_port();
         let admin = free_port();
         let mut vars: HashMap<String, String> = HashMap::new();
         vars.insert("KEYGATE_LISTEN".into(), format!("127.0.0.1:{port}"));
