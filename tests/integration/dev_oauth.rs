@@ -679,7 +679,9 @@ fn assert_refused(
     result: Result<keygate::config::Settings, keygate::config::Problems>,
     says: &str,
 ) {
-    let problems = result.expect_err("refused at startup");
+    let Err(problems) = result else {
+        panic!("accepted; expected a dev.authorization_server problem saying {says:?}");
+    };
     let hit = problems
         .0
         .iter()
