@@ -25,13 +25,16 @@ need_build_tools() {
 
 # What the test suite needs besides the build: a real redis-server (and redis-cli, for the
 # cluster tests), promtool for the alert rules and dashboard queries, the prometheus server (the
-# dashboard and alerts are evaluated against a running one), and the Kubernetes and Compose
-# schema validators (Python packages).
+# dashboard and alerts are evaluated against a running one), Node.js and npm for the official MCP
+# SDK client test (tests/mcp-sdk), and the Kubernetes and Compose schema validators (Python
+# packages).
 need_test_tools() {
   need redis-server redis-server
   need redis-cli redis-tools
   need promtool prometheus
   need prometheus prometheus
+  need node nodejs
+  need npm npm
   need python3 python3
   if ! python3 -m pip --version >/dev/null 2>&1; then
     keygate_missing_packages+=(python3-pip)
@@ -81,5 +84,19 @@ install_or_explain() {
     && [ "$keygate_missing_validators" -eq 1 ]; then
     echo "keygate: installing ${KEYGATE_VALIDATORS[*]} (pip)" >&2
     keygate_pip_install
+  fi
+}
+
+# The MCP SDK client test's packages, installed from tests/mcp-sdk/package-lock.json (npm ci)
+# when they are missing or the lock file changed; the test itself then runs offline.
+install_mcp_sdk() {
+  local dir=tests/mcp-sdk
+  if ! command -v npm >/dev/null 2>&1; then
+    return 0
+  fi
+  if [ ! -f "$dir/node_modules/.package-lock.json" ] \
+    || [ "$dir/package-lock.json" -nt "$dir/node_modules/.package-lock.json" ]; then
+    echo "keygate: installing the MCP SDK test's packages (npm ci in $dir)" >&2
+    npm ci --prefix "$dir" --no-audit --no-fund --loglevel=error
   fi
 }

@@ -19,7 +19,7 @@ use pingora::services::listening::Service;
 use pingora::upstreams::peer::HttpPeer;
 
 use crate::admin::Admin;
-use crate::auth::discovery::{AuthServerMetadata, ResourceMetadata};
+use crate::auth::discovery::{AsDocument, AuthServerMetadata, ResourceMetadata};
 use crate::auth::jwks::JwksCache;
 use crate::auth::Authenticator;
 use crate::config::RedisFailure;
@@ -266,9 +266,24 @@ pub fn build_state(settings: Settings) -> anyhow::Result<Arc<GatewayState>> {
     });
     // `/api/keys` is keygate's own only while the vault answers it.
     let routes = crate::proxy::route::Routes::new(&settings.policy.mcp_paths, vault.is_some());
+    let dev_issuer = match settings.dev.as_ref().filter(|d| d.authorization_server) {
+        Some(_) => Some(Arc::new(
+            crate::auth::dev_issuer::DevAuthServer::new(&settings)
+                .map_err(|e| anyhow::anyhow!("dev.authorization_server: {e}"))?,
+        )),
+        None => None,
+    };
+    let mut as_metadata = AuthServerMetadata::new(&settings, client);
+    if let Some(dev) = &dev_issuer {
+        as_metadata = as_metadata.with_local(
+            dev.metadata(AsDocument::OAuth),
+            dev.metadata(AsDocument::OpenId),
+        );
+    }
     Ok(Arc::new(GatewayState {
         resource_metadata: ResourceMetadata::new(&settings),
-        as_metadata: AuthServerMetadata::new(&settings, client),
+        as_metadata,
+        dev_issuer,
         cors: Cors::new(&settings.cors),
         peer: upstream_peer(&settings),
         challenge_scope: settings.resource.scopes_supported.join(" "),

@@ -182,6 +182,7 @@ impl GatewayError {
             self,
             GatewayError::InsufficientScope(_)
                 | GatewayError::Forbidden(_)
+                | GatewayError::RuleDenied(_)
                 | GatewayError::SessionNotFound
         )
     }
@@ -453,6 +454,10 @@ mod tests {
         );
         assert!(denial(false).response(&CH).headers.is_empty());
         assert_eq!(denial(false).reason(), "mfa");
+        // A rule's refusal spends the subject's refusal budget, like a missing scope.
+        assert!(denial(true).is_policy_refusal());
+        assert!(GatewayError::InsufficientScope(Vec::new()).is_policy_refusal());
+        assert!(!GatewayError::OriginForbidden.is_policy_refusal());
         assert_eq!(denial(false).rule(), Some("key-writes-need-fresh-mfa"));
     }
 

@@ -21,10 +21,15 @@ impl ResourceMetadata {
     /// Build the document from settings.
     pub fn new(settings: &Settings) -> Self {
         let mut servers: Vec<String> = Vec::new();
+        // The dev authorization server, when on, is the one to ask (validation leaves no other).
+        if let Some(d) = settings.dev.as_ref().filter(|d| d.authorization_server) {
+            servers.push(d.issuer.trim_end_matches('/').to_string());
+        }
         if let Some(c) = &settings.clerk {
             servers.push(c.issuer.clone());
         }
         servers.extend(settings.issuers.iter().map(|i| i.issuer.clone()));
+        servers.dedup_by(|a, b| a.trim_end_matches('/') == b.trim_end_matches('/'));
         let r = &settings.resource;
         let mut doc = serde_json::json!({
             "resource": r.url,
@@ -99,6 +104,8 @@ impl AsDocument {
 
 /// The primary issuer's metadata, fetched on demand and cached.
 pub struct AuthServerMetadata {
+    /// Documents served as they are instead of fetched: the dev authorization server's.
+    local: Option<(Bytes, Bytes)>,
     issuer: Option<String>,
     client: reqwest::Client,
     timeout: Duration,
@@ -122,6 +129,7 @@ impl AuthServerMetadata {
                     .map(|i| i.issuer.clone())
             });
         Self {
+            local: None,
             issuer,
             client,
             timeout: settings.jwks.fetch_timeout,
@@ -133,8 +141,21 @@ impl AuthServerMetadata {
         }
     }
 
+    /// Serve these documents (RFC 8414, OpenID Connect) instead of any issuer's: keygate's
+    /// own dev authorization server answers at the root well-known paths too.
+    pub fn with_local(mut self, oauth: Bytes, openid: Bytes) -> Self {
+        self.local = Some((oauth, openid));
+        self
+    }
+
     /// The document, or `Ok(None)` when there is no HTTP issuer to ask.
     pub async fn get(&self, doc: AsDocument) -> Result<Option<Bytes>, Arc<String>> {
+        if let Some((oauth, openid)) = &self.local {
+            return Ok(Some(match doc {
+                AsDocument::OAuth => oauth.clone(),
+                AsDocument::OpenId => openid.clone(),
+            }));
+        }
         let Some(issuer) = self.issuer.as_deref() else {
             return Ok(None);
         };

@@ -8,6 +8,7 @@
 
 pub mod claims;
 pub mod clerk;
+pub mod dev_issuer;
 pub mod discovery;
 pub mod identity;
 pub mod jwks;

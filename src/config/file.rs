@@ -512,7 +512,9 @@ impl Default for LogFile {
     }
 }
 
-/// `[dev]`: a local issuer for offline development; `keygate dev-token` signs with it.
+/// `[dev]`: a local issuer for offline development; `keygate dev-token` signs with it, and
+/// with `authorization_server = true` keygate serves it as a minimal OAuth 2.1 authorization
+/// server on the public listener.
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct DevFile {
@@ -520,6 +522,12 @@ pub struct DevFile {
     pub signing_key_file: String,
     #[serde(default = "default_dev_kid")]
     pub kid: String,
+    /// Serve the dev issuer as an OAuth 2.1 authorization server (off by default).
+    #[serde(default)]
+    pub authorization_server: bool,
+    /// Allow the dev authorization server on a listener that is not loopback-only.
+    #[serde(default)]
+    pub allow_non_loopback: bool,
 }
 
 fn default_dev_kid() -> String {

@@ -78,6 +78,8 @@ pub struct GatewayState {
     pub routes: Routes,
     /// The per-client-IP failed-authentication budget, when enabled.
     pub auth_failures: Option<Arc<crate::policy::auth_failures::AuthFailures>>,
+    /// The dev authorization server, when `dev.authorization_server` is on.
+    pub dev_issuer: Option<Arc<crate::auth::dev_issuer::DevAuthServer>>,
 }
 
 /// A rate-limit rule ready for the request path.
@@ -261,6 +263,27 @@ impl Gateway {
             ctx.route = Route::Local;
             respond::json(session, ctx, 200, s.health_body.clone(), &[]).await;
             return Ok(true);
+        }
+        if let Some(dev) = &s.dev_issuer {
+            if let Some(endpoint) = dev.endpoint(path) {
+                ctx.route = Route::Local;
+                let body = if method == http::Method::POST {
+                    read_body(session, crate::auth::dev_issuer::MAX_BODY_BYTES).await?
+                } else {
+                    Bytes::new()
+                };
+                let uri = session.req_header().uri.clone();
+                let req = crate::auth::dev_issuer::DevRequest {
+                    method: &method,
+                    query: uri.query(),
+                    body: &body,
+                };
+                let r = dev.handle(endpoint, &req);
+                let headers: Vec<(&str, &str)> =
+                    r.headers.iter().map(|(n, v)| (*n, v.as_str())).collect();
+                respond::document(session, ctx, r.status, r.content_type, &headers, r.body).await;
+                return Ok(true);
+            }
         }
         if s.resource_metadata.serves(path) {
             ctx.route = Route::Local;

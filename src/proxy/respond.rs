@@ -36,22 +36,20 @@ async fn write(
     ctx: &RequestCtx,
     status: u16,
     headers: &[(&str, &str)],
-    body: Option<Bytes>,
+    body: Option<(&str, Bytes)>,
 ) {
     let Ok(mut resp) = ResponseHeader::build(status, Some(headers.len() + 4)) else {
         return;
     };
-    let len = body.as_ref().map_or(0, Bytes::len);
+    let len = body.as_ref().map_or(0, |(_, b)| b.len());
     let mut ok = resp
         .insert_header("content-length", len.to_string())
         .is_ok()
         && resp
             .insert_header(wire::X_REQUEST_ID, ctx.request_id.header_value())
             .is_ok();
-    if body.is_some() {
-        ok &= resp
-            .insert_header("content-type", "application/json")
-            .is_ok();
+    if let Some((content_type, _)) = &body {
+        ok &= resp.insert_header("content-type", *content_type).is_ok();
     }
     for (name, value) in headers {
         ok &= resp.append_header(name.to_string(), *value).is_ok();
@@ -70,7 +68,7 @@ async fn write(
         tracing::debug!(error = %e, "client went away before the response header");
         return;
     }
-    if let (Some(body), false) = (body, head_only) {
+    if let (Some((_, body)), false) = (body, head_only) {
         if let Err(e) = session.write_response_body(Some(body), true).await {
             tracing::debug!(error = %e, "client went away before the response body");
         }
@@ -85,7 +83,26 @@ pub async fn json(
     body: Bytes,
     headers: &[(&str, &str)],
 ) {
-    write(session, ctx, status, headers, Some(body)).await;
+    write(
+        session,
+        ctx,
+        status,
+        headers,
+        Some(("application/json", body)),
+    )
+    .await;
+}
+
+/// Write a body of another content type (the dev authorization server's pages).
+pub async fn document(
+    session: &mut Session,
+    ctx: &RequestCtx,
+    status: u16,
+    content_type: &str,
+    headers: &[(&str, &str)],
+    body: Bytes,
+) {
+    write(session, ctx, status, headers, Some((content_type, body))).await;
 }
 
 /// Write a response without a body.
@@ -129,5 +146,13 @@ pub async fn error(
         "request refused"
     );
     let headers: Vec<(&str, &str)> = r.headers.iter().map(|(n, v)| (*n, v.as_str())).collect();
-    write(session, ctx, r.status, &headers, Some(Bytes::from(r.body))).await;
+    let body = Bytes::from(r.body);
+    write(
+        session,
+        ctx,
+        r.status,
+        &headers,
+        Some(("application/json", body)),
+    )
+    .await;
 }

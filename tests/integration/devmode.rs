@@ -10,8 +10,7 @@ use serde_json::{json, Value};
 use crate::common::upstream::Upstream;
 use crate::common::{client, rpc, Keygate, TempDir};
 
-#[path = "../../examples/echo_upstream/echo.rs"]
-mod echo;
+use crate::common::upstream::echo;
 
 /// A token minted by `keygate dev-token` with the dev config.
 fn dev_token(scope: &str) -> String {

@@ -6,6 +6,7 @@ mod cli;
 mod common;
 mod conformance;
 mod deploy;
+mod dev_oauth;
 mod devmode;
 mod discovery;
 mod floods;

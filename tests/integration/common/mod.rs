@@ -83,7 +83,7 @@ impl Keygate {
     /// Start keygate with `toml` as its config file, in front of `upstream`, and wait until it
     /// accepts connections. `env` adds environment overrides.
     pub async fn start_with_env(toml: &str, upstream: &str, env: &[(&str, &str)]) -> Keygate {
-        Self::start_with_settings(toml, upstream, env, |_| {}).await
+        Self::start_full(free_port(), toml, upstream, env, |_| {}).await
     }
 
     /// [`Keygate::start_with_env`], with `edit` applied to the loaded settings before start
@@ -94,10 +94,26 @@ impl Keygate {
         env: &[(&str, &str)],
         edit: impl FnOnce(&mut keygate::config::Settings),
     ) -> Keygate {
+        Self::start_full(free_port(), toml, upstream, env, edit).await
+    }
+
+    /// Like [`Keygate::start_with_env`], with the public listener on `port` (from
+    /// [`free_port`]), for configs that must name their own URL (resource, issuer).
+    pub async fn start_on(port: u16, toml: &str, upstream: &str, env: &[(&str, &str)]) -> Keygate {
+        Self::start_full(port, toml, upstream, env, |_| {}).await
+    }
+
+    /// The public listener on `port`, `env` overrides, `edit` applied to the settings.
+    async fn start_full(
+        port: u16,
+        toml: &str,
+        upstream: &str,
+        env: &[(&str, &str)],
+        edit: impl FnOnce(&mut keygate::config::Settings),
+    ) -> Keygate {
         let dir = TempDir::new("test");
         let path = dir.join("keygate.toml");
         std::fs::write(&path, toml).expect("write config");
-        let port = free_port();
         let admin = free_port();
         let mut vars: HashMap<String, String> = HashMap::new();
         vars.insert("KEYGATE_LISTEN".into(), format!("127.0.0.1:{port}"));

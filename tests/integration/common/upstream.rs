@@ -11,6 +11,9 @@
 //! | `GET /ws` | WebSocket handshake (`101`, correct `Sec-WebSocket-Accept`), then echoes raw bytes |
 //! | anything else | 200 `{"path":…,"method":…}` |
 //!
+//! [`Upstream::start_mcp`] serves the example echo MCP server's `/mcp` and `/health` instead
+//! (a real MCP client can talk to it), recording every request the same way.
+//!
 //! The WebSocket route needs no extra crate: the listener hands out its own IO wrapper, and when
 //! hyper finishes a `101` exchange on a connection the handler marked, the wrapper gives the
 //! socket to an echo task instead of closing it. Bytes a client sends before it has read the
@@ -45,6 +48,10 @@ use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{mpsc, oneshot};
 use tokio_stream::wrappers::UnboundedReceiverStream;
+
+/// The example echo MCP server's routes (`examples/echo_upstream`), for [`Upstream::start_mcp`].
+#[path = "../../../examples/echo_upstream/echo.rs"]
+pub mod echo;
 
 /// One request as the upstream received it.
 #[derive(Clone, Debug)]
@@ -97,21 +104,29 @@ pub struct Upstream {
 impl Upstream {
     /// Bind 127.0.0.1:0 and serve.
     pub async fn start() -> Upstream {
+        Self::serve(None).await
+    }
+
+    /// Like [`Upstream::start`], but `/mcp` and `/health` are the example echo MCP server's
+    /// (`examples/echo_upstream`: initialize, tools/list, tools/call answering with the key it
+    /// received), so a real MCP client can talk to it; every request is still recorded.
+    pub async fn start_mcp() -> Upstream {
+        Self::serve(Some(echo::router())).await
+    }
+
+    async fn serve(mcp_app: Option<Router>) -> Upstream {
         let inner = TcpListener::bind("127.0.0.1:0")
             .await
             .expect("bind upstream");
         let addr = inner.local_addr().expect("upstream address");
         let shared = Arc::new(Shared::default());
-        let app = Router::new()
-            .route("/mcp", post(mcp).fallback(other))
-            .route("/health", get(health).fallback(other))
-            .route("/sse", get(sse).fallback(other))
-            .route("/slow", any(slow))
-            .route("/echo-body", any(echo_body))
-            .route("/ws", get(websocket).fallback(other))
-            .fallback(other)
-            .layer(middleware::from_fn_with_state(shared.clone(), record))
-            .with_state(shared.clone());
+        let app = match mcp_app {
+            Some(mcp_app) => mcp_app
+                .fallback(other)
+                .layer(middleware::from_fn_with_state(shared.clone(), record))
+                .with_state(()),
+            None => Self::routes(&shared),
+        };
         let listener = EchoingListener {
             inner,
             shared: shared.clone(),
@@ -130,6 +145,19 @@ impl Upstream {
             shared,
             shutdown: Mutex::new(Some(tx)),
         }
+    }
+
+    fn routes(shared: &Arc<Shared>) -> Router {
+        Router::new()
+            .route("/mcp", post(mcp).fallback(other))
+            .route("/health", get(health).fallback(other))
+            .route("/sse", get(sse).fallback(other))
+            .route("/slow", any(slow))
+            .route("/echo-body", any(echo_body))
+            .route("/ws", get(websocket).fallback(other))
+            .fallback(other)
+            .layer(middleware::from_fn_with_state(shared.clone(), record))
+            .with_state(shared.clone())
     }
 
     /// `http://127.0.0.1:PORT`
