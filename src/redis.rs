@@ -658,36 +658,38 @@ fn host_label(addr: &ConnectionAddr) -> String {
     addr.to_string()
 }
 
+/// Settings for `url` with short timeouts, for unit tests.
+#[cfg(test)]
+pub(crate) fn test_settings(url: &str, cluster: bool) -> RedisSettings {
+    RedisSettings {
+        url: url.into(),
+        cluster,
+        key_prefix: "keygate:".into(),
+        connect_timeout: Duration::from_millis(200),
+        command_timeout: Duration::from_millis(200),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
 
-    fn settings(url: &str, cluster: bool) -> RedisSettings {
-        RedisSettings {
-            url: url.into(),
-            cluster,
-            key_prefix: "keygate:".into(),
-            connect_timeout: Duration::from_millis(200),
-            command_timeout: Duration::from_millis(200),
-        }
-    }
-
     #[test]
     fn new_validates_urls_without_connecting_or_leaking_passwords() {
-        assert!(RedisConn::new(&settings("redis://:hunter2@127.0.0.1:1/0", false)).is_ok());
-        assert!(RedisConn::new(&settings("rediss://127.0.0.1:1", false)).is_ok());
+        assert!(RedisConn::new(&test_settings("redis://:hunter2@127.0.0.1:1/0", false)).is_ok());
+        assert!(RedisConn::new(&test_settings("rediss://127.0.0.1:1", false)).is_ok());
         for bad in [
             "",
             "127.0.0.1:6379",
             "http://:hunter2@h:1",
             "redis://:hunter2@h:notaport",
         ] {
-            let Err(e) = RedisConn::new(&settings(bad, false)) else {
+            let Err(e) = RedisConn::new(&test_settings(bad, false)) else {
                 panic!("accepted {bad:?}");
             };
             assert!(!e.to_string().contains("hunter2"), "{e}");
         }
-        let err = RedisConn::new(&settings("redis://a:1,redis://b:2", false));
+        let err = RedisConn::new(&test_settings("redis://a:1,redis://b:2", false));
         assert!(err.is_err(), "several nodes need cluster mode");
     }
 
@@ -699,13 +701,13 @@ mod tests {
         assert!(matches!(infos[1].addr(), ConnectionAddr::TcpTls { .. }));
         assert_eq!(infos[1].redis_settings().password(), Some("p"));
         assert!(matches!(infos[2].addr(), ConnectionAddr::Tcp(..)));
-        let conn = RedisConn::new(&settings("redis://:p@a:7000,b:7001", true)).unwrap();
+        let conn = RedisConn::new(&test_settings("redis://:p@a:7000,b:7001", true)).unwrap();
         assert_eq!(conn.hosts(), "a:7000,b:7001");
     }
 
     #[test]
     fn debug_of_settings_hides_credentials() {
-        let s = settings("redis://user:hunter2@a:1/0,rediss://:hunter2@b:2", true);
+        let s = test_settings("redis://user:hunter2@a:1/0,rediss://:hunter2@b:2", true);
         let shown = format!("{s:?}");
         assert!(!shown.contains("hunter2"), "{shown}");
         assert!(

@@ -555,15 +555,7 @@ fn count_masters_with_slots(reply: &Value) -> usize {
 mod tests {
     use super::*;
 
-    fn settings(url: &str, cluster: bool) -> RedisSettings {
-        RedisSettings {
-            url: url.into(),
-            cluster,
-            key_prefix: "keygate:".into(),
-            connect_timeout: Duration::from_millis(200),
-            command_timeout: Duration::from_millis(200),
-        }
-    }
+    use crate::redis::test_settings as settings;
 
     #[test]
     fn keys_use_the_slot_as_hash_tag_and_parse_back() {

@@ -3,8 +3,6 @@
 //! upstream (run in-process here), showing the injected key; the dev config enforces the Twenty
 //! scope defaults.
 
-use std::process::Command;
-
 use serde_json::{json, Value};
 
 use crate::common::upstream::Upstream;
@@ -12,30 +10,9 @@ use crate::common::{client, rpc, Keygate, TempDir};
 
 use crate::common::upstream::echo;
 
-/// A token minted by `keygate dev-token` with the dev config.
+/// A token minted by `keygate dev-token` with the dev config, for `user_dev`.
 fn dev_token(scope: &str) -> String {
-    let out = Command::new(env!("CARGO_BIN_EXE_keygate"))
-        .args([
-            "--config",
-            "config/dev.toml",
-            "dev-token",
-            "--scope",
-            scope,
-            "--sub",
-            "user_dev",
-        ])
-        .env_remove("KEYGATE_CONFIG")
-        .output()
-        .expect("run keygate dev-token");
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8(out.stdout)
-        .expect("utf8")
-        .trim()
-        .to_string()
+    crate::common::dev_token(std::path::Path::new("config/dev.toml"), "user_dev", scope)
 }
 
 /// `config/dev.toml` as keygate reads it from a temporary directory: its `dev/` files by

@@ -906,23 +906,10 @@ async fn logging_tls_gateway() -> (
             sink.lock().expect("lines").push(line);
         }
     });
-    let until = Instant::now() + Duration::from_secs(20);
-    loop {
-        let ready = client()
-            .get(format!("http://127.0.0.1:{admin}/ready"))
-            .send()
-            .await
-            .is_ok_and(|r| r.status() == 200);
-        if ready {
-            break;
-        }
-        assert!(
-            Instant::now() < until,
-            "keygate never ready: {:?}",
-            lines.lock().expect("lines")
-        );
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+    wait_ready(admin, &mut child, || {
+        format!("{:?}", lines.lock().expect("lines"))
+    })
+    .await;
     (child, port, admin, lines, dir)
 }
 
@@ -984,23 +971,31 @@ async fn failed_handshakes_are_not_logged_as_errors() {
     );
 }
 
+/// Wait (bounded) until the gateway child's admin listener says ready; `log` tells why not.
+async fn wait_ready(admin: u16, child: &mut std::process::Child, log: impl Fn() -> String) {
+    let until = Instant::now() + Duration::from_secs(20);
+    loop {
+        let ready = client()
+            .get(format!("http://127.0.0.1:{admin}/ready"))
+            .send()
+            .await
+            .is_ok_and(|r| r.status() == 200);
+        if ready {
+            return;
+        }
+        assert!(
+            child.try_wait().expect("wait").is_none(),
+            "keygate exited: {}",
+            log()
+        );
+        assert!(Instant::now() < until, "keygate never ready: {}", log());
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
 /// A token from `keygate dev-token` for the config in `dir`.
 fn dev_token(dir: &TempDir) -> String {
-    let out = keygate_bin()
-        .arg("--config")
-        .arg(dir.join("keygate.toml"))
-        .args(["dev-token", "--scope", "twenty:read", "--sub", "user_flood"])
-        .output()
-        .expect("run keygate dev-token");
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8(out.stdout)
-        .expect("utf8")
-        .trim()
-        .to_string()
+    crate::common::dev_token(&dir.join("keygate.toml"), "user_flood", "twenty:read")
 }
 
 /// The release binary's real situation: a process limited to 256 descriptors, 300 connections
@@ -1047,23 +1042,10 @@ async fn valid_clients_are_served_during_a_flood_at_the_descriptor_limit() {
             .spawn()
             .expect("spawn keygate"),
     );
-    let until = Instant::now() + Duration::from_secs(20);
-    loop {
-        let ready = client()
-            .get(format!("http://127.0.0.1:{admin}/ready"))
-            .send()
-            .await
-            .is_ok_and(|r| r.status() == 200);
-        if ready {
-            break;
-        }
-        assert!(
-            child.0.try_wait().expect("wait").is_none(),
-            "keygate exited"
-        );
-        assert!(Instant::now() < until, "keygate never ready");
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    wait_ready(admin, &mut child.0, || {
+        std::fs::read_to_string(dir.join("stderr")).unwrap_or_default()
+    })
+    .await;
     let token = dev_token(&dir);
 
     let mut flood = Vec::new();

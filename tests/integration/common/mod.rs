@@ -319,3 +319,23 @@ pub async fn rpc(url: String, token: Option<&str>) -> reqwest::Response {
     }
     req.send().await.expect("request")
 }
+
+/// A token minted by `keygate dev-token` with the config at `config`.
+pub fn dev_token(config: &Path, sub: &str, scope: &str) -> String {
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_keygate"))
+        .arg("--config")
+        .arg(config)
+        .args(["dev-token", "--scope", scope, "--sub", sub])
+        .env_remove("KEYGATE_CONFIG")
+        .output()
+        .expect("run keygate dev-token");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8(out.stdout)
+        .expect("utf8")
+        .trim()
+        .to_string()
+}
