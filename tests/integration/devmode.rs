@@ -57,6 +57,34 @@ async fn call(gw: &Keygate, token: &str, body: Value) -> reqwest::Response {
         .expect("request")
 }
 
+/// The URLs a client is told to use (resource, issuer) name the very address keygate listens
+/// on, as an IP literal: `localhost` resolves to `::1` first on Debian, and a client without
+/// happy eyeballs (Node.js 18's fetch) then never reaches a listener on 127.0.0.1.
+#[test]
+fn the_dev_urls_name_the_address_keygate_listens_on() {
+    let s = keygate::config::load(
+        Some(std::path::Path::new("config/dev.toml")),
+        &std::collections::HashMap::new(),
+    )
+    .expect("the dev config loads");
+    let listen = s.server.listen;
+    let mut urls = vec![s.resource.url.clone()];
+    urls.extend(s.issuers.iter().map(|i| i.issuer.clone()));
+    for url in urls {
+        let parsed = url::Url::parse(&url).expect("url");
+        let host: std::net::IpAddr = parsed
+            .host_str()
+            .and_then(|h| h.trim_matches(['[', ']']).parse().ok())
+            .unwrap_or_else(|| panic!("{url}: not an IP literal"));
+        assert_eq!(host, listen.ip(), "{url} vs listen {listen}");
+        assert_eq!(
+            parsed.port(),
+            Some(listen.port()),
+            "{url} vs listen {listen}"
+        );
+    }
+}
+
 #[tokio::test]
 async fn dev_token_is_accepted_by_the_dev_config() {
     let token = dev_token("twenty:read");
