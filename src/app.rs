@@ -30,12 +30,12 @@ use crate::keys::store::KeyStore;
 use crate::keys::vault::{UserKey, Vault};
 use crate::policy::auth_failures::AuthFailures;
 use crate::policy::cors::Cors;
+use crate::policy::ratelimit::CompiledRateRule;
 use crate::policy::ratelimit::{
     FallbackLimiter, LocalLimiter, OnRedisError, Quota, RateLimiter, RedisLimiter,
 };
 use crate::policy::sessions::{LocalBindings, RedisBindings, SessionBindings};
 use crate::proxy::deadline::{Connections, Limits, Requests};
-use crate::proxy::CompiledRateRule;
 use crate::proxy::{Gateway, GatewayState};
 use crate::redis::{RedisConn, RedisSettings};
 use crate::telemetry::metrics::Metrics;

@@ -55,7 +55,10 @@ use std::time::{Duration, Instant};
 
 use async_trait::async_trait;
 
+use crate::config::RateRule;
+use crate::policy::mcp::RpcCall;
 use crate::redis::RedisConn;
+use crate::telemetry::metrics::Metrics;
 
 /// Keys the local limiter tracks at most, unless told otherwise.
 pub const DEFAULT_LOCAL_MAX_KEYS: u64 = 100_000;
@@ -552,6 +555,86 @@ pub(crate) fn evict_soonest<K, V: Copy + Ord>(table: &mut HashMap<K, V>, now: V,
     });
 }
 
+/// A rate-limit rule ready for the request path.
+pub struct CompiledRateRule {
+    pub rule: RateRule,
+    pub quota: Quota,
+    /// For tool budgets: which `tools/call` names count.
+    pub tools: Option<globset::GlobSet>,
+    /// `{name}:{per}:`, the start of every limiter key of this rule.
+    key_prefix: String,
+    /// This rule's `allowed` and `limited` decision counters, resolved on first use.
+    decisions: [std::sync::OnceLock<prometheus::IntCounter>; 2],
+}
+
+impl CompiledRateRule {
+    pub fn new(rule: RateRule, quota: Quota, tools: Option<globset::GlobSet>) -> Self {
+        let key_prefix = format!("{}:{}:", rule.name, rule.per.as_str());
+        Self {
+            rule,
+            quota,
+            tools,
+            key_prefix,
+            decisions: [const { std::sync::OnceLock::new() }; 2],
+        }
+    }
+
+    /// The limiter key for one caller of this rule: `who` as named by `issuer` (users and
+    /// orgs: identity is (issuer, subject)), or `who` alone (addresses).
+    pub fn key(&self, issuer: Option<&str>, who: &str) -> String {
+        let scope = issuer.map_or(0, |i| i.len() + 1);
+        let mut key = String::with_capacity(self.key_prefix.len() + scope + who.len());
+        key.push_str(&self.key_prefix);
+        if let Some(issuer) = issuer {
+            key.push_str(issuer);
+            key.push('|');
+        }
+        key.push_str(who);
+        key
+    }
+
+    /// Count a decision of this rule.
+    pub fn count(&self, metrics: &Metrics, allowed: bool) {
+        let (i, outcome) = if allowed {
+            (0, "allowed")
+        } else {
+            (1, "limited")
+        };
+        self.decisions[i]
+            .get_or_init(|| {
+                metrics
+                    .rate_limit
+                    .with_label_values(&[self.rule.name.as_str(), outcome])
+            })
+            .inc();
+    }
+
+    /// Whether the request's path (its normal form, see `proxy::route`) counts for this rule:
+    /// it starts with one of
+    /// the rule's paths, the way an upstream routing by prefix decides (`/mcpx` counts for
+    /// `/mcp`, as it is MCP too).
+    pub fn applies_to(&self, normal_path: &str) -> bool {
+        self.rule.paths.is_empty() || self.rule.paths.iter().any(|p| normal_path.starts_with(p))
+    }
+
+    /// Units this request spends: the rule's cost, times the matching tool calls for a tool
+    /// budget (zero when none match).
+    pub fn cost(&self, calls: Option<&[RpcCall<'_>]>) -> u32 {
+        match &self.tools {
+            None => self.rule.cost,
+            Some(set) => {
+                let n = calls
+                    .unwrap_or_default()
+                    .iter()
+                    .filter(|c| c.method == "tools/call")
+                    .filter(|c| c.name.as_deref().is_some_and(|n| set.is_match(n)))
+                    .count() as u32;
+                self.rule.cost.saturating_mul(n)
+            }
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -944,5 +1027,65 @@ mod tests {
         let [policy, limit] = headers("a \"b\"\\c\né", &sub_second, &full);
         assert_eq!(policy.1, r#""a \"b\"\\c__";q=5;w=1"#);
         assert_eq!(limit.1, r#""a \"b\"\\c__";r=7;t=0"#);
+    }
+}
+
+#[cfg(test)]
+mod compiled_rule_tests {
+    use super::*;
+    use crate::config::RateKey;
+    use crate::proxy::route::Routes;
+    use crate::telemetry::metrics::Metrics;
+
+    fn rule(name: &str, per: RateKey) -> CompiledRateRule {
+        let rule = RateRule {
+            name: name.into(),
+            per,
+            requests: 10,
+            period: std::time::Duration::from_secs(60),
+            burst: 10,
+            paths: vec!["/mcp".into()],
+            tools: Vec::new(),
+            cost: 1,
+        };
+        let quota = Quota::new(rule.requests, rule.period, rule.burst).expect("quota");
+        CompiledRateRule::new(rule, quota, None)
+    }
+
+    #[test]
+    fn limiter_keys_name_the_rule_the_kind_and_the_caller() {
+        assert_eq!(
+            rule("per-user", RateKey::User).key(Some("https://idp.example"), "user_1"),
+            "per-user:user:https://idp.example|user_1"
+        );
+        assert_eq!(
+            rule("edge", RateKey::Ip).key(None, "10.0.0.1"),
+            "edge:ip:10.0.0.1"
+        );
+        let r = rule("x", RateKey::Org);
+        let routes = Routes::new(&["/mcp".to_string()], true);
+        let applies = |p: &str| r.applies_to(&routes.classify(p).expect("path").normal);
+        // Every spelling an upstream routes to /mcp counts; other paths do not.
+        for p in ["/mcp", "/mcp/sub", "/mcpx", "//MCP", "/mcp;x"] {
+            assert!(applies(p), "{p}");
+        }
+        assert!(!applies("/x/mcp") && !applies("/health"));
+    }
+
+    #[test]
+    fn decisions_are_counted_per_rule_and_result() {
+        let metrics = Metrics::new();
+        let a = rule("a", RateKey::User);
+        let b = rule("b", RateKey::User);
+        a.count(&metrics, true);
+        a.count(&metrics, true);
+        a.count(&metrics, false);
+        b.count(&metrics, false);
+        let get =
+            |name: &str, result: &str| metrics.rate_limit.with_label_values(&[name, result]).get();
+        assert_eq!(get("a", "allowed"), 2);
+        assert_eq!(get("a", "limited"), 1);
+        assert_eq!(get("b", "allowed"), 0);
+        assert_eq!(get("b", "limited"), 1);
     }
 }

@@ -2,11 +2,19 @@
 //!
 //! ```text
 //! early_request_filter    request id, client ip, header deadline satisfied
-//! request_filter          local routes (/health, discovery) -> CORS/origin -> authenticate
+//! request_filter          Host and single-valued MCP headers -> the route decision (once)
+//!                         -> per-IP rate rules -> local routes (/health, discovery, the dev
+//!                         authorization server) -> CORS/origin -> MCP transport checks
+//!                         -> lockouts and authentication -> MCP body read and inspection
+//!                         -> per-user/org rate rules and tool budgets -> authorization
+//!                         (org, rules, scopes) -> session binding -> /api/keys, or the
+//!                         caller's key resolved for injection
 //! upstream_peer           the configured upstream
-//! upstream_request_filter header hygiene, forwarding and identity headers
-//! response_filter         request id, CORS
-//! logging                 access log
+//! upstream_request_filter header hygiene, forwarding and identity headers, key injection
+//! request_body_filter     body progress for the body deadlines, streamed-body size cap
+//! response_filter         request id, CORS, rate-limit headers, session binding recorded
+//! fail_to_proxy           upstream errors mapped through `respond::error`
+//! logging                 access log, request metrics
 //! ```
 //!
 //! Denials are written by [`respond::error`]; nothing else writes an error response.
@@ -31,15 +39,15 @@ use pingora::upstreams::peer::HttpPeer;
 
 use crate::auth::discovery::{AsDocument, AuthServerMetadata, ResourceMetadata};
 use crate::auth::{bearer_token, Authenticator, Identity};
+use crate::config::RateKey;
 use crate::config::Settings;
-use crate::config::{RateKey, RateRule};
 use crate::error::{AuthError, GatewayError};
 use crate::keys::api as keys_api;
 use crate::keys::store::Owner;
 use crate::keys::vault::{UserKey, Vault, VaultError};
 use crate::policy::cors::Cors;
 use crate::policy::mcp::{self, RpcCall};
-use crate::policy::ratelimit::{self, Decision, Quota, RateLimiter};
+use crate::policy::ratelimit::{self, CompiledRateRule, Decision, RateLimiter};
 use crate::policy::sessions::SessionBindings;
 use crate::telemetry::access;
 use crate::telemetry::metrics::Metrics;
@@ -80,85 +88,6 @@ pub struct GatewayState {
     pub auth_failures: Option<Arc<crate::policy::auth_failures::AuthFailures>>,
     /// The dev authorization server, when `dev.authorization_server` is on.
     pub dev_issuer: Option<Arc<crate::auth::dev_issuer::DevAuthServer>>,
-}
-
-/// A rate-limit rule ready for the request path.
-pub struct CompiledRateRule {
-    pub rule: RateRule,
-    pub quota: Quota,
-    /// For tool budgets: which `tools/call` names count.
-    pub tools: Option<globset::GlobSet>,
-    /// `{name}:{per}:`, the start of every limiter key of this rule.
-    key_prefix: String,
-    /// This rule's `allowed` and `limited` decision counters, resolved on first use.
-    decisions: [std::sync::OnceLock<prometheus::IntCounter>; 2],
-}
-
-impl CompiledRateRule {
-    pub fn new(rule: RateRule, quota: Quota, tools: Option<globset::GlobSet>) -> Self {
-        let key_prefix = format!("{}:{}:", rule.name, rule.per.as_str());
-        Self {
-            rule,
-            quota,
-            tools,
-            key_prefix,
-            decisions: [const { std::sync::OnceLock::new() }; 2],
-        }
-    }
-
-    /// The limiter key for one caller of this rule: `who` as named by `issuer` (users and
-    /// orgs: identity is (issuer, subject)), or `who` alone (addresses).
-    fn key(&self, issuer: Option<&str>, who: &str) -> String {
-        let scope = issuer.map_or(0, |i| i.len() + 1);
-        let mut key = String::with_capacity(self.key_prefix.len() + scope + who.len());
-        key.push_str(&self.key_prefix);
-        if let Some(issuer) = issuer {
-            key.push_str(issuer);
-            key.push('|');
-        }
-        key.push_str(who);
-        key
-    }
-
-    /// Count a decision of this rule.
-    fn count(&self, metrics: &Metrics, allowed: bool) {
-        let (i, outcome) = if allowed {
-            (0, "allowed")
-        } else {
-            (1, "limited")
-        };
-        self.decisions[i]
-            .get_or_init(|| {
-                metrics
-                    .rate_limit
-                    .with_label_values(&[self.rule.name.as_str(), outcome])
-            })
-            .inc();
-    }
-
-    /// Whether the request's path counts for this rule: its normal form starts with one of
-    /// the rule's paths, the way an upstream routing by prefix decides (`/mcpx` counts for
-    /// `/mcp`, as it is MCP too).
-    fn applies_to(&self, route: &Classified<'_>) -> bool {
-        self.rule.paths.is_empty() || self.rule.paths.iter().any(|p| route.starts_with(p))
-    }
-
-    /// Units this request spends: the rule's cost, times the matching tool calls for a tool
-    /// budget (zero when none match).
-    fn cost(&self, calls: Option<&[RpcCall<'_>]>) -> u32 {
-        match &self.tools {
-            None => self.rule.cost,
-            Some(set) => {
-                let n = calls
-                    .unwrap_or_default()
-                    .iter()
-                    .filter(|c| c.method == "tools/call")
-                    .filter(|c| c.name.as_deref().is_some_and(|n| set.is_match(n)))
-                    .count() as u32;
-                self.rule.cost.saturating_mul(n)
-            }
-        }
-    }
 }
 
 /// The caller as MCP session bindings know it: issuer and subject.
@@ -523,7 +452,7 @@ impl Gateway {
         let mut tightest: Option<(&CompiledRateRule, Decision)> = None;
         for compiled in &self.state.rate_rules {
             let rule = &compiled.rule;
-            if !kinds.contains(&rule.per) || !compiled.applies_to(route) {
+            if !kinds.contains(&rule.per) || !compiled.applies_to(&route.normal) {
                 continue;
             }
             let ip;
@@ -1122,62 +1051,5 @@ impl ProxyHttp for Gateway {
             denied: ctx.denied,
             error: e.map(|e| e.etype().as_str()),
         });
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    fn rule(name: &str, per: RateKey) -> CompiledRateRule {
-        let rule = RateRule {
-            name: name.into(),
-            per,
-            requests: 10,
-            period: std::time::Duration::from_secs(60),
-            burst: 10,
-            paths: vec!["/mcp".into()],
-            tools: Vec::new(),
-            cost: 1,
-        };
-        let quota = Quota::new(rule.requests, rule.period, rule.burst).expect("quota");
-        CompiledRateRule::new(rule, quota, None)
-    }
-
-    #[test]
-    fn limiter_keys_name_the_rule_the_kind_and_the_caller() {
-        assert_eq!(
-            rule("per-user", RateKey::User).key(Some("https://idp.example"), "user_1"),
-            "per-user:user:https://idp.example|user_1"
-        );
-        assert_eq!(
-            rule("edge", RateKey::Ip).key(None, "10.0.0.1"),
-            "edge:ip:10.0.0.1"
-        );
-        let r = rule("x", RateKey::Org);
-        let routes = Routes::new(&["/mcp".to_string()], true);
-        let applies = |p: &str| r.applies_to(&routes.classify(p).expect("path"));
-        // Every spelling an upstream routes to /mcp counts; other paths do not.
-        for p in ["/mcp", "/mcp/sub", "/mcpx", "//MCP", "/mcp;x"] {
-            assert!(applies(p), "{p}");
-        }
-        assert!(!applies("/x/mcp") && !applies("/health"));
-    }
-
-    #[test]
-    fn decisions_are_counted_per_rule_and_result() {
-        let metrics = Metrics::new();
-        let a = rule("a", RateKey::User);
-        let b = rule("b", RateKey::User);
-        a.count(&metrics, true);
-        a.count(&metrics, true);
-        a.count(&metrics, false);
-        b.count(&metrics, false);
-        let get =
-            |name: &str, result: &str| metrics.rate_limit.with_label_values(&[name, result]).get();
-        assert_eq!(get("a", "allowed"), 2);
-        assert_eq!(get("a", "limited"), 1);
-        assert_eq!(get("b", "allowed"), 0);
-        assert_eq!(get("b", "limited"), 1);
     }
 }
