@@ -270,12 +270,8 @@ impl AuthFailures {
         if self.subjects.is_empty() {
             return None;
         }
-        let now = self.clock.now();
-        let until = self
-            .subjects
-            .until(&Self::subject_key(issuer, subject), now)?;
-        self.subject_refusals.inc();
-        Some(whole_secs(until - now))
+        let who = Self::subject_key(issuer, subject);
+        self.remaining(&self.subjects, &who, &self.subject_refusals)
     }
 
     /// Spend one unit of the subject's budget for a policy refusal. When the budget refuses
@@ -284,19 +280,10 @@ impl AuthFailures {
         let budget = self.settings.subject_budget.as_ref()?;
         let who = Self::subject_key(issuer, subject);
         let key = format!("authfail/sub/{who}");
-        let decision = match self.limiter.check(&key, budget, 1).await {
-            Ok(d) => d,
-            Err(e) => {
-                tracing::warn!(error = %e, "policy-refusal budget unavailable");
-                return None;
-            }
-        };
-        if decision.allowed {
-            return None;
-        }
-        let now = self.clock.now();
-        let lockout = self.settings.lockout;
-        if self.subjects.lock(&who, now, now + lockout) {
+        let lockout = self
+            .spend(&self.subjects, &key, budget, &who, "policy-refusal")
+            .await;
+        if let Spent::Started(lockout) = lockout {
             self.subject_lockouts.inc();
             tracing::info!(
                 target: "keygate::audit",
@@ -308,11 +295,52 @@ impl AuthFailures {
                 lockout_secs = lockout.as_secs(),
                 "subject locked out after repeated policy refusals"
             );
-            return Some(lockout);
         }
-        self.subjects
-            .until(&who, now)
-            .map(|until| whole_secs(until - now))
+        lockout.lockout()
+    }
+
+    /// How long `who` is still locked in `table`, in whole seconds; a lock found is counted
+    /// on `refused`.
+    fn remaining<K: Hash + Eq + Clone>(
+        &self,
+        table: &LockTable<K>,
+        who: &K,
+        refused: &prometheus::IntCounter,
+    ) -> Option<Duration> {
+        let now = self.clock.now();
+        let until = table.until(who, now)?;
+        refused.inc();
+        Some(whole_secs(until - now))
+    }
+
+    /// Spend one unit of `budget` under `key`; when the budget refuses it, lock `who` in
+    /// `table` for the lockout (unless a lock is already running). A budget that cannot be
+    /// asked (Redis away and no fallback) locks nobody.
+    async fn spend<K: Hash + Eq + Clone>(
+        &self,
+        table: &LockTable<K>,
+        key: &str,
+        budget: &Quota,
+        who: &K,
+        what: &'static str,
+    ) -> Spent {
+        match self.limiter.check(key, budget, 1).await {
+            Ok(d) if d.allowed => return Spent::Within,
+            Ok(_) => {}
+            Err(e) => {
+                tracing::warn!(error = %e, budget = what, "lockout budget unavailable");
+                return Spent::Within;
+            }
+        }
+        let now = self.clock.now();
+        let lockout = self.settings.lockout;
+        if table.lock(who, now, now + lockout) {
+            return Spent::Started(lockout);
+        }
+        // Another request of this caller started the lockout first.
+        table.until(who, now).map_or(Spent::Within, |until| {
+            Spent::Locked(whole_secs(until - now))
+        })
     }
 
     /// The client `ip` stands for: IPv4-mapped addresses as IPv4, IPv6 by its network.
@@ -330,10 +358,7 @@ impl AuthFailures {
         if self.ips.is_empty() {
             return None;
         }
-        let now = self.clock.now();
-        let until = self.ips.until(&self.client(ip), now)?;
-        self.refusals.inc();
-        Some(whole_secs(until - now))
+        self.remaining(&self.ips, &self.client(ip), &self.refusals)
     }
 
     /// Spend one unit of `ip`'s budget for a rejected token. When the budget refuses it, `ip`
@@ -341,35 +366,42 @@ impl AuthFailures {
     pub async fn record_failure(&self, ip: IpAddr) -> Option<Duration> {
         let client = self.client(ip);
         let key = format!("authfail/ip/{client}");
-        let decision = match self.limiter.check(&key, &self.settings.budget, 1).await {
-            Ok(d) => d,
-            Err(e) => {
-                tracing::warn!(error = %e, "failed-authentication budget unavailable");
-                return None;
-            }
-        };
-        if decision.allowed {
-            return None;
-        }
-        let now = self.clock.now();
-        let lockout = self.settings.lockout;
-        if self.ips.lock(&client, now, now + lockout) {
+        let budget = &self.settings.budget;
+        let lockout = self
+            .spend(&self.ips, &key, budget, &client, "failed-authentication")
+            .await;
+        if let Spent::Started(lockout) = lockout {
             self.lockouts.inc();
             tracing::info!(
                 target: "keygate::audit",
                 event = "lockout_started",
                 client_ip = %client,
-                max_failures = self.settings.budget.requests,
-                window_secs = self.settings.budget.period.as_secs(),
+                max_failures = budget.requests,
+                window_secs = budget.period.as_secs(),
                 lockout_secs = lockout.as_secs(),
                 "client locked out after repeated failed authentication"
             );
-            return Some(lockout);
         }
-        // Another request of this client started the lockout first.
-        self.ips
-            .until(&client, now)
-            .map(|until| whole_secs(until - now))
+        lockout.lockout()
+    }
+}
+
+/// What spending a unit of a lockout budget did.
+enum Spent {
+    /// Within the budget (or the budget could not be asked).
+    Within,
+    /// The budget refused it and this started a lockout.
+    Started(Duration),
+    /// The budget refused it; a lockout was already running, this long still.
+    Locked(Duration),
+}
+
+impl Spent {
+    fn lockout(&self) -> Option<Duration> {
+        match self {
+            Spent::Within => None,
+            Spent::Started(d) | Spent::Locked(d) => Some(*d),
+        }
     }
 }
 
