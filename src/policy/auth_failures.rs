@@ -526,21 +526,6 @@ mod tests {
         assert!(f.locked(ip("2001:db8:1:3::1")).is_none());
     }
 
-    /// Log lines, collected.
-    #[derive(Clone, Default)]
-    struct Logs(Arc<Mutex<Vec<u8>>>);
-
-    impl std::io::Write for Logs {
-        fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
-            self.0.lock().unwrap().extend_from_slice(buf);
-            Ok(buf.len())
-        }
-
-        fn flush(&mut self) -> std::io::Result<()> {
-            Ok(())
-        }
-    }
-
     #[tokio::test]
     async fn a_lockout_is_one_audit_event_naming_the_client() {
         // Register the event's callsite first, on this thread: installing the subscriber then
@@ -549,18 +534,12 @@ mod tests {
         for _ in 0..2 {
             warm_up.record_failure(ip("192.0.2.250")).await;
         }
-        let logs = Logs::default();
-        let writer = logs.clone();
-        let subscriber = tracing_subscriber::fmt()
-            .json()
-            .with_writer(move || writer.clone())
-            .finish();
-        let _guard = tracing::subscriber::set_default(subscriber);
+        let logs = crate::telemetry::capture::Capture::json();
         let (f, _, _) = failures(1);
         for _ in 0..4 {
             f.record_failure(ip("198.51.100.4")).await;
         }
-        let text = String::from_utf8(logs.0.lock().unwrap().clone()).unwrap();
+        let text = logs.text_so_far();
         let events: Vec<serde_json::Value> = text
             .lines()
             .map(|l| serde_json::from_str(l).expect("json line"))
@@ -576,7 +555,7 @@ mod tests {
             f.record_denial("https://issuer.example", "user_probe")
                 .await;
         }
-        let text = String::from_utf8(logs.0.lock().unwrap().clone()).unwrap();
+        let text = logs.text_so_far();
         let events: Vec<serde_json::Value> = text
             .lines()
             .map(|l| serde_json::from_str(l).expect("json line"))

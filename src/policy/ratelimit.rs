@@ -962,30 +962,9 @@ mod tests {
         assert_eq!(limiter.fallbacks(), 0);
     }
 
-    /// Log lines, collected.
-    #[derive(Clone, Default)]
-    struct Logs(Arc<std::sync::Mutex<Vec<u8>>>);
-
-    impl std::io::Write for Logs {
-        fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
-            self.0.lock().unwrap().extend_from_slice(buf);
-            Ok(buf.len())
-        }
-
-        fn flush(&mut self) -> std::io::Result<()> {
-            Ok(())
-        }
-    }
-
     #[tokio::test]
     async fn an_outage_is_logged_once_when_it_starts_and_once_when_it_ends() {
-        let logs = Logs::default();
-        let writer = logs.clone();
-        let subscriber = tracing_subscriber::fmt()
-            .with_writer(move || writer.clone())
-            .with_ansi(false)
-            .finish();
-        let _guard = tracing::subscriber::set_default(subscriber);
+        let logs = crate::telemetry::capture::Capture::text();
         let (limiter, down) = flaky(OnRedisError::Local);
         let quota = per_minute(100);
         for outage in [3, 1] {
@@ -997,7 +976,7 @@ mod tests {
             limiter.check("k", &quota, 1).await.unwrap();
             limiter.check("k", &quota, 1).await.unwrap();
         }
-        let text = String::from_utf8(logs.0.lock().unwrap().clone()).unwrap();
+        let text = logs.text_so_far();
         assert_eq!(text.matches("falling back").count(), 2, "{text}");
         assert_eq!(text.matches("are back").count(), 2, "{text}");
         assert_eq!(limiter.fallbacks(), 4);
