@@ -47,7 +47,7 @@ const CLIENT_IDLE: Duration = Duration::from_secs(7 * 24 * 3600);
 const MAX_CLIENTS: u64 = 1_000;
 const MAX_PENDING: u64 = 1_000;
 const MAX_CODES: u64 = 1_000;
-const MAX_REFRESH: u64 = 10_000;
+const MAX_REFRESH: u64 = 1_000;
 /// Limits on what a client may register or ask for.
 const MAX_REDIRECT_URIS: usize = 10;
 const MAX_TEXT: usize = 2_000;
@@ -257,11 +257,7 @@ fn digest(secret: &str) -> String {
 
 /// Equal without an early exit (the compared values are digests; this is belt and braces).
 fn same(a: &str, b: &str) -> bool {
-    a.len() == b.len()
-        && a.bytes()
-            .zip(b.bytes())
-            .fold(0u8, |acc, (x, y)| acc | (x ^ y))
-            == 0
+    subtle::ConstantTimeEq::ct_eq(a.as_bytes(), b.as_bytes()).into()
 }
 
 /// A PKCE verifier or S256 challenge: 43 to 128 characters of `[A-Za-z0-9-._~]` (RFC 7636).
@@ -565,6 +561,10 @@ impl DevAuthServer {
             _ => return error_page("redirect_uri is not one this client registered."),
         };
         let state = q.get("state").cloned();
+        // Checked before any refusal could echo it back on the redirect.
+        if state.as_ref().is_some_and(|s| s.len() > MAX_TEXT) {
+            return error_page("state is too long.");
+        }
         // From here on, refusals go back to the client on its redirect.
         let refuse = |error: &str, description: &str| {
             self.redirect(
@@ -590,9 +590,6 @@ impl DevAuthServer {
             Some(r) if *r == self.resource => r.clone(),
             Some(_) => return refuse("invalid_target", "resource is not this server's resource"),
         };
-        if state.as_ref().is_some_and(|s| s.len() > MAX_TEXT) {
-            return refuse("invalid_request", "state is too long");
-        }
         let scopes = match q.get("scope") {
             Some(s) => match scope_list(s) {
                 Some(list) => list,
@@ -815,7 +812,7 @@ impl DevAuthServer {
                 "redirect_uri differs from the authorization request's",
             ));
         }
-        let computed = URL_SAFE_NO_PAD.encode(Sha256::digest(verifier.as_bytes()));
+        let computed = digest(verifier);
         if !pkce_shaped(verifier) || !same(&computed, &grant.challenge) {
             return Err(oauth_error(
                 400,

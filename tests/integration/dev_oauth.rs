@@ -593,6 +593,16 @@ async fn the_authorize_endpoint_refuses_plain_or_missing_pkce_a_wrong_resource_a
         assert!(!resp.headers().contains_key("location"));
     }
 
+    // An oversized state is never echoed onto the redirect, even with another error.
+    let long: &'static str = Box::leak("s".repeat(2_001).into_boxed_str());
+    let oversized = refused(
+        refused(base.clone(), ("state", Some(long))),
+        ("response_type", Some("token")),
+    );
+    let resp = authorize_page(&d, &oversized).await;
+    assert_eq!(resp.status(), 400);
+    assert!(!resp.headers().contains_key("location"));
+
     // What the page echoes is escaped.
     let resp = authorize_page(
         &d,
