@@ -344,7 +344,7 @@ impl MappedClaims {
 }
 
 /// `amr` values (RFC 8176) that say more than one factor was used on their own.
-const MULTI_FACTOR_AMR: &[&str] = &["mfa"];
+const MULTI_FACTOR_AMR: &str = "mfa";
 
 /// When the second factor was last verified, from the token's own claims:
 ///
@@ -370,11 +370,11 @@ pub fn second_factor_at(claims: &Map<String, Value>) -> Option<SystemTime> {
         return issued.checked_sub(Duration::from_secs(u64::try_from(minutes).ok()? * 60));
     }
     let amr = claims.get("amr")?.as_array()?;
-    let methods: Vec<&str> = amr.iter().filter_map(Value::as_str).collect();
-    let mut distinct = methods.clone();
-    distinct.sort_unstable();
-    distinct.dedup();
-    let multi = methods.iter().any(|m| MULTI_FACTOR_AMR.contains(m)) || distinct.len() >= 2;
+    let mut methods = amr.iter().filter_map(Value::as_str);
+    let first = methods.next();
+    // `mfa` itself, or two different methods.
+    let multi = first == Some(MULTI_FACTOR_AMR)
+        || methods.any(|m| m == MULTI_FACTOR_AMR || first.is_some_and(|f| f != m));
     if !multi {
         return None;
     }

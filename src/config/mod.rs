@@ -814,7 +814,9 @@ fn claim_map(
 
 /// Configured request paths in the normal form the route decision compares against
 /// (`proxy::route`); a path that has none is a problem naming the option.
-fn normal_paths(problems: &mut Problems, field: &str, raw: &[String]) -> Vec<String> {
+/// Configured paths in their normal form (see `proxy::route`); a path that has none is a
+/// problem naming `field`.
+pub(crate) fn normal_paths(problems: &mut Problems, field: &str, raw: &[String]) -> Vec<String> {
     raw.iter()
         .filter_map(|p| {
             let normal = crate::proxy::route::normal_config_path(p);

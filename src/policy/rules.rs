@@ -478,20 +478,7 @@ impl Rules {
                 );
             }
             names.push(name);
-            let paths = c
-                .paths
-                .iter()
-                .filter_map(|p| {
-                    let normal = crate::proxy::route::normal_config_path(p);
-                    if normal.is_none() {
-                        problems.push(
-                            field("paths"),
-                            format!("{p:?} must be an absolute path without dot segments, encoded separators, query or fragment"),
-                        );
-                    }
-                    normal
-                })
-                .collect();
+            let paths = crate::config::normal_paths(problems, &field("paths"), &c.paths);
             let mut http_methods = Vec::new();
             for m in &c.http_methods {
                 let upper = m.trim().to_ascii_uppercase();
