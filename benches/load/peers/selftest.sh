@@ -302,14 +302,15 @@ for peer in "${PEERS[@]}"; do
     haproxy)
       render "$HERE/haproxy.cfg.tmpl" "$WORK/haproxy.cfg" \
         LISTEN_PORT="$LISTEN_PORT" UPSTREAM_PORT="$UPSTREAM_PORT" ISSUER="$ISSUER" \
-        AUDIENCE="$AUDIENCE" PUBKEY_PEM="$WORK/pubkey.pem" || { fail "render"; continue; }
+        AUDIENCE="$AUDIENCE" PUBKEY_PEM="$WORK/pubkey.pem" BIND_OPTIONS="" MAXCONN=9000 || { fail "render"; continue; }
       haproxy -f "$WORK/haproxy.cfg" -db >"$WORK/haproxy.log" 2>&1 &
       ;;
     envoy)
       ADMIN_PORT="$(free_port)"
       render "$HERE/envoy.yaml.tmpl" "$WORK/envoy.yaml" \
         LISTEN_PORT="$LISTEN_PORT" UPSTREAM_PORT="$UPSTREAM_PORT" ADMIN_PORT="$ADMIN_PORT" \
-        ISSUER="$ISSUER" AUDIENCE="$AUDIENCE" JWKS_JSON="$JWKS_ONE_LINE" || { fail "render"; continue; }
+        ISSUER="$ISSUER" AUDIENCE="$AUDIENCE" CODEC=HTTP1 TRANSPORT_SOCKET="" EXTRA_CLUSTERS="" \
+        JWKS_SOURCE="local_jwks: {inline_string: '$JWKS_ONE_LINE'}" || { fail "render"; continue; }
       envoy -c "$WORK/envoy.yaml" --concurrency 1 -l error --disable-hot-restart \
         >"$WORK/envoy.log" 2>&1 &
       ;;
