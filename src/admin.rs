@@ -51,7 +51,7 @@ impl Admin {
                     .set(i64::try_from(age.as_secs()).unwrap_or(i64::MAX));
             }
         }
-        if let Some(limiter) = &state.fallback_limiter {
+        if let Some(limiter) = &state.rate_limits.fallback {
             Metrics::sync_counter(&m.rate_limit_fallbacks, limiter.fallbacks());
         }
         m.render()
@@ -80,7 +80,7 @@ async fn public_listener_accepts(listen: std::net::SocketAddr) -> bool {
 impl ServeHttp for Admin {
     async fn response(&self, session: &mut ServerSession) -> Response<Vec<u8>> {
         match session.req_header().uri.path() {
-            "/health" => json(200, self.state.health_body.to_vec()),
+            "/health" => json(200, self.state.local.health_body.to_vec()),
             "/metrics" => {
                 let body = self.metrics();
                 let len = body.len();
@@ -96,7 +96,7 @@ impl ServeHttp for Admin {
                     .shutting_down
                     .load(std::sync::atomic::Ordering::Acquire);
                 let keys = self.state.auth.is_ready() || !self.state.settings.auth.enabled;
-                let store = match &self.state.vault {
+                let store = match &self.state.keys.vault {
                     Some(vault) => tokio::time::timeout(
                         std::time::Duration::from_secs(1),
                         vault.store().ping(),

@@ -32,10 +32,12 @@ use crate::policy::auth_failures::AuthFailures;
 use crate::policy::cors::Cors;
 use crate::policy::ratelimit::CompiledRateRule;
 use crate::policy::ratelimit::{
-    FallbackLimiter, LocalLimiter, OnRedisError, Quota, RateLimiter, RedisLimiter,
+    FallbackLimiter, LocalLimiter, OnRedisError, Quota, RateLimiter, RateLimits, RedisLimiter,
 };
 use crate::policy::sessions::{LocalBindings, RedisBindings, SessionBindings};
 use crate::proxy::deadline::{Connections, Limits, Requests};
+use crate::proxy::keys_api::KeyStage;
+use crate::proxy::local::LocalRoutes;
 use crate::proxy::{Gateway, GatewayState};
 use crate::redis::{RedisConn, RedisSettings};
 use crate::telemetry::metrics::Metrics;
@@ -76,12 +78,6 @@ fn redis_settings(settings: &Settings) -> Option<RedisSettings> {
 
 /// The compiled rules, the limiter they share (none when no rule is configured), and the
 /// Redis-backed limiter when that is the one.
-struct RateLimits {
-    rules: Vec<CompiledRateRule>,
-    limiter: Option<Arc<dyn RateLimiter>>,
-    fallback: Option<Arc<FallbackLimiter>>,
-}
-
 /// Rate-limit rules with quotas and tool matchers, and the limiter the settings name.
 fn build_rate_limits(
     settings: &Settings,
@@ -281,18 +277,21 @@ pub fn build_state(settings: Settings) -> anyhow::Result<Arc<GatewayState>> {
         );
     }
     Ok(Arc::new(GatewayState {
-        resource_metadata: ResourceMetadata::new(&settings),
-        as_metadata,
-        dev_issuer,
+        local: LocalRoutes {
+            health_body: Bytes::from(health.to_string()),
+            resource_metadata: ResourceMetadata::new(&settings),
+            as_metadata,
+            dev_issuer,
+            discovery: settings.auth.enabled,
+        },
         cors: Cors::new(&settings.cors),
         peer: upstream_peer(&settings),
         challenge_scope: settings.resource.scopes_supported.join(" "),
-        health_body: Bytes::from(health.to_string()),
-        vault,
-        fallback_key,
-        rate_rules: rate_limits.rules,
-        limiter: rate_limits.limiter,
-        fallback_limiter: rate_limits.fallback,
+        keys: KeyStage {
+            vault,
+            fallback_key,
+        },
+        rate_limits,
         metrics,
         sessions,
         routes,
@@ -398,7 +397,7 @@ pub fn build_server(state: Arc<GatewayState>) -> anyhow::Result<Server> {
         "key refresher",
         KeyRefresher {
             caches: state.auth.key_sets(),
-            vault: state.vault.clone(),
+            vault: state.keys.vault.clone(),
             draining,
         },
     ));

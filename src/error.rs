@@ -4,87 +4,25 @@
 //! describes. Bodies are JSON in the shape MCP clients and the Node seed server use:
 //! `{"error": "...", "error_description": "..."}`. Nothing here ever contains a token or key.
 
+use std::borrow::Cow;
 use std::time::Duration;
 
 use thiserror::Error;
 
-/// Why a token was not accepted. The `Display` text is safe to show to the client.
-#[derive(Debug, Clone, PartialEq, Eq, Error)]
-pub enum AuthError {
-    #[error("missing bearer token")]
-    Missing,
-    #[error("token exceeds the maximum size")]
-    TooLarge,
-    #[error("malformed token")]
-    Malformed,
-    #[error("token algorithm is not allowed")]
-    AlgorithmNotAllowed,
-    #[error("token header names keys or extensions that are not accepted")]
-    ForbiddenHeader,
-    #[error("token has no key id")]
-    MissingKid,
-    #[error("token issuer is not trusted")]
-    UnknownIssuer,
-    #[error("token signing key is unknown")]
-    UnknownKey,
-    #[error("token signature is invalid")]
-    BadSignature,
-    #[error("token has expired")]
-    Expired,
-    #[error("token is not yet valid")]
-    NotYetValid,
-    #[error("token lacks a required claim")]
-    MissingClaim,
-    #[error("token was not issued for this resource")]
-    WrongAudience,
-    #[error("this kind of token is not accepted here")]
-    WrongKind,
-    #[error("token was issued to an unauthorized party")]
-    UnauthorizedParty,
-    #[error("session is not fully signed in")]
-    PendingSession,
-    #[error("token has been revoked")]
-    Revoked,
-    #[error("token is not valid")]
-    Invalid,
-}
-
-impl AuthError {
-    /// A stable, low-cardinality label for logs and metrics.
-    pub fn reason(&self) -> &'static str {
-        match self {
-            AuthError::Missing => "missing",
-            AuthError::TooLarge => "too_large",
-            AuthError::Malformed => "malformed",
-            AuthError::AlgorithmNotAllowed => "algorithm",
-            AuthError::ForbiddenHeader => "forbidden_header",
-            AuthError::MissingKid => "missing_kid",
-            AuthError::UnknownIssuer => "unknown_issuer",
-            AuthError::UnknownKey => "unknown_key",
-            AuthError::BadSignature => "bad_signature",
-            AuthError::Expired => "expired",
-            AuthError::NotYetValid => "not_yet_valid",
-            AuthError::MissingClaim => "missing_claim",
-            AuthError::WrongAudience => "wrong_audience",
-            AuthError::WrongKind => "wrong_kind",
-            AuthError::UnauthorizedParty => "unauthorized_party",
-            AuthError::PendingSession => "pending_session",
-            AuthError::Revoked => "revoked",
-            AuthError::Invalid => "invalid",
-        }
-    }
-}
+/// Authentication's refusal, re-exported: every 401 carries one.
+pub use crate::auth::AuthError;
+use crate::auth::{AuthFailure, BearerError};
+use crate::keys::api::PostError;
+use crate::keys::vault::VaultError;
 
 /// Everything that ends a request inside keygate instead of at the upstream.
 #[derive(Debug, Clone, Error)]
 pub enum GatewayError {
     #[error("{0}")]
     Unauthorized(AuthError),
+    /// A bad request; the description names what is wrong (never a secret).
     #[error("{0}")]
-    BadRequest(&'static str),
-    /// A bad request whose description names the rule (never a secret).
-    #[error("{0}")]
-    Invalid(String),
+    BadRequest(Cow<'static, str>),
     #[error("request body too large")]
     PayloadTooLarge,
     /// The caller has no upstream key stored and there is no fallback key.
@@ -134,6 +72,14 @@ pub enum GatewayError {
     Internal,
 }
 
+/// `Retry-After` when a dependency keygate needs to decide (key store, session store, signing
+/// keys) is down.
+pub const RETRY_DEPENDENCY: Duration = Duration::from_secs(5);
+/// `Retry-After` when the rate limiter cannot answer.
+pub const RETRY_RATE_LIMITER: Duration = Duration::from_secs(1);
+/// `Retry-After` when the authorization server's metadata cannot be fetched.
+pub const RETRY_AS_METADATA: Duration = Duration::from_secs(30);
+
 /// What to write back for an error.
 #[derive(Debug, Clone)]
 pub struct ErrorResponse {
@@ -149,11 +95,15 @@ pub struct ChallengeParams<'a> {
     pub scope: Option<&'a str>,
 }
 
-/// A `Retry-After` value: whole seconds, rounded up (a client that waits what it is told must
-/// not be refused again), and at least one.
+/// A wait in whole seconds, rounded up: what a `Retry-After` can say without telling a client
+/// that waits what it is told to come back too early.
+pub fn whole_secs(d: Duration) -> Duration {
+    Duration::from_secs(d.as_secs() + u64::from(d.subsec_nanos() > 0))
+}
+
+/// A `Retry-After` value: [`whole_secs`], and at least one.
 fn retry_after_value(d: Duration) -> String {
-    let secs = d.as_secs() + u64::from(d.subsec_nanos() > 0);
-    secs.max(1).to_string()
+    whole_secs(d).as_secs().max(1).to_string()
 }
 
 fn json_body(error: &str, description: &str) -> String {
@@ -191,7 +141,7 @@ impl GatewayError {
     pub fn reason(&self) -> &'static str {
         match self {
             GatewayError::Unauthorized(a) => a.reason(),
-            GatewayError::BadRequest(_) | GatewayError::Invalid(_) => "bad_request",
+            GatewayError::BadRequest(_) => "bad_request",
             GatewayError::PayloadTooLarge => "too_large",
             GatewayError::NoApiKey => "no_api_key",
             GatewayError::KeyDecrypt => "key_decrypt",
@@ -242,7 +192,6 @@ impl GatewayError {
                 (401, json_body("unauthorized", &reason.to_string()))
             }
             GatewayError::BadRequest(msg) => (400, json_body("invalid_request", msg)),
-            GatewayError::Invalid(msg) => (400, json_body("invalid_request", msg)),
             GatewayError::PayloadTooLarge => (
                 413,
                 json_body("invalid_request", "Request body is too large"),
@@ -385,6 +334,55 @@ impl From<AuthError> for GatewayError {
     }
 }
 
+impl From<BearerError> for GatewayError {
+    fn from(e: BearerError) -> Self {
+        match e {
+            BearerError::Repeated => {
+                GatewayError::BadRequest("Multiple Authorization headers are not allowed".into())
+            }
+            BearerError::Token(e) => GatewayError::Unauthorized(e),
+        }
+    }
+}
+
+impl From<AuthFailure> for GatewayError {
+    fn from(f: AuthFailure) -> Self {
+        match f {
+            AuthFailure::Rejected(e) => GatewayError::Unauthorized(e),
+            AuthFailure::Unavailable(what) => GatewayError::Unavailable {
+                what,
+                retry_after: RETRY_DEPENDENCY,
+            },
+            AuthFailure::Saturated(retry_after) => GatewayError::Unavailable {
+                what: "token verification",
+                retry_after,
+            },
+            AuthFailure::Claims(e) => GatewayError::Claims(e),
+        }
+    }
+}
+
+impl From<PostError> for GatewayError {
+    fn from(e: PostError) -> Self {
+        GatewayError::BadRequest(e.to_string().into())
+    }
+}
+
+impl From<VaultError> for GatewayError {
+    fn from(e: VaultError) -> Self {
+        match e {
+            VaultError::Store(_) => GatewayError::Unavailable {
+                what: "key store",
+                retry_after: RETRY_DEPENDENCY,
+            },
+            // Fail closed: a key that exists but cannot be read is never "no key".
+            VaultError::Decrypt => GatewayError::KeyDecrypt,
+            VaultError::Invalid(e) => GatewayError::BadRequest(e.to_string().into()),
+            VaultError::Seal => GatewayError::Internal,
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -495,5 +493,49 @@ mod tests {
                 assert_eq!(got.map(|(_, v)| v.as_str()), Some(want), "{d:?}");
             }
         }
+    }
+    #[test]
+    fn vault_failures_fail_closed_each_with_its_own_answer() {
+        let decrypt = GatewayError::from(VaultError::Decrypt).response(&CH);
+        assert_eq!(decrypt.status, 500);
+        assert!(
+            decrypt.body.contains("could not be read"),
+            "{}",
+            decrypt.body
+        );
+        // A seal failure stored nothing: an internal error, never "cannot be decrypted".
+        let seal = GatewayError::from(VaultError::Seal);
+        assert_eq!(
+            (seal.response(&CH).status, seal.reason()),
+            (500, "internal")
+        );
+        let invalid = GatewayError::from(VaultError::Invalid(
+            crate::keys::check::Rejected::KeyTooLong,
+        ));
+        let r = invalid.response(&CH);
+        assert_eq!(r.status, 400);
+        let body: serde_json::Value = serde_json::from_str(&r.body).expect("json");
+        assert_eq!(body["error"], "invalid_request");
+        assert_eq!(body["error_description"], "API key is too long");
+    }
+
+    #[test]
+    fn bearer_and_auth_failures_map_to_their_answers() {
+        let repeated = GatewayError::from(BearerError::Repeated);
+        assert_eq!(repeated.reason(), BearerError::Repeated.reason());
+        let r = repeated.response(&CH);
+        assert_eq!(r.status, 400);
+        assert!(r.headers.is_empty());
+        let body: serde_json::Value = serde_json::from_str(&r.body).expect("json");
+        assert_eq!(
+            body["error_description"],
+            "Multiple Authorization headers are not allowed"
+        );
+        let token = GatewayError::from(BearerError::Token(AuthError::TooLarge));
+        assert_eq!(token.response(&CH).status, 401);
+        assert_eq!(token.reason(), "too_large");
+        let down = GatewayError::from(AuthFailure::Unavailable("signing keys")).response(&CH);
+        assert_eq!(down.status, 503);
+        assert!(down.headers.contains(&("retry-after", "5".to_string())));
     }
 }

@@ -19,8 +19,8 @@ use serde::Deserialize;
 use super::claims::{self, ClaimMap, MappedClaims};
 use super::identity::{Identity, OrgContext, TokenKind};
 use super::jwks::{JwksCache, KeyError};
+use super::AuthError;
 use super::AuthFailure;
-use crate::error::AuthError;
 
 /// Rules that apply only to Clerk-issued tokens.
 #[derive(Debug, Clone, Default)]
@@ -200,8 +200,16 @@ impl JwtIssuer {
 
     /// Verify signature and claims; classify the token.
     pub async fn verify(&self, token: &str) -> Result<Identity, AuthFailure> {
-        let header: Header =
-            jsonwebtoken::decode_header(token).map_err(|_| AuthError::Malformed)?;
+        let header = jsonwebtoken::decode_header(token).map_err(|_| AuthError::Malformed)?;
+        self.verify_with_header(token, header).await
+    }
+
+    /// [`JwtIssuer::verify`], for a caller that has already decoded the token's header.
+    pub async fn verify_with_header(
+        &self,
+        token: &str,
+        header: Header,
+    ) -> Result<Identity, AuthFailure> {
         if header.jku.is_some()
             || header.x5u.is_some()
             || header.jwk.is_some()

@@ -10,6 +10,7 @@ pub mod claims;
 pub mod clerk;
 pub mod dev_issuer;
 pub mod discovery;
+pub mod error;
 pub mod identity;
 pub mod jwks;
 pub mod jwt;
@@ -21,10 +22,10 @@ use std::time::{Duration, SystemTime};
 
 use sha2::{Digest, Sha256};
 
+pub use error::{AuthError, BearerError};
 pub use identity::{Identity, OrgContext, TokenKind};
 
 use crate::config::{KeySource, Settings};
-use crate::error::{AuthError, GatewayError};
 use clerk::ClerkBackend;
 use jwks::JwksCache;
 use jwt::{ClerkRules, JwtIssuer};
@@ -50,23 +51,6 @@ impl From<AuthError> for AuthFailure {
     }
 }
 
-impl From<AuthFailure> for GatewayError {
-    fn from(f: AuthFailure) -> Self {
-        match f {
-            AuthFailure::Rejected(e) => GatewayError::Unauthorized(e),
-            AuthFailure::Unavailable(what) => GatewayError::Unavailable {
-                what,
-                retry_after: Duration::from_secs(5),
-            },
-            AuthFailure::Saturated(retry_after) => GatewayError::Unavailable {
-                what: "token verification",
-                retry_after,
-            },
-            AuthFailure::Claims(e) => GatewayError::Claims(e),
-        }
-    }
-}
-
 /// Pull the bearer token out of the request headers.
 ///
 /// `Ok(None)`: no bearer credential. Two `Authorization` headers are a bad request; a token
@@ -75,15 +59,13 @@ impl From<AuthFailure> for GatewayError {
 pub fn bearer_token(
     headers: &http::HeaderMap,
     max_bytes: usize,
-) -> Result<Option<&str>, GatewayError> {
+) -> Result<Option<&str>, BearerError> {
     let mut values = headers.get_all(http::header::AUTHORIZATION).iter();
     let Some(value) = values.next() else {
         return Ok(None);
     };
     if values.next().is_some() {
-        return Err(GatewayError::BadRequest(
-            "Multiple Authorization headers are not allowed",
-        ));
+        return Err(BearerError::Repeated);
     }
     let bytes = value.as_bytes();
     if bytes.len() < 7 || !bytes[..7].eq_ignore_ascii_case(b"bearer ") {
@@ -119,23 +101,43 @@ pub fn is_b64token(token: &str) -> bool {
     !body.is_empty() && charset
 }
 
-/// What kind of token this looks like, before (or without) verifying it: a label for the
-/// metrics of refused tokens. Never trusted for a decision.
-pub fn kind_hint(token: &str) -> &'static str {
-    if let Some(kind) = clerk::opaque_kind(token) {
-        return kind.as_str();
+/// A token authentication refused, and its kind as far as authentication had read it before
+/// refusing: a label for the metrics of refused tokens, never trusted for a decision.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Refused {
+    pub failure: AuthFailure,
+    /// An opaque token's prefix kind; a JWT's `typ` (`oauth_jwt` when it names an access
+    /// token, else `jwt`); `unknown` when refused before either was read.
+    pub kind: &'static str,
+}
+
+impl Refused {
+    fn new(failure: impl Into<AuthFailure>, kind: &'static str) -> Self {
+        Self {
+            failure: failure.into(),
+            kind,
+        }
     }
-    match jsonwebtoken::decode_header(token) {
-        Ok(h)
+}
+
+/// The kind label of a JWT, from the header decoded for its verification.
+fn jwt_kind(header: Option<&jsonwebtoken::Header>) -> &'static str {
+    match header {
+        Some(h)
             if h.typ
                 .as_deref()
                 .is_some_and(|t| t.to_ascii_lowercase().ends_with("at+jwt")) =>
         {
             TokenKind::OAuthJwt.as_str()
         }
-        Ok(_) => "jwt",
-        Err(_) => "unknown",
+        Some(_) => "jwt",
+        None => "unknown",
     }
+}
+
+/// The kind label of a token refused before it was parsed: its opaque prefix, if any.
+fn unparsed_kind(token: &str) -> &'static str {
+    clerk::opaque_kind(token).map_or("unknown", TokenKind::as_str)
 }
 
 /// Verifies bearer tokens against every configured issuer.
@@ -276,9 +278,9 @@ impl Authenticator {
         &self,
         token: &str,
         session_allowed: bool,
-    ) -> Result<Arc<Identity>, AuthFailure> {
+    ) -> Result<Arc<Identity>, Refused> {
         if token.len() > self.max_token_bytes {
-            return Err(AuthError::TooLarge.into());
+            return Err(Refused::new(AuthError::TooLarge, unparsed_kind(token)));
         }
         let hash: [u8; 32] = Sha256::digest(token.as_bytes()).into();
         let cached = self.verified.get(&hash);
@@ -293,31 +295,41 @@ impl Authenticator {
                 }
                 self.cache_misses.fetch_add(1, Ordering::Relaxed);
                 if !is_b64token(token) {
-                    return Err(AuthError::Malformed.into());
+                    return Err(Refused::new(AuthError::Malformed, unparsed_kind(token)));
                 }
                 self.verify_uncached(token, hash).await?
             }
         };
         if identity.kind == TokenKind::ClerkSession && !session_allowed {
-            return Err(AuthError::WrongKind.into());
+            // A session token is a JWT whose `typ` does not name an access token.
+            return Err(Refused::new(AuthError::WrongKind, "jwt"));
         }
         Ok(identity)
     }
 
-    async fn verify_uncached(
-        &self,
-        token: &str,
-        hash: [u8; 32],
-    ) -> Result<Arc<Identity>, AuthFailure> {
+    async fn verify_uncached(&self, token: &str, hash: [u8; 32]) -> Result<Arc<Identity>, Refused> {
         if let Some(kind) = clerk::opaque_kind(token) {
+            let refused = |f| Refused::new(f, kind.as_str());
             return match &self.clerk {
-                Some(backend) => backend.verify(kind, token, hash).await,
-                None => Err(AuthError::WrongKind.into()),
+                Some(backend) => backend.verify(kind, token, hash).await.map_err(refused),
+                None => Err(refused(AuthError::WrongKind.into())),
             };
         }
-        let iss = jwt::peek_issuer(token)?;
-        let issuer = self.issuers.get(&iss).ok_or(AuthError::UnknownIssuer)?;
-        let identity = Arc::new(issuer.verify(token).await?);
+        // The header is decoded once: for the kind label, and for verification.
+        let header = jsonwebtoken::decode_header(token).ok();
+        let kind = jwt_kind(header.as_ref());
+        let refused = |f| Refused::new(f, kind);
+        let iss = jwt::peek_issuer(token).map_err(|e| refused(e.into()))?;
+        let issuer = self
+            .issuers
+            .get(&iss)
+            .ok_or_else(|| refused(AuthError::UnknownIssuer.into()))?;
+        let header = header.ok_or_else(|| refused(AuthError::Malformed.into()))?;
+        let identity = issuer
+            .verify_with_header(token, header)
+            .await
+            .map_err(refused)?;
+        let identity = Arc::new(identity);
         // Only tokens that expire are kept (a verified JWT always has `exp`).
         if identity.expires_at.is_some_and(|e| e > SystemTime::now()) {
             self.verified.insert(hash, identity.clone());
@@ -339,6 +351,63 @@ mod tests {
             );
         }
         h
+    }
+
+    /// Refusals carry the kind authentication read of the token (for the auth metric), so
+    /// nothing parses a refused token a second time to label it.
+    #[tokio::test]
+    async fn refusals_carry_the_kind_authentication_read() {
+        use base64::Engine;
+        let env: HashMap<String, String> = [
+            ("AUTH_ENABLED", "false"),
+            ("KEYGATE_UPSTREAM", "http://127.0.0.1:3000"),
+            (
+                "API_KEY_ENCRYPTION_SECRET",
+                "3f8a1c9e57b2d4067e1fa93c28d5b6409c7e2a15f3b8d06e4a91c7253df80b6e",
+            ),
+        ]
+        .into_iter()
+        .map(|(k, v)| (k.to_string(), v.to_string()))
+        .collect();
+        let settings = crate::config::load(None, &env).expect("valid");
+        let auth = Authenticator::new(&settings, reqwest::Client::new());
+        let b64 = |v: serde_json::Value| {
+            base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(v.to_string())
+        };
+        let jwt = |typ: &str| {
+            let header = b64(serde_json::json!({ "alg": "RS256", "typ": typ, "kid": "k" }));
+            let claims = b64(serde_json::json!({ "iss": "https://nobody.example", "sub": "u" }));
+            format!("{header}.{claims}.c2ln")
+        };
+        let refused = |reason, kind| Refused::new(reason, kind);
+        for (token, want) in [
+            (
+                jwt("at+jwt"),
+                refused(AuthError::UnknownIssuer, "oauth_jwt"),
+            ),
+            (jwt("JWT"), refused(AuthError::UnknownIssuer, "jwt")),
+            // The issuer is peeked first; a header that does not decode is then malformed.
+            (
+                format!("e30x.{}.c2ln", b64(serde_json::json!({ "iss": "x" }))),
+                refused(AuthError::UnknownIssuer, "unknown"),
+            ),
+            (
+                "oat_abc".to_string(),
+                refused(AuthError::WrongKind, "oauth_opaque"),
+            ),
+            (
+                "oat_a b".to_string(),
+                refused(AuthError::Malformed, "oauth_opaque"),
+            ),
+            ("a b".to_string(), refused(AuthError::Malformed, "unknown")),
+            ("abc".to_string(), refused(AuthError::Malformed, "unknown")),
+        ] {
+            assert_eq!(
+                auth.authenticate(&token, true).await.err(),
+                Some(want),
+                "{token}"
+            );
+        }
     }
 
     #[test]
@@ -367,7 +436,7 @@ mod tests {
         );
         assert!(matches!(
             bearer_token(&headers(&["Bearer a", "Bearer b"]), 100),
-            Err(GatewayError::BadRequest(_))
+            Err(BearerError::Repeated)
         ));
         // The charset is checked by `authenticate`, before verification (`is_b64token`).
         assert_eq!(
@@ -376,11 +445,11 @@ mod tests {
         );
         assert!(matches!(
             bearer_token(&headers(&["Bearer ==="]), 100),
-            Err(GatewayError::Unauthorized(AuthError::Malformed))
+            Err(BearerError::Token(AuthError::Malformed))
         ));
         assert!(matches!(
             bearer_token(&headers(&[&format!("Bearer {}", "a".repeat(101))]), 100),
-            Err(GatewayError::Unauthorized(AuthError::TooLarge))
+            Err(BearerError::Token(AuthError::TooLarge))
         ));
     }
 }
@@ -390,7 +459,7 @@ mod tests {
 mod prop {
     use proptest::prelude::*;
 
-    use super::{bearer_token, is_b64token, kind_hint};
+    use super::{bearer_token, is_b64token, jwt_kind, unparsed_kind};
 
     proptest! {
         #![proptest_config(ProptestConfig::with_cases(3000))]
@@ -415,7 +484,8 @@ mod prop {
                 prop_assert!(!token.trim_end_matches('=').is_empty());
                 let text = String::from_utf8_lossy(header.as_bytes()).into_owned();
                 prop_assert!(text.contains(token));
-                let _ = kind_hint(token);
+                let _ = unparsed_kind(token);
+                let _ = jwt_kind(jsonwebtoken::decode_header(token).ok().as_ref());
                 let _ = is_b64token(token);
             }
             // A second Authorization header is always refused.
@@ -426,7 +496,8 @@ mod prop {
         /// Token-shaped strings of any content are classified without a panic.
         #[test]
         fn any_token_text_is_classified(token in "\\PC{0,200}") {
-            let _ = kind_hint(&token);
+            let _ = unparsed_kind(&token);
+            let _ = jwt_kind(jsonwebtoken::decode_header(&token).ok().as_ref());
             let _ = is_b64token(&token);
         }
     }

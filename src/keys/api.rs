@@ -7,7 +7,6 @@ use serde::Deserialize;
 
 use super::check::{KeyRules, Rejected};
 use super::vault::KeyMetadata;
-use crate::error::GatewayError;
 
 /// `POST /api/keys` success body.
 pub const STORED: &str = r#"{"success":true,"message":"API key stored successfully"}"#;
@@ -21,6 +20,22 @@ struct PostBody {
     base_url: Option<serde_json::Value>,
 }
 
+/// Why a `POST /api/keys` body is refused (400; the text is the response's description).
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum PostError {
+    #[error("Invalid JSON body")]
+    Json,
+    #[error("API key is required")]
+    MissingKey,
+    #[error("API key must be a string")]
+    KeyNotString,
+    #[error("baseUrl must be a string")]
+    BaseUrlNotString,
+    /// The key or base URL breaks a rule every way into the vault shares.
+    #[error(transparent)]
+    Rejected(#[from] Rejected),
+}
+
 /// A checked `POST /api/keys` body.
 pub struct NewKey {
     pub api_key: SecretString,
@@ -29,31 +44,24 @@ pub struct NewKey {
 
 /// Check a `POST` body: JSON, an `apiKey` string within the length limit, and a `baseUrl`
 /// whose host is on the allowlist.
-pub fn parse_post(body: &[u8], rules: &KeyRules) -> Result<NewKey, GatewayError> {
-    let parsed: PostBody =
-        serde_json::from_slice(body).map_err(|_| GatewayError::BadRequest("Invalid JSON body"))?;
+pub fn parse_post(body: &[u8], rules: &KeyRules) -> Result<NewKey, PostError> {
+    let parsed: PostBody = serde_json::from_slice(body).map_err(|_| PostError::Json)?;
     let api_key = match parsed.api_key {
         Some(serde_json::Value::String(s)) => s,
-        Some(serde_json::Value::Null) | None => {
-            return Err(GatewayError::BadRequest("API key is required"))
-        }
-        Some(_) => return Err(GatewayError::BadRequest("API key must be a string")),
+        Some(serde_json::Value::Null) | None => return Err(PostError::MissingKey),
+        Some(_) => return Err(PostError::KeyNotString),
     };
-    let api_key = rules.api_key(&api_key).map_err(invalid)?.to_string();
+    let api_key = rules.api_key(&api_key)?.to_string();
     let base_url = match parsed.base_url {
         None | Some(serde_json::Value::Null) => None,
         Some(serde_json::Value::String(s)) if s.trim().is_empty() => None,
-        Some(serde_json::Value::String(s)) => Some(rules.base_url(&s).map_err(invalid)?),
-        Some(_) => return Err(GatewayError::BadRequest("baseUrl must be a string")),
+        Some(serde_json::Value::String(s)) => Some(rules.base_url(&s)?),
+        Some(_) => return Err(PostError::BaseUrlNotString),
     };
     Ok(NewKey {
         api_key: SecretString::from(api_key),
         base_url,
     })
-}
-
-fn invalid(e: Rejected) -> GatewayError {
-    GatewayError::Invalid(e.to_string())
 }
 
 fn rfc3339(secs: i64) -> Option<String> {

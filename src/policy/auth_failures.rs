@@ -32,6 +32,7 @@ use serde::Deserialize;
 
 use super::ratelimit::{Quota, RateLimiter};
 use crate::config::Problems;
+use crate::error::whole_secs;
 use crate::telemetry::metrics::Metrics;
 
 /// `[policy.auth_failures]` as written in the file.
@@ -227,11 +228,6 @@ pub struct AuthFailures {
     refusals: prometheus::IntCounter,
     subject_lockouts: prometheus::IntCounter,
     subject_refusals: prometheus::IntCounter,
-}
-
-/// Whole seconds, rounded up, as a duration: what a `Retry-After` can say exactly.
-fn whole_secs(d: Duration) -> Duration {
-    Duration::from_secs(d.as_secs() + u64::from(d.subsec_nanos() > 0))
 }
 
 impl AuthFailures {

@@ -56,6 +56,7 @@ use std::time::{Duration, Instant};
 use async_trait::async_trait;
 
 use crate::config::RateRule;
+use crate::error::whole_secs;
 use crate::policy::mcp::RpcCall;
 use crate::redis::RedisConn;
 use crate::telemetry::metrics::Metrics;
@@ -228,9 +229,9 @@ fn units(n: u64) -> u32 {
     u32::try_from(n).unwrap_or(u32::MAX)
 }
 
-/// Whole seconds, rounded up.
+/// Whole seconds, rounded up ([`whole_secs`]).
 fn ceil_secs(d: Duration) -> u64 {
-    d.as_secs() + u64::from(d.subsec_nanos() > 0)
+    whole_secs(d).as_secs()
 }
 
 /// Most shards of the local limiter's table: checks on different keys rarely wait on one lock.
@@ -553,6 +554,15 @@ pub(crate) fn evict_soonest<K, V: Copy + Ord>(table: &mut HashMap<K, V>, now: V,
             true
         }
     });
+}
+
+/// Every rate-limit rule ready for the request path, and the limiter they share.
+pub struct RateLimits {
+    pub rules: Vec<CompiledRateRule>,
+    /// `None` when no rule is configured.
+    pub limiter: Option<Arc<dyn RateLimiter>>,
+    /// The Redis-backed limiter, when there is one (its fallback count is exported).
+    pub fallback: Option<Arc<FallbackLimiter>>,
 }
 
 /// A rate-limit rule ready for the request path.

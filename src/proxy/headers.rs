@@ -327,21 +327,25 @@ pub fn check_request_head(req: &RequestHeader) -> Result<(), GatewayError> {
     let mut hosts = req.headers.get_all(http::header::HOST).iter();
     match (hosts.next(), hosts.next()) {
         (None, _) if req.version == http::Version::HTTP_11 => {
-            return Err(GatewayError::BadRequest("Host header is required"));
+            return Err(GatewayError::BadRequest("Host header is required".into()));
         }
         (None, _) => {}
         (Some(_), Some(_)) => {
-            return Err(GatewayError::BadRequest("Host header must appear once"));
+            return Err(GatewayError::BadRequest(
+                "Host header must appear once".into(),
+            ));
         }
         (Some(host), None) if !is_valid_host(host.as_bytes()) => {
-            return Err(GatewayError::BadRequest("Host header is not a valid host"));
+            return Err(GatewayError::BadRequest(
+                "Host header is not a valid host".into(),
+            ));
         }
         (Some(_), None) => {}
     }
     for (name, problem) in &SINGLE_VALUED {
         let mut values = req.headers.get_all(name).iter();
         if values.next().is_some() && values.next().is_some() {
-            return Err(GatewayError::BadRequest(problem));
+            return Err(GatewayError::BadRequest((*problem).into()));
         }
     }
     Ok(())
