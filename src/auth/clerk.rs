@@ -366,6 +366,28 @@ mod tests {
     const MS: Duration = Duration::from_millis(1);
 
     #[test]
+    fn outcomes_are_kept_for_their_own_lifetime() {
+        let lifetime = OutcomeLifetime {
+            negative_ttl: Duration::from_secs(5),
+            max_ttl: Duration::from_secs(300),
+        };
+        let now = SystemTime::now();
+        let valid = |expires_at: Option<SystemTime>| {
+            let mut id = Identity::new("https://clerk.example", "user_1", TokenKind::OAuthOpaque);
+            id.expires_at = expires_at;
+            Outcome::Valid(Arc::new(id))
+        };
+        let secs = Duration::from_secs;
+        assert_eq!(
+            lifetime.of(&Outcome::Rejected(AuthError::Revoked), now),
+            secs(5)
+        );
+        assert_eq!(lifetime.of(&valid(Some(now + secs(10))), now), secs(10));
+        assert_eq!(lifetime.of(&valid(Some(now + secs(3_600))), now), secs(300));
+        assert_eq!(lifetime.of(&valid(None), now), secs(300));
+    }
+
+    #[test]
     fn the_pacer_lets_a_burst_start_at_once_then_books_one_start_per_interval() {
         // 10 per second (T = 100 ms), bursts of 3.
         let pacer = Pacer::new(&Quota::new(10, Duration::from_secs(1), 3).unwrap());
