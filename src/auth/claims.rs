@@ -14,9 +14,11 @@
 //! "no org" or "no roles". This module does not verify tokens (`auth::jwt`) or decide what an
 //! identity may do (`policy::rules`).
 
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, SystemTime};
 
 use serde_json::{Map, Value};
+
+use super::jwt::NumericDate;
 
 /// A parsed claim path: one or more object member names, outermost first.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -355,12 +357,7 @@ const MULTI_FACTOR_AMR: &str = "mfa";
 ///
 /// Absent or mistyped claims yield `None`: an MFA condition then fails closed.
 pub fn second_factor_at(claims: &Map<String, Value>) -> Option<SystemTime> {
-    let time = |name: &str| {
-        let secs = claims.get(name)?.as_f64()?;
-        (secs.is_finite() && secs >= 0.0)
-            .then(|| UNIX_EPOCH.checked_add(Duration::try_from_secs_f64(secs).ok()?))
-            .flatten()
-    };
+    let time = |name: &str| NumericDate::from_secs(claims.get(name)?.as_f64()?)?.instant();
     if let Some(fva) = claims.get("fva").and_then(Value::as_array) {
         let minutes = fva.get(1)?.as_i64()?;
         if minutes < 0 {
@@ -385,6 +382,7 @@ pub fn second_factor_at(claims: &Map<String, Value>) -> Option<SystemTime> {
 mod tests {
     use super::*;
     use serde_json::json;
+    use std::time::UNIX_EPOCH;
 
     fn p(raw: &str) -> ClaimPath {
         ClaimPath::parse(raw).expect("path")
@@ -489,6 +487,11 @@ mod tests {
         assert_eq!(at(json!({"amr": ["pwd"], "auth_time": iat})), None);
         assert_eq!(at(json!({"amr": ["pwd", "pwd"], "auth_time": iat})), None);
         assert_eq!(at(json!({"amr": ["mfa"]})), None);
+        // A time that is not a NumericDate is no time.
+        for bad in [json!(-5), json!("1800000000"), json!(1e300), json!(null)] {
+            assert_eq!(at(json!({"amr": ["mfa"], "auth_time": bad})), None, "{bad}");
+            assert_eq!(at(json!({"iat": bad, "fva": [0, 4]})), None, "{bad}");
+        }
     }
 }
 

@@ -23,6 +23,7 @@ use url::Url;
 
 use super::identity::{Identity, OrgContext, TokenKind};
 use super::AuthFailure;
+use crate::cache::Expiring;
 use crate::config::ClerkSettings;
 use crate::error::AuthError;
 
@@ -45,25 +46,22 @@ enum Outcome {
     Rejected(AuthError),
 }
 
-struct OutcomeExpiry {
+/// How long an outcome is kept: a refusal for the negative TTL; a valid credential until it
+/// expires, at most `max_ttl`.
+struct OutcomeLifetime {
     negative_ttl: Duration,
     max_ttl: Duration,
 }
 
-impl moka::Expiry<[u8; 32], (Outcome, SystemTime)> for OutcomeExpiry {
-    fn expire_after_create(
-        &self,
-        _key: &[u8; 32],
-        value: &(Outcome, SystemTime),
-        _created_at: Instant,
-    ) -> Option<Duration> {
-        Some(match &value.0 {
+impl OutcomeLifetime {
+    fn of(&self, outcome: &Outcome, now: SystemTime) -> Duration {
+        match outcome {
             Outcome::Rejected(_) => self.negative_ttl,
             Outcome::Valid(id) => id
                 .expires_at
-                .and_then(|exp| exp.duration_since(value.1).ok())
+                .and_then(|exp| exp.duration_since(now).ok())
                 .map_or(self.max_ttl, |left| left.min(self.max_ttl)),
-        })
+        }
     }
 }
 
@@ -173,7 +171,8 @@ pub struct ClerkBackend {
     m2m: bool,
     api_keys: bool,
     bound: CallBound,
-    cache: moka::future::Cache<[u8; 32], (Outcome, SystemTime)>,
+    lifetime: OutcomeLifetime,
+    cache: Expiring<[u8; 32], Outcome, BackendError>,
 }
 
 #[derive(Deserialize)]
@@ -226,13 +225,11 @@ impl ClerkBackend {
                 timeout: settings.backend_timeout,
                 refused: None,
             },
-            cache: moka::future::Cache::builder()
-                .max_capacity(100_000)
-                .expire_after(OutcomeExpiry {
-                    negative_ttl: settings.opaque_negative_ttl,
-                    max_ttl: settings.opaque_max_ttl,
-                })
-                .build(),
+            lifetime: OutcomeLifetime {
+                negative_ttl: settings.opaque_negative_ttl,
+                max_ttl: settings.opaque_max_ttl,
+            },
+            cache: Expiring::new(100_000),
         })
     }
 
@@ -263,19 +260,20 @@ impl ClerkBackend {
         }
         let outcome = self
             .cache
-            .try_get_with(hash, async {
+            .get_or_try_insert(&hash, async {
                 let outcome = self.bound.run(self.call(kind, token)).await?;
-                Ok::<_, BackendError>((outcome, SystemTime::now()))
+                let keep = self.lifetime.of(&outcome, SystemTime::now());
+                Ok((outcome, Instant::now() + keep))
             })
             .await;
         match outcome {
-            Ok((Outcome::Valid(id), _)) => {
+            Ok(Outcome::Valid(id)) => {
                 if id.expires_at.is_some_and(|exp| exp <= SystemTime::now()) {
                     return Err(AuthError::Expired.into());
                 }
                 Ok(id)
             }
-            Ok((Outcome::Rejected(e), _)) => Err(e.into()),
+            Ok(Outcome::Rejected(e)) => Err(e.into()),
             Err(e) => match &*e {
                 BackendError::Saturated { limit, retry_after } => {
                     tracing::debug!(?limit, "Clerk Backend API call refused by keygate's bound");
@@ -366,6 +364,28 @@ mod tests {
     use crate::policy::ratelimit::Quota;
 
     const MS: Duration = Duration::from_millis(1);
+
+    #[test]
+    fn outcomes_are_kept_for_their_own_lifetime() {
+        let lifetime = OutcomeLifetime {
+            negative_ttl: Duration::from_secs(5),
+            max_ttl: Duration::from_secs(300),
+        };
+        let now = SystemTime::now();
+        let valid = |expires_at: Option<SystemTime>| {
+            let mut id = Identity::new("https://clerk.example", "user_1", TokenKind::OAuthOpaque);
+            id.expires_at = expires_at;
+            Outcome::Valid(Arc::new(id))
+        };
+        let secs = Duration::from_secs;
+        assert_eq!(
+            lifetime.of(&Outcome::Rejected(AuthError::Revoked), now),
+            secs(5)
+        );
+        assert_eq!(lifetime.of(&valid(Some(now + secs(10))), now), secs(10));
+        assert_eq!(lifetime.of(&valid(Some(now + secs(3_600))), now), secs(300));
+        assert_eq!(lifetime.of(&valid(None), now), secs(300));
+    }
 
     #[test]
     fn the_pacer_lets_a_burst_start_at_once_then_books_one_start_per_interval() {

@@ -16,7 +16,7 @@
 //! writing the response are the proxy's.
 
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use base64::engine::general_purpose::URL_SAFE_NO_PAD;
 use base64::Engine as _;
@@ -28,6 +28,7 @@ use sha2::{Digest, Sha256};
 use url::Url;
 
 use crate::auth::discovery::AsDocument;
+use crate::cache::Expiring;
 use crate::config::Settings;
 use crate::devtoken::{DevSigner, DevTokenError, DevTokenRequest};
 
@@ -130,10 +131,11 @@ pub struct DevAuthServer {
     token_path: String,
     register_path: String,
     jwks_path: String,
-    clients: moka::sync::Cache<String, Arc<Client>>,
-    pending: moka::sync::Cache<String, Arc<Pending>>,
-    codes: moka::sync::Cache<String, Arc<Grant>>,
-    refresh: moka::sync::Cache<String, Arc<Grant>>,
+    /// Registered clients, each kept `CLIENT_IDLE` after its last use.
+    clients: Expiring<String, Arc<Client>>,
+    pending: Table<Pending>,
+    codes: Table<Grant>,
+    refresh: Table<Grant>,
 }
 
 /// A JSON answer from the API endpoints: any origin may call them (public clients, no
@@ -233,14 +235,26 @@ fn error_page(message: &str) -> DevResponse {
 }
 
 /// A bounded table whose entries expire `ttl` after insertion.
-fn table<V: Clone + Send + Sync + 'static>(
-    cap: u64,
+struct Table<V> {
+    entries: Expiring<String, Arc<V>>,
     ttl: Duration,
-) -> moka::sync::Cache<String, V> {
-    moka::sync::Cache::builder()
-        .max_capacity(cap)
-        .time_to_live(ttl)
-        .build()
+}
+
+impl<V> Table<V> {
+    fn new(cap: u64, ttl: Duration) -> Self {
+        Self {
+            entries: Expiring::new(usize::try_from(cap).unwrap_or(usize::MAX)),
+            ttl,
+        }
+    }
+
+    fn insert(&self, key: String, value: Arc<V>) {
+        self.entries.insert(key, value, Instant::now() + self.ttl);
+    }
+
+    fn remove(&self, key: &str) -> Option<Arc<V>> {
+        self.entries.remove(key)
+    }
 }
 
 /// A random, URL-safe secret (256 bits).
@@ -380,14 +394,17 @@ impl DevAuthServer {
             register_path: format!("{base}/register"),
             jwks_path: format!("{base}/jwks.json"),
             issuer,
-            clients: moka::sync::Cache::builder()
-                .max_capacity(MAX_CLIENTS)
-                .time_to_idle(CLIENT_IDLE)
-                .build(),
-            pending: table(MAX_PENDING, PENDING_TTL),
-            codes: table(MAX_CODES, CODE_TTL),
-            refresh: table(MAX_REFRESH, REFRESH_TTL),
+            clients: Expiring::new(usize::try_from(MAX_CLIENTS).unwrap_or(usize::MAX)),
+            pending: Table::new(MAX_PENDING, PENDING_TTL),
+            codes: Table::new(MAX_CODES, CODE_TTL),
+            refresh: Table::new(MAX_REFRESH, REFRESH_TTL),
         })
+    }
+
+    /// A registered client, now used (it is kept `CLIENT_IDLE` from now).
+    fn client(&self, client_id: &str) -> Option<Arc<Client>> {
+        self.clients
+            .get_extending(client_id, Instant::now() + CLIENT_IDLE)
     }
 
     /// The issuer URL (no trailing slash).
@@ -540,6 +557,7 @@ impl DevAuthServer {
                 redirect_uris: reg.redirect_uris,
                 name: reg.client_name,
             }),
+            Instant::now() + CLIENT_IDLE,
         );
         api_json(201, &answer)
     }
@@ -551,7 +569,7 @@ impl DevAuthServer {
         };
         let Some((client_id, client)) = q
             .get("client_id")
-            .and_then(|id| Some((id.clone(), self.clients.get(id)?)))
+            .and_then(|id| Some((id.clone(), self.client(id)?)))
         else {
             return error_page("Unknown client_id: register the client first.");
         };
@@ -751,7 +769,7 @@ impl DevAuthServer {
                 "client_id is required (public clients)",
             );
         };
-        if self.clients.get(client_id).is_none() {
+        if self.client(client_id).is_none() {
             return oauth_error(401, "invalid_client", "unknown client_id");
         }
         let grant = match form.get("grant_type").map(String::as_str) {

@@ -4,12 +4,16 @@
 //! byte for byte so its `issuer` matches where clients expect it.
 
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use url::Url;
 
+use crate::cache::Expiring;
 use crate::config::Settings;
+
+/// How long a fetched authorization-server document is served before it is fetched again.
+const DOCUMENT_TTL: Duration = Duration::from_secs(3600);
 
 /// The RFC 9728 document and the paths it is served at.
 pub struct ResourceMetadata {
@@ -110,7 +114,7 @@ pub struct AuthServerMetadata {
     client: reqwest::Client,
     timeout: Duration,
     max_bytes: usize,
-    cache: moka::future::Cache<AsDocument, Bytes>,
+    cache: Expiring<AsDocument, Bytes, String>,
 }
 
 impl AuthServerMetadata {
@@ -134,10 +138,7 @@ impl AuthServerMetadata {
             client,
             timeout: settings.jwks.fetch_timeout,
             max_bytes: 256 * 1024,
-            cache: moka::future::Cache::builder()
-                .max_capacity(4)
-                .time_to_live(Duration::from_secs(3600))
-                .build(),
+            cache: Expiring::new(4),
         }
     }
 
@@ -161,7 +162,7 @@ impl AuthServerMetadata {
         };
         let url = format!("{}{}", issuer.trim_end_matches('/'), doc.suffix());
         self.cache
-            .try_get_with(doc, async {
+            .get_or_try_insert(&doc, async {
                 let resp = self
                     .client
                     .get(&url)
@@ -178,7 +179,7 @@ impl AuthServerMetadata {
                 }
                 serde_json::from_slice::<serde_json::Value>(&body)
                     .map_err(|e| format!("not JSON: {e}"))?;
-                Ok(body)
+                Ok((body, Instant::now() + DOCUMENT_TTL))
             })
             .await
             .map(Some)

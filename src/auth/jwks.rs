@@ -16,6 +16,7 @@ use jsonwebtoken::{Algorithm, DecodingKey};
 use thiserror::Error;
 use url::Url;
 
+use crate::cache::Expiring;
 use crate::config::JwksSettings;
 
 /// A verification key and the algorithms it may be used with.
@@ -75,7 +76,9 @@ pub struct JwksCache {
     current: ArcSwapOption<KeySet>,
     /// Time of the last fetch attempt; the lock makes refetches single-flight.
     last_attempt: tokio::sync::Mutex<Option<Instant>>,
-    unknown_kids: moka::sync::Cache<String, ()>,
+    /// Kids found in no fetched set, each until its cooldown ends.
+    unknown_kids: Expiring<String, ()>,
+    unknown_kid_cooldown: Duration,
     fetches: AtomicU64,
     fetch_errors: AtomicU64,
 }
@@ -96,10 +99,8 @@ impl JwksCache {
             client,
             current: ArcSwapOption::empty(),
             last_attempt: tokio::sync::Mutex::new(None),
-            unknown_kids: moka::sync::Cache::builder()
-                .max_capacity(10_000)
-                .time_to_live(settings.unknown_kid_cooldown.max(Duration::from_secs(1)))
-                .build(),
+            unknown_kids: Expiring::new(10_000),
+            unknown_kid_cooldown: settings.unknown_kid_cooldown.max(Duration::from_secs(1)),
             fetches: AtomicU64::new(0),
             fetch_errors: AtomicU64::new(0),
         }
@@ -183,7 +184,7 @@ impl JwksCache {
         if let Some(found) = self.lookup(kid) {
             return Ok(found);
         }
-        if self.is_ready() && self.unknown_kids.contains_key(kid) {
+        if self.is_ready() && self.unknown_kids.get(kid).is_some() {
             return Err(KeyError::Unknown);
         }
         self.refresh_throttled(requested_at).await;
@@ -192,7 +193,11 @@ impl JwksCache {
         }
         if self.is_ready() {
             if !self.settings.unknown_kid_cooldown.is_zero() {
-                self.unknown_kids.insert(kid.to_string(), ());
+                self.unknown_kids.insert(
+                    kid.to_string(),
+                    (),
+                    Instant::now() + self.unknown_kid_cooldown,
+                );
             }
             Err(KeyError::Unknown)
         } else {
@@ -263,7 +268,7 @@ impl JwksCache {
             keys,
             fetched_at: Instant::now(),
         })));
-        self.unknown_kids.invalidate_all();
+        self.unknown_kids.clear();
         Ok(())
     }
 

@@ -96,22 +96,23 @@ struct OrgClaim {
 /// fraction (section 2). Strings, booleans, arrays, objects and negative or unrepresentable
 /// values are refused.
 #[derive(Debug, Clone, Copy)]
-struct NumericDate(f64);
+pub(crate) struct NumericDate(f64);
 
 impl<'de> Deserialize<'de> for NumericDate {
     fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
-        let secs = f64::deserialize(d)?;
-        if secs.is_finite() && (0.0..u64::MAX as f64).contains(&secs) {
-            Ok(Self(secs))
-        } else {
-            Err(serde::de::Error::custom("NumericDate out of range"))
-        }
+        Self::from_secs(f64::deserialize(d)?)
+            .ok_or_else(|| serde::de::Error::custom("NumericDate out of range"))
     }
 }
 
 impl NumericDate {
+    /// `secs` as a NumericDate, if it is one.
+    pub(crate) fn from_secs(secs: f64) -> Option<Self> {
+        (secs.is_finite() && (0.0..u64::MAX as f64).contains(&secs)).then_some(Self(secs))
+    }
+
     /// The instant, exactly (fraction included); `None` past what the clock can represent.
-    fn instant(self) -> Option<SystemTime> {
+    pub(crate) fn instant(self) -> Option<SystemTime> {
         UNIX_EPOCH.checked_add(Duration::try_from_secs_f64(self.0).ok()?)
     }
 }

@@ -21,10 +21,9 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use async_trait::async_trait;
-use moka::ops::compute::Op;
-use moka::sync::Cache;
 use sha2::{Digest, Sha256};
 
+use crate::cache::Expiring;
 use crate::redis::RedisConn;
 
 /// How long a binding lives unless told otherwise.
@@ -78,17 +77,16 @@ fn session_hash(session_id: &str) -> String {
 
 /// In-process bindings: bounded, expiring a TTL after the last bind.
 pub struct LocalBindings {
-    owners: Cache<String, String>,
+    owners: Expiring<String, String>,
+    ttl: Duration,
 }
 
 impl LocalBindings {
     /// Keep at most `max_sessions` bindings, each for `ttl` after its last bind.
     pub fn new(ttl: Duration, max_sessions: u64) -> Self {
         Self {
-            owners: Cache::builder()
-                .max_capacity(max_sessions)
-                .time_to_live(ttl.max(Duration::from_millis(1)))
-                .build(),
+            owners: Expiring::new(usize::try_from(max_sessions).unwrap_or(usize::MAX)),
+            ttl: ttl.max(Duration::from_millis(1)),
         }
     }
 }
@@ -102,18 +100,19 @@ impl Default for LocalBindings {
 #[async_trait]
 impl SessionBindings for LocalBindings {
     async fn bind(&self, session_id: &str, owner: &str) -> Result<String, BindingError> {
-        let mut on_record = owner.to_string();
-        self.owners
-            .entry(session_hash(session_id))
-            .and_compute_with(|current| match current {
-                // Writing it again restarts its time to live.
-                Some(e) if e.value() == owner => Op::Put(owner.to_string()),
-                Some(e) => {
-                    on_record = e.into_value();
-                    Op::Nop
+        let until = Instant::now() + self.ttl;
+        // One step, so that of two first binds at once exactly one wins.
+        let on_record = self.owners.upsert(
+            session_hash(session_id).as_str(),
+            |current, expires| {
+                if current == owner {
+                    // Binding it again restarts its time to live.
+                    *expires = until;
                 }
-                None => Op::Put(owner.to_string()),
-            });
+                current.clone()
+            },
+            || (owner.to_string(), until, owner.to_string()),
+        );
         Ok(on_record)
     }
 
@@ -122,12 +121,11 @@ impl SessionBindings for LocalBindings {
     }
 }
 
-/// A binding this replica has seen: whose it is, until when Redis keeps it, and when this
-/// replica last refreshed it there.
+/// A binding this replica has seen: whose it is and when this replica last refreshed it in
+/// Redis (the cache keeps it until Redis would expire it).
 #[derive(Clone)]
 struct Known {
     owner: Arc<str>,
-    expires: Instant,
     refreshed: Instant,
 }
 
@@ -138,8 +136,8 @@ pub struct RedisBindings {
     ttl_ms: u64,
     bind: redis::Script,
     lookup: redis::Script,
-    /// Keyed by the session hash; an entry is used only before its `expires`.
-    known: Cache<String, Known>,
+    /// Keyed by the session hash, each until Redis would expire it.
+    known: Expiring<String, Known>,
 }
 
 impl RedisBindings {
@@ -158,16 +156,13 @@ impl RedisBindings {
             ttl_ms: u64::try_from(ttl.as_millis()).unwrap_or(u64::MAX).max(1),
             bind: redis::Script::new(BIND_LUA),
             lookup: redis::Script::new(OWNER_LUA),
-            known: Cache::builder()
-                .max_capacity(max_cached)
-                .time_to_live(ttl)
-                .build(),
+            known: Expiring::new(usize::try_from(max_cached).unwrap_or(usize::MAX)),
         }
     }
 
     /// The cached binding of `hash`, if it has not expired.
     fn cached(&self, hash: &str) -> Option<Known> {
-        self.known.get(hash).filter(|k| k.expires > Instant::now())
+        self.known.get(hash)
     }
 
     /// Remember that `hash` belongs to `owner` for `pttl_ms` more (as Redis reported it).
@@ -181,7 +176,7 @@ impl RedisBindings {
             return;
         }
         let now = Instant::now();
-        let previous = self.known.get(&hash);
+        let previous = self.known.get(hash.as_str());
         let owner: Arc<str> = match previous.as_ref() {
             Some(p) if &*p.owner == owner => p.owner.clone(),
             _ => Arc::from(owner),
@@ -192,14 +187,8 @@ impl RedisBindings {
             // Seen but never refreshed by this replica: refresh on the next bind.
             (false, _) => now.checked_sub(self.ttl).unwrap_or(now),
         };
-        self.known.insert(
-            hash,
-            Known {
-                owner,
-                expires: now + left,
-                refreshed,
-            },
-        );
+        self.known
+            .insert(hash, Known { owner, refreshed }, now + left);
     }
 
     /// The Redis key recording `session_id`'s owner.
@@ -308,15 +297,14 @@ mod tests {
         for i in 0..2_000 {
             b.bind(&format!("s{i}"), "u").await.unwrap();
         }
-        b.owners.run_pending_tasks();
-        assert!(b.owners.entry_count() <= 50, "{}", b.owners.entry_count());
+        assert!(b.owners.len() <= 50, "{}", b.owners.len());
     }
 
     #[test]
     fn session_ids_are_stored_only_as_hashes() {
         let b = LocalBindings::default();
         futures::executor::block_on(b.bind("secret-session", "u")).unwrap();
-        let keys: Vec<String> = b.owners.iter().map(|(k, _)| (*k).clone()).collect();
+        let keys: Vec<String> = b.owners.keys();
         assert_eq!(keys.len(), 1);
         assert_eq!(keys[0].len(), 64);
         assert!(!keys[0].contains("secret"));

@@ -530,6 +530,21 @@ async fn stays_open(c: &mut TcpStream, period: Duration) -> bool {
     !closes_within(c, period).await
 }
 
+/// A connection that has sent an HTTP/1.1 `GET path` bearing `token`, plus `headers` (each
+/// line ending in CRLF).
+async fn send_get(port: u16, path: &str, token: &str, headers: &str) -> TcpStream {
+    let mut c = connect(port).await;
+    c.write_all(
+        format!(
+            "GET {path} HTTP/1.1\r\nHost: localhost\r\nAuthorization: Bearer {token}\r\n{headers}\r\n"
+        )
+        .as_bytes(),
+    )
+    .await
+    .expect("write");
+    c
+}
+
 /// Longer than every deadline of `SHORT_BODIES` (1–2 s) put together with a margin.
 const QUIET: Duration = Duration::from_millis(4500);
 
@@ -537,13 +552,13 @@ const QUIET: Duration = Duration::from_millis(4500);
 async fn an_idle_websocket_stays_open() {
     let s = Stack::start(SHORT_BODIES).await;
     let token = s.access_token("user_1");
-    let mut c = connect(s.gw.port).await;
-    c.write_all(
-        format!("GET /ws HTTP/1.1\r\nHost: localhost\r\nAuthorization: Bearer {token}\r\nConnection: Upgrade\r\nUpgrade: websocket\r\nSec-WebSocket-Version: 13\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n\r\n")
-            .as_bytes(),
+    let mut c = send_get(
+        s.gw.port,
+        "/ws",
+        &token,
+        "Connection: Upgrade\r\nUpgrade: websocket\r\nSec-WebSocket-Version: 13\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n",
     )
-    .await
-    .expect("write");
+    .await;
     let mut head = Vec::new();
     while !head.ends_with(b"\r\n\r\n") {
         head.extend(read_n(&mut c, 1, LIMIT).await);
@@ -574,13 +589,7 @@ async fn a_long_quiet_event_stream_stays_open() {
     let s = Stack::start(SHORT_BODIES).await;
     let token = s.access_token("user_1");
     // HTTP/1.1
-    let mut c = connect(s.gw.port).await;
-    c.write_all(
-        format!("GET /sse HTTP/1.1\r\nHost: localhost\r\nAuthorization: Bearer {token}\r\n\r\n")
-            .as_bytes(),
-    )
-    .await
-    .expect("write");
+    let mut c = send_get(s.gw.port, "/sse", &token, "").await;
     let events = s.upstream.sse_sender();
     events.send("one".into()).expect("stream open");
     let mut got = Vec::new();
@@ -639,13 +648,7 @@ async fn a_client_that_never_reads_a_stream_is_disconnected_after_the_send_timeo
     let s = Stack::start(SHORT_BODIES).await;
     let token = s.access_token("user_1");
     let sender = s.upstream.sse_sender();
-    let mut c = connect(s.gw.port).await;
-    c.write_all(
-        format!("GET /sse HTTP/1.1\r\nHost: localhost\r\nAuthorization: Bearer {token}\r\n\r\n")
-            .as_bytes(),
-    )
-    .await
-    .expect("write");
+    let mut c = send_get(s.gw.port, "/sse", &token, "").await;
     // The client reads nothing while the upstream keeps sending: once the socket buffers are
     // full, keygate's write waits, then gives up after the send timeout and closes the stream,
     // which the upstream sees as its receiver going away.

@@ -7,30 +7,28 @@ use std::time::{Duration, Instant};
 
 use serde_json::{json, Value};
 
-use crate::common::clerk::FakeClerk;
-use crate::common::keys::{self, SigningKey};
+use crate::common::backends::Backends;
 use crate::common::redis::RedisServer;
 use crate::common::upstream::Upstream;
-use crate::common::{clerk_config, client, Keygate, RESOURCE};
+use crate::common::{client, Keygate};
 
 const SECRET: &str = "3f8a1c9e57b2d4067e1fa93c28d5b6409c7e2a15f3b8d06e4a91c7253df80b6e";
 /// `redis.command_timeout_ms` of every gateway here.
 const COMMAND_TIMEOUT: Duration = Duration::from_millis(200);
 
-struct Env {
-    clerk: FakeClerk,
-    upstream: Upstream,
-    key: SigningKey,
+/// The shared backends, and gateways in front of them on a Redis.
+struct Env(Backends);
+
+impl std::ops::Deref for Env {
+    type Target = Backends;
+    fn deref(&self) -> &Backends {
+        &self.0
+    }
 }
 
 impl Env {
     async fn new() -> Env {
-        let key = SigningKey::rsa_a("kid-a");
-        Env {
-            clerk: FakeClerk::start(vec![key.clone()]).await,
-            upstream: Upstream::start().await,
-            key,
-        }
+        Env(Backends::start().await)
     }
 
     /// A ready gateway on `redis` with the vault, session binding and a shared per-user
@@ -60,7 +58,7 @@ period_secs = 60
             command = COMMAND_TIMEOUT.as_millis(),
         );
         let gw = Keygate::start_with_env(
-            &clerk_config(&self.clerk.url(), self.clerk.secret_key(), &extra),
+            &self.config(&extra),
             &self.upstream.url(),
             &[
                 ("REDIS_URL", &redis.url()),
@@ -70,22 +68,6 @@ period_secs = 60
         .await;
         gw.wait_ready().await;
         gw
-    }
-
-    /// A Clerk session token (what `/api/keys` takes).
-    fn session(&self, user: &str) -> String {
-        self.key.sign(
-            json!({"typ": "JWT"}),
-            &keys::clerk_session_claims(&self.clerk.url(), user, "sess_1"),
-        )
-    }
-
-    /// An OAuth access token for the MCP resource.
-    fn access(&self, user: &str) -> String {
-        self.key.sign(
-            json!({"typ": "at+jwt"}),
-            &keys::access_token_claims(&self.clerk.url(), user, Some(RESOURCE), "twenty:read"),
-        )
     }
 }
 

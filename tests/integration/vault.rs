@@ -7,37 +7,31 @@ use std::time::{Duration, Instant};
 
 use serde_json::{json, Value};
 
-use crate::common::clerk::FakeClerk;
-use crate::common::keys::{self, SigningKey};
+use crate::common::backends::Backends;
+use crate::common::keys;
 use crate::common::redis::RedisServer;
-use crate::common::upstream::Upstream;
-use crate::common::{clerk_config, client, Keygate, TempDir, RESOURCE};
+use crate::common::{client, Keygate, TempDir};
 
 const SECRET_A: &str = "3f8a1c9e57b2d4067e1fa93c28d5b6409c7e2a15f3b8d06e4a91c7253df80b6e";
 const SECRET_B: &str = "a6c3e91f0b7d2485f16e8c3a9d40b2e75c1f8a63e2d9047b8f35a1c6e02d97b4";
 
-struct Env {
-    clerk: FakeClerk,
-    upstream: Upstream,
-    key: SigningKey,
+/// The shared backends, and gateways in front of them with the vault on.
+struct Env(Backends);
+
+impl std::ops::Deref for Env {
+    type Target = Backends;
+    fn deref(&self) -> &Backends {
+        &self.0
+    }
 }
 
 impl Env {
     async fn new() -> Env {
-        let key = SigningKey::rsa_a("kid-a");
-        Env {
-            clerk: FakeClerk::start(vec![key.clone()]).await,
-            upstream: Upstream::start().await,
-            key,
-        }
+        Env(Backends::start().await)
     }
 
     fn config(&self, keys_toml: &str) -> String {
-        clerk_config(
-            &self.clerk.url(),
-            self.clerk.secret_key(),
-            &format!("[keys]\n{keys_toml}"),
-        )
+        self.0.config(&format!("[keys]\n{keys_toml}"))
     }
 
     /// A gateway with an embedded store in a fresh directory.
@@ -63,20 +57,6 @@ impl Env {
         let mut all = vec![("API_KEY_ENCRYPTION_SECRET", SECRET_A)];
         all.extend(vars);
         Keygate::start_with_env(&self.config(""), &self.upstream.url(), &all).await
-    }
-
-    fn session(&self, user: &str) -> String {
-        self.key.sign(
-            json!({"typ": "JWT"}),
-            &keys::clerk_session_claims(&self.clerk.url(), user, "sess_1"),
-        )
-    }
-
-    fn access(&self, user: &str) -> String {
-        self.key.sign(
-            json!({"typ": "at+jwt"}),
-            &keys::access_token_claims(&self.clerk.url(), user, Some(RESOURCE), "twenty:read"),
-        )
     }
 }
 

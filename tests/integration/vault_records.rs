@@ -6,41 +6,39 @@ use std::process::Command;
 
 use serde_json::{json, Value};
 
-use crate::common::clerk::FakeClerk;
-use crate::common::keys::{self, SigningKey};
+use crate::common::backends::Backends;
 use crate::common::redis::RedisServer;
-use crate::common::upstream::Upstream;
-use crate::common::{clerk_config, client, Keygate, RESOURCE};
+use crate::common::{client, Keygate};
 
 /// The secret the crypto module's golden version 1 envelope was sealed under.
 const GOLDEN_SECRET: &str = "0f1e2d3c4b5a69788796a5b4c3d2e1f000112233445566778899aabbccddeeff";
 /// `tw_golden_api_key` sealed for `user:user_123` in format version 1 (base URL not bound).
 const GOLDEN_V1: &str = "013930663739646564bb4722cd7dac8d84076bb0fd3363343eb2ab5e85407039e9f1e6997d876cbfef6237cd5b7b86b96014e5c9ee57";
 
+/// The shared backends and one Redis, and gateways in front of them.
 struct Env {
-    clerk: FakeClerk,
-    upstream: Upstream,
-    key: SigningKey,
+    backends: Backends,
     redis: RedisServer,
+}
+
+impl std::ops::Deref for Env {
+    type Target = Backends;
+    fn deref(&self) -> &Backends {
+        &self.backends
+    }
 }
 
 impl Env {
     async fn new() -> Env {
-        let key = SigningKey::rsa_a("kid-a");
         Env {
-            clerk: FakeClerk::start(vec![key.clone()]).await,
-            upstream: Upstream::start().await,
-            key,
+            backends: Backends::start().await,
             redis: RedisServer::start(),
         }
     }
 
     fn config(&self) -> String {
-        clerk_config(
-            &self.clerk.url(),
-            self.clerk.secret_key(),
-            "[keys]\nallowed_base_url_hosts = [\"api.twenty.com\", \"crm.example.com\"]\n",
-        )
+        self.backends
+            .config("[keys]\nallowed_base_url_hosts = [\"api.twenty.com\", \"crm.example.com\"]\n")
     }
 
     /// A fresh gateway (empty key cache) on the shared Redis.
@@ -56,20 +54,6 @@ impl Env {
         .await;
         gw.wait_ready().await;
         gw
-    }
-
-    fn session(&self, user: &str) -> String {
-        self.key.sign(
-            json!({"typ": "JWT"}),
-            &keys::clerk_session_claims(&self.clerk.url(), user, "sess_1"),
-        )
-    }
-
-    fn access(&self, user: &str) -> String {
-        self.key.sign(
-            json!({"typ": "at+jwt"}),
-            &keys::access_token_claims(&self.clerk.url(), user, Some(RESOURCE), "twenty:read"),
-        )
     }
 
     async fn redis_conn(&self) -> redis::aio::MultiplexedConnection {

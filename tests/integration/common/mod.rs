@@ -2,6 +2,7 @@
 //! started in-process on free loopback ports.
 #![allow(dead_code)]
 
+pub mod backends;
 pub mod clerk;
 pub mod keys;
 pub mod redis;
