@@ -6,9 +6,7 @@ use std::time::Duration;
 
 use jsonwebtoken::Algorithm;
 
-use super::clerk::ClerkSettings;
-use super::file::{self, AuthFile, FileConfig};
-use super::issuers::IssuerSettings;
+use super::file::{self, AuthFile};
 use super::parse::{normal_paths, parse_header_name, secs};
 use super::Problems;
 
@@ -83,33 +81,6 @@ impl AuthSettings {
                 &f.session_token_paths,
             ),
             identity_headers,
-        }
-    }
-}
-
-/// The issuers trusted together: at least one while authentication is enabled, none twice.
-pub(crate) fn check_issuers(
-    f: &FileConfig,
-    clerk: Option<&ClerkSettings>,
-    issuers: &[IssuerSettings],
-    problems: &mut Problems,
-) {
-    if f.auth.enabled && clerk.is_none() && issuers.is_empty() && f.clerk.is_none() {
-        problems.push(
-            "auth",
-            "authentication is enabled but no issuer is configured: add [clerk] (or CLERK_PUBLISHABLE_KEY) or [[issuers]], or set AUTH_ENABLED=false",
-        );
-    }
-    {
-        let mut seen = std::collections::HashSet::new();
-        let all = clerk
-            .iter()
-            .map(|c| c.issuer.as_str())
-            .chain(issuers.iter().map(|i| i.issuer.as_str()));
-        for iss in all {
-            if !seen.insert(iss) {
-                problems.push("issuers", format!("issuer {iss:?} is configured twice"));
-            }
         }
     }
 }

@@ -115,12 +115,34 @@ fn check_dev_authorization_server(
         ),
     }
     if let Some(dev) = dev {
-        if let Err(e) = crate::devtoken::DevSigner::load(dev, "") {
+        if let Err(e) = dev.signing_key() {
             problems.push("dev.signing_key_file", e.to_string());
         }
     }
 }
+/// Why the `[dev]` signing key cannot be used.
+#[derive(Debug, thiserror::Error)]
+pub enum DevKeyError {
+    #[error("cannot read {path}: {source}")]
+    Read {
+        path: String,
+        source: std::io::Error,
+    },
+    #[error("{0} is not an RSA private key in PEM form")]
+    NotRsa(String),
+}
+
 impl DevSettings {
+    /// The signing key, read from `signing_key_file`: an RSA private key in PEM form.
+    pub fn signing_key(&self) -> Result<jsonwebtoken::EncodingKey, DevKeyError> {
+        let path = self.signing_key_file.display().to_string();
+        let pem = std::fs::read(&self.signing_key_file).map_err(|source| DevKeyError::Read {
+            path: path.clone(),
+            source,
+        })?;
+        jsonwebtoken::EncodingKey::from_rsa_pem(&pem).map_err(|_| DevKeyError::NotRsa(path))
+    }
+
     /// Validate `[dev]`; with `authorization_server`, only where nothing else is trusted.
     pub(crate) fn from_file(
         f: &FileConfig,

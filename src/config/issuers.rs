@@ -8,7 +8,8 @@ use jsonwebtoken::Algorithm;
 use url::Url;
 
 use super::auth::{claim_map, parse_algorithms};
-use super::file::{IssuerFile, JwksFile};
+use super::clerk::ClerkSettings;
+use super::file::{FileConfig, IssuerFile, JwksFile};
 use super::parse::{parse_http_url, resolve_path, secs};
 use super::Problems;
 
@@ -128,6 +129,33 @@ impl JwksSettings {
             fetch_timeout: secs(f.fetch_timeout_secs.max(1)),
             max_bytes: f.max_bytes,
             max_keys: f.max_keys,
+        }
+    }
+}
+
+/// The issuers trusted together: at least one while authentication is enabled, none twice.
+pub(crate) fn check_issuers(
+    f: &FileConfig,
+    clerk: Option<&ClerkSettings>,
+    issuers: &[IssuerSettings],
+    problems: &mut Problems,
+) {
+    if f.auth.enabled && clerk.is_none() && issuers.is_empty() && f.clerk.is_none() {
+        problems.push(
+            "auth",
+            "authentication is enabled but no issuer is configured: add [clerk] (or CLERK_PUBLISHABLE_KEY) or [[issuers]], or set AUTH_ENABLED=false",
+        );
+    }
+    {
+        let mut seen = std::collections::HashSet::new();
+        let all = clerk
+            .iter()
+            .map(|c| c.issuer.as_str())
+            .chain(issuers.iter().map(|i| i.issuer.as_str()));
+        for iss in all {
+            if !seen.insert(iss) {
+                problems.push("issuers", format!("issuer {iss:?} is configured twice"));
+            }
         }
     }
 }

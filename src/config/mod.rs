@@ -30,7 +30,7 @@ use std::path::Path;
 pub use auth::{AuthSettings, IdentityHeaders};
 pub use clerk::{frontend_api_from_publishable_key, ClerkSettings};
 pub use cors::CorsSettings;
-pub use dev::DevSettings;
+pub use dev::{DevKeyError, DevSettings};
 pub use file::{Env, FileConfig, ProcessEnv};
 pub use issuers::{IssuerSettings, JwksSettings, KeySource};
 pub use keys::{KeysSettings, RedisConfig};
@@ -105,7 +105,7 @@ fn validate(f: FileConfig, base: &Path, problems: &mut Problems) -> Option<Setti
         .as_ref()
         .and_then(|c| ClerkSettings::from_file(c, &resource.url, problems));
     let issuers = issuers::issuers_from_file(&f.issuers, base, &resource.url, problems);
-    auth::check_issuers(&f, clerk.as_ref(), &issuers, problems);
+    issuers::check_issuers(&f, clerk.as_ref(), &issuers, problems);
     let jwks = JwksSettings::from_file(&f.jwks, problems);
     let cors = CorsSettings::from_file(&f.cors, problems);
     let log = LogSettings::from_file(&f.log, problems);

@@ -55,6 +55,7 @@ use globset::{Candidate, GlobBuilder, GlobMatcher};
 use serde::de::{self, DeserializeSeed, Deserializer, IgnoredAny, MapAccess, SeqAccess, Visitor};
 
 use crate::auth::Identity;
+pub use crate::config::file::{OrgRulesConfig, ScopeRuleConfig};
 
 const TOOLS_CALL: &str = "tools/call";
 const PROMPTS_GET: &str = "prompts/get";
@@ -555,16 +556,6 @@ impl<'de> Visitor<'de> for NodeSeed {
 // ---------------------------------------------------------------------------------------------
 // Scope rules.
 
-/// One scope rule from config: method glob, optional name glob, scopes all required.
-#[derive(Debug, Clone, serde::Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct ScopeRuleConfig {
-    pub method: String,
-    #[serde(default)]
-    pub name: Option<String>,
-    pub scopes: Vec<String>,
-}
-
 /// A compiled glob; plain strings and `*` skip the regex.
 #[derive(Debug, Clone)]
 pub(crate) enum Pattern {
@@ -738,21 +729,6 @@ impl ScopeRules {
 
 // ---------------------------------------------------------------------------------------------
 // Org rules.
-
-/// Which organisations and roles may call; empty means no org rule.
-#[derive(Debug, Clone, Default, serde::Deserialize)]
-#[serde(deny_unknown_fields, default)]
-pub struct OrgRulesConfig {
-    pub allowed_org_ids: Vec<String>,
-    pub required_role: Option<String>,
-}
-
-impl OrgRulesConfig {
-    /// Whether any org rule is set (and so a token without org context is refused).
-    pub fn is_active(&self) -> bool {
-        !self.allowed_org_ids.is_empty() || self.required_role.is_some()
-    }
-}
 
 /// Why the org rules refused an identity; `Display` is safe to show clients.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
