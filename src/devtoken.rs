@@ -9,7 +9,7 @@ use std::time::{SystemTime, UNIX_EPOCH};
 use anyhow::Context;
 use jsonwebtoken::{Algorithm, EncodingKey, Header};
 
-use crate::config::{DevSettings, Settings};
+use crate::config::{DevKeyError, DevSettings, Settings};
 
 /// What to put in the token.
 pub struct DevTokenRequest {
@@ -22,13 +22,8 @@ pub struct DevTokenRequest {
 /// Why a dev token could not be made.
 #[derive(Debug, thiserror::Error)]
 pub enum DevTokenError {
-    #[error("cannot read {path}: {source}")]
-    Read {
-        path: String,
-        source: std::io::Error,
-    },
-    #[error("{0} is not an RSA private key in PEM form")]
-    NotRsa(String),
+    #[error(transparent)]
+    Key(#[from] DevKeyError),
     #[error("system clock before 1970")]
     Clock,
     #[error("signing the token failed")]
@@ -46,12 +41,7 @@ pub struct DevSigner {
 impl DevSigner {
     /// Load the `[dev]` signing key; tokens are issued for `audience` (the resource URL).
     pub fn load(dev: &DevSettings, audience: &str) -> Result<Self, DevTokenError> {
-        let path = dev.signing_key_file.display().to_string();
-        let pem = std::fs::read(&dev.signing_key_file).map_err(|source| DevTokenError::Read {
-            path: path.clone(),
-            source,
-        })?;
-        let key = EncodingKey::from_rsa_pem(&pem).map_err(|_| DevTokenError::NotRsa(path))?;
+        let key = dev.signing_key()?;
         Ok(Self {
             key,
             issuer: dev.issuer.clone(),

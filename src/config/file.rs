@@ -40,15 +40,15 @@ pub struct PolicyFile {
     pub mcp_paths: Vec<String>,
     /// `"twenty"`: the built-in rules for the Twenty MCP server; `"none"`: only `scopes`.
     pub default_scopes: String,
-    pub scopes: Vec<crate::policy::mcp::ScopeRuleConfig>,
-    pub org: crate::policy::mcp::OrgRulesConfig,
+    pub scopes: Vec<ScopeRuleConfig>,
+    pub org: OrgRulesConfig,
     /// `[[policy.rules]]`: authorization rules over the mapped identity, first match wins.
-    pub rules: Vec<crate::policy::rules::RuleConfig>,
+    pub rules: Vec<RuleConfig>,
     /// Every authenticated caller's mapped email must be at one of these domains (unset: no
     /// global allowlist).
     pub email_domains: Option<Vec<String>>,
     /// `[policy.auth_failures]`: the per-client-IP failed-authentication budget.
-    pub auth_failures: crate::policy::auth_failures::AuthFailuresConfig,
+    pub auth_failures: AuthFailuresConfig,
 }
 
 impl Default for PolicyFile {
@@ -71,10 +71,10 @@ impl Default for PolicyFile {
             mcp_paths: vec!["/mcp".into()],
             default_scopes: "none".into(),
             scopes: Vec::new(),
-            org: crate::policy::mcp::OrgRulesConfig::default(),
+            org: OrgRulesConfig::default(),
             rules: Vec::new(),
             email_domains: None,
-            auth_failures: crate::policy::auth_failures::AuthFailuresConfig::default(),
+            auth_failures: AuthFailuresConfig::default(),
         }
     }
 }
@@ -676,6 +676,122 @@ impl FileConfig {
                 }
             }
             Some(_) => problems.push("AUTH_PROVIDER", "must be \"clerk\" or \"oidc\""),
+        }
+    }
+}
+
+/// One scope rule from config: method glob, optional name glob, scopes all required.
+#[derive(Debug, Clone, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ScopeRuleConfig {
+    pub method: String,
+    #[serde(default)]
+    pub name: Option<String>,
+    pub scopes: Vec<String>,
+}
+
+/// Which organisations and roles may call; empty means no org rule.
+#[derive(Debug, Clone, Default, serde::Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct OrgRulesConfig {
+    pub allowed_org_ids: Vec<String>,
+    pub required_role: Option<String>,
+}
+
+impl OrgRulesConfig {
+    /// Whether any org rule is set (and so a token without org context is refused).
+    pub fn is_active(&self) -> bool {
+        !self.allowed_org_ids.is_empty() || self.required_role.is_some()
+    }
+}
+
+/// One `[[policy.rules]]` entry as written.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RuleConfig {
+    /// Shown in refusals, the audit event and the metric; unique.
+    pub name: String,
+    /// Path prefixes (normal form, as the route decision compares): the rule matches a path
+    /// that starts with one. Empty: any path.
+    #[serde(default)]
+    pub paths: Vec<String>,
+    /// HTTP methods (`POST`, `DELETE`, ...). Empty: any.
+    #[serde(default)]
+    pub http_methods: Vec<String>,
+    /// JSON-RPC method glob: the rule then matches only calls of that method.
+    #[serde(default)]
+    pub method: Option<String>,
+    /// Glob on the call's name: `params.name` (the tool or prompt), or `params.uri` for
+    /// `resources/read`. The rule then matches only calls with a matching name.
+    #[serde(default)]
+    pub call_name: Option<String>,
+    /// Only tokens from these issuers match. Empty: every issuer.
+    #[serde(default)]
+    pub issuers: Vec<String>,
+    /// Only identities holding one of these roles match (e.g. a rule for contractors).
+    #[serde(default)]
+    pub for_roles: Option<Vec<String>>,
+    /// Every one of these scopes is required.
+    #[serde(default)]
+    pub scopes: Vec<String>,
+    /// At least one of these roles is required (exact match).
+    #[serde(default)]
+    pub roles: Option<Vec<String>>,
+    /// The token's org must be one of these.
+    #[serde(default)]
+    pub orgs: Option<Vec<String>>,
+    /// The token must name an org.
+    #[serde(default)]
+    pub require_org: bool,
+    /// The mapped email's domain must be one of these (exact), and verified where the issuer
+    /// says.
+    #[serde(default)]
+    pub email_domains: Option<Vec<String>>,
+    /// A second factor verified at most this many minutes ago.
+    #[serde(default)]
+    pub mfa_max_age_mins: Option<u64>,
+    /// Days of the week (`mon` … `sun`) the rule allows, in `time_zone`.
+    #[serde(default)]
+    pub days: Option<Vec<String>>,
+    /// `HH:MM-HH:MM`, start included, end excluded, in `time_zone`.
+    #[serde(default)]
+    pub hours: Option<String>,
+    /// An IANA time zone name (`Europe/Berlin`); required with `days` or `hours`.
+    #[serde(default)]
+    pub time_zone: Option<String>,
+}
+
+/// `[policy.auth_failures]` as written in the file.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct AuthFailuresConfig {
+    /// Budget failed authentications per client IP.
+    pub enabled: bool,
+    /// Failures a client may have in `window_secs` (the budget refills steadily); the next one
+    /// starts a lockout.
+    pub max_failures: u32,
+    pub window_secs: u64,
+    /// How long a locked-out client is refused.
+    pub lockout_secs: u64,
+    /// Clients tracked at most (failure budgets and locks each).
+    pub max_tracked_ips: u64,
+    /// IPv6 clients are grouped by this network prefix.
+    pub ipv6_prefix_len: u8,
+    /// Policy refusals (403) a subject may have in `window_secs`; the next one locks the
+    /// subject out for `lockout_secs`. 0 turns the subject budget off.
+    pub subject_max_denials: u32,
+}
+
+impl Default for AuthFailuresConfig {
+    fn default() -> Self {
+        Self {
+            enabled: true,
+            max_failures: 20,
+            window_secs: 60,
+            lockout_secs: 60,
+            max_tracked_ips: 100_000,
+            ipv6_prefix_len: 64,
+            subject_max_denials: 30,
         }
     }
 }

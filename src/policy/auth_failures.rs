@@ -28,47 +28,11 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::{Duration, Instant};
 
-use serde::Deserialize;
-
 use super::ratelimit::{Quota, RateLimiter};
+pub use crate::config::file::AuthFailuresConfig;
 use crate::config::Problems;
 use crate::error::whole_secs;
 use crate::telemetry::metrics::Metrics;
-
-/// `[policy.auth_failures]` as written in the file.
-#[derive(Debug, Clone, Deserialize)]
-#[serde(deny_unknown_fields, default)]
-pub struct AuthFailuresConfig {
-    /// Budget failed authentications per client IP.
-    pub enabled: bool,
-    /// Failures a client may have in `window_secs` (the budget refills steadily); the next one
-    /// starts a lockout.
-    pub max_failures: u32,
-    pub window_secs: u64,
-    /// How long a locked-out client is refused.
-    pub lockout_secs: u64,
-    /// Clients tracked at most (failure budgets and locks each).
-    pub max_tracked_ips: u64,
-    /// IPv6 clients are grouped by this network prefix.
-    pub ipv6_prefix_len: u8,
-    /// Policy refusals (403) a subject may have in `window_secs`; the next one locks the
-    /// subject out for `lockout_secs`. 0 turns the subject budget off.
-    pub subject_max_denials: u32,
-}
-
-impl Default for AuthFailuresConfig {
-    fn default() -> Self {
-        Self {
-            enabled: true,
-            max_failures: 20,
-            window_secs: 60,
-            lockout_secs: 60,
-            max_tracked_ips: 100_000,
-            ipv6_prefix_len: 64,
-            subject_max_denials: 30,
-        }
-    }
-}
 
 /// The validated section.
 #[derive(Debug, Clone)]

@@ -18,67 +18,10 @@ use std::sync::atomic::{AtomicI64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-use serde::Deserialize;
-
 use super::mcp::{Pattern, RpcCall};
 use crate::auth::Identity;
+pub use crate::config::file::RuleConfig;
 use crate::config::Problems;
-
-/// One `[[policy.rules]]` entry as written.
-#[derive(Debug, Clone, Default, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct RuleConfig {
-    /// Shown in refusals, the audit event and the metric; unique.
-    pub name: String,
-    /// Path prefixes (normal form, as the route decision compares): the rule matches a path
-    /// that starts with one. Empty: any path.
-    #[serde(default)]
-    pub paths: Vec<String>,
-    /// HTTP methods (`POST`, `DELETE`, ...). Empty: any.
-    #[serde(default)]
-    pub http_methods: Vec<String>,
-    /// JSON-RPC method glob: the rule then matches only calls of that method.
-    #[serde(default)]
-    pub method: Option<String>,
-    /// Glob on the call's name: `params.name` (the tool or prompt), or `params.uri` for
-    /// `resources/read`. The rule then matches only calls with a matching name.
-    #[serde(default)]
-    pub call_name: Option<String>,
-    /// Only tokens from these issuers match. Empty: every issuer.
-    #[serde(default)]
-    pub issuers: Vec<String>,
-    /// Only identities holding one of these roles match (e.g. a rule for contractors).
-    #[serde(default)]
-    pub for_roles: Option<Vec<String>>,
-    /// Every one of these scopes is required.
-    #[serde(default)]
-    pub scopes: Vec<String>,
-    /// At least one of these roles is required (exact match).
-    #[serde(default)]
-    pub roles: Option<Vec<String>>,
-    /// The token's org must be one of these.
-    #[serde(default)]
-    pub orgs: Option<Vec<String>>,
-    /// The token must name an org.
-    #[serde(default)]
-    pub require_org: bool,
-    /// The mapped email's domain must be one of these (exact), and verified where the issuer
-    /// says.
-    #[serde(default)]
-    pub email_domains: Option<Vec<String>>,
-    /// A second factor verified at most this many minutes ago.
-    #[serde(default)]
-    pub mfa_max_age_mins: Option<u64>,
-    /// Days of the week (`mon` … `sun`) the rule allows, in `time_zone`.
-    #[serde(default)]
-    pub days: Option<Vec<String>>,
-    /// `HH:MM-HH:MM`, start included, end excluded, in `time_zone`.
-    #[serde(default)]
-    pub hours: Option<String>,
-    /// An IANA time zone name (`Europe/Berlin`); required with `days` or `hours`.
-    #[serde(default)]
-    pub time_zone: Option<String>,
-}
 
 /// The condition a refused request did not meet; a fixed set, used as the metric label.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
