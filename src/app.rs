@@ -333,7 +333,12 @@ impl BackgroundService for KeyRefresher {
 }
 
 /// Assemble the Pingora server with every service.
-pub fn build_server(state: Arc<GatewayState>) -> anyhow::Result<Server> {
+/// The replica's draining flag, raised when a stop signal arrives (see [`Draining`]).
+pub type DrainingFlag = Arc<AtomicBool>;
+
+/// Assemble the Pingora server; run it with a shutdown signal wrapped in [`Draining`] around
+/// the returned flag.
+pub fn build_server(state: Arc<GatewayState>) -> anyhow::Result<(Server, DrainingFlag)> {
     let s = &state.settings;
     let conf = ServerConf {
         threads: s.server.threads,
@@ -398,10 +403,28 @@ pub fn build_server(state: Arc<GatewayState>) -> anyhow::Result<Server> {
         KeyRefresher {
             caches: state.auth.key_sets(),
             vault: state.keys.vault.clone(),
-            draining,
+            draining: draining.clone(),
         },
     ));
-    Ok(server)
+    Ok((server, draining))
+}
+
+/// A shutdown signal that raises the draining flag the moment it arrives, before Pingora acts
+/// on it: listeners close in no fixed order once it does, so a readiness probe that still
+/// reaches `/ready` (a kept-alive connection, or the admin listener closing after the public
+/// one) is told 503, never 200.
+struct Draining<W> {
+    inner: W,
+    draining: DrainingFlag,
+}
+
+#[async_trait]
+impl<W: ShutdownSignalWatch + Send + Sync> ShutdownSignalWatch for Draining<W> {
+    async fn recv(&self) -> ShutdownSignal {
+        let signal = self.inner.recv().await;
+        self.draining.store(true, Ordering::Release);
+        signal
+    }
 }
 
 /// How a [`Handle`] is asked to stop.
@@ -439,13 +462,16 @@ impl Handle {
     pub fn spawn(settings: Settings) -> anyhow::Result<Self> {
         check_listeners(&settings)?;
         let state = build_state(settings)?;
-        let server = build_server(state.clone())?;
+        let (server, draining) = build_server(state.clone())?;
         let (stop, rx) = tokio::sync::watch::channel(Stop::Running);
         let thread = std::thread::Builder::new()
             .name("keygate".into())
             .spawn(move || {
                 server.run(RunArgs {
-                    shutdown_signal: Box::new(ChannelSignal(rx)),
+                    shutdown_signal: Box::new(Draining {
+                        inner: ChannelSignal(rx),
+                        draining,
+                    }),
                 })
             })
             .context("starting the gateway thread")?;
@@ -499,8 +525,13 @@ pub fn run(settings: Settings) -> anyhow::Result<()> {
     }
     check_listeners(&settings)?;
     let state = build_state(settings)?;
-    let server = build_server(state)?;
-    server.run(RunArgs::default());
+    let (server, draining) = build_server(state)?;
+    server.run(RunArgs {
+        shutdown_signal: Box::new(Draining {
+            inner: pingora::server::UnixShutdownSignalWatch,
+            draining,
+        }),
+    });
     Ok(())
 }
 

@@ -14,6 +14,7 @@ pub use crate::auth::AuthError;
 use crate::auth::{AuthFailure, BearerError};
 use crate::keys::api::PostError;
 use crate::keys::vault::VaultError;
+use crate::retry_after::whole_secs;
 
 /// Everything that ends a request inside keygate instead of at the upstream.
 #[derive(Debug, Clone, Error)]
@@ -93,12 +94,6 @@ pub struct ErrorResponse {
 pub struct ChallengeParams<'a> {
     pub resource_metadata: &'a str,
     pub scope: Option<&'a str>,
-}
-
-/// A wait in whole seconds, rounded up: what a `Retry-After` can say without telling a client
-/// that waits what it is told to come back too early.
-pub fn whole_secs(d: Duration) -> Duration {
-    Duration::from_secs(d.as_secs() + u64::from(d.subsec_nanos() > 0))
 }
 
 /// A `Retry-After` value: [`whole_secs`], and at least one.

@@ -11,4 +11,5 @@ pub mod keys;
 pub mod policy;
 pub mod proxy;
 pub mod redis;
+pub mod retry_after;
 pub mod telemetry;

@@ -14,11 +14,11 @@
 //! "no org" or "no roles". This module does not verify tokens (`auth::jwt`) or decide what an
 //! identity may do (`policy::rules`).
 
-use std::time::{Duration, SystemTime};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use serde::Deserialize;
 
 use serde_json::{Map, Value};
-
-use super::jwt::NumericDate;
 
 /// A parsed claim path: one or more object member names, outermost first.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -376,6 +376,31 @@ pub fn second_factor_at(claims: &Map<String, Value>) -> Option<SystemTime> {
         return None;
     }
     time("auth_time")
+}
+
+/// An RFC 7519 NumericDate: seconds since the epoch as a JSON number, which may have a
+/// fraction (section 2). Strings, booleans, arrays, objects and negative or unrepresentable
+/// values are refused.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct NumericDate(f64);
+
+impl<'de> Deserialize<'de> for NumericDate {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        Self::from_secs(f64::deserialize(d)?)
+            .ok_or_else(|| serde::de::Error::custom("NumericDate out of range"))
+    }
+}
+
+impl NumericDate {
+    /// `secs` as a NumericDate, if it is one.
+    pub(crate) fn from_secs(secs: f64) -> Option<Self> {
+        (secs.is_finite() && (0.0..u64::MAX as f64).contains(&secs)).then_some(Self(secs))
+    }
+
+    /// The instant, exactly (fraction included); `None` past what the clock can represent.
+    pub(crate) fn instant(self) -> Option<SystemTime> {
+        UNIX_EPOCH.checked_add(Duration::try_from_secs_f64(self.0).ok()?)
+    }
 }
 
 #[cfg(test)]

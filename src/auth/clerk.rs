@@ -22,10 +22,10 @@ use serde::Deserialize;
 use url::Url;
 
 use super::identity::{Identity, OrgContext, TokenKind};
+use super::AuthError;
 use super::AuthFailure;
 use crate::cache::Expiring;
 use crate::config::ClerkSettings;
-use crate::error::AuthError;
 
 /// The opaque token kinds, recognised by prefix.
 pub fn opaque_kind(token: &str) -> Option<TokenKind> {
@@ -124,9 +124,9 @@ enum Limit {
 /// `Retry-After` suggested when no call slot freed up in time.
 const RETRY_WHEN_SATURATED: Duration = Duration::from_secs(1);
 
-/// Whole seconds, rounded up (at least one).
+/// Whole seconds, rounded up ([`crate::retry_after::whole_secs`]), and at least one.
 fn whole_secs(d: Duration) -> Duration {
-    Duration::from_secs((d.as_secs() + u64::from(d.subsec_nanos() > 0)).max(1))
+    crate::retry_after::whole_secs(d).max(Duration::from_secs(1))
 }
 
 impl CallBound {

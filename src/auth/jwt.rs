@@ -9,14 +9,14 @@
 
 use std::collections::HashMap;
 use std::sync::Arc;
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, SystemTime};
 
 use base64::Engine;
 use jsonwebtoken::errors::ErrorKind;
 use jsonwebtoken::{Algorithm, Header, Validation};
 use serde::Deserialize;
 
-use super::claims::{self, ClaimMap, MappedClaims};
+use super::claims::{self, ClaimMap, MappedClaims, NumericDate};
 use super::identity::{Identity, OrgContext, TokenKind};
 use super::jwks::{JwksCache, KeyError};
 use super::AuthError;
@@ -90,31 +90,6 @@ struct OrgClaim {
     slg: Option<String>,
     rol: Option<String>,
     per: Option<String>,
-}
-
-/// An RFC 7519 NumericDate: seconds since the epoch as a JSON number, which may have a
-/// fraction (section 2). Strings, booleans, arrays, objects and negative or unrepresentable
-/// values are refused.
-#[derive(Debug, Clone, Copy)]
-pub(crate) struct NumericDate(f64);
-
-impl<'de> Deserialize<'de> for NumericDate {
-    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
-        Self::from_secs(f64::deserialize(d)?)
-            .ok_or_else(|| serde::de::Error::custom("NumericDate out of range"))
-    }
-}
-
-impl NumericDate {
-    /// `secs` as a NumericDate, if it is one.
-    pub(crate) fn from_secs(secs: f64) -> Option<Self> {
-        (secs.is_finite() && (0.0..u64::MAX as f64).contains(&secs)).then_some(Self(secs))
-    }
-
-    /// The instant, exactly (fraction included); `None` past what the clock can represent.
-    pub(crate) fn instant(self) -> Option<SystemTime> {
-        UNIX_EPOCH.checked_add(Duration::try_from_secs_f64(self.0).ok()?)
-    }
 }
 
 /// An optional NumericDate that, when present, is one: `null` is not a number either.
@@ -385,6 +360,7 @@ fn apply_mapping(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::time::UNIX_EPOCH;
 
     #[test]
     fn peek_reads_iss_and_rejects_non_jwts() {

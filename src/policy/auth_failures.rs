@@ -31,7 +31,7 @@ use std::time::{Duration, Instant};
 use super::ratelimit::{Quota, RateLimiter};
 pub use crate::config::file::AuthFailuresConfig;
 use crate::config::Problems;
-use crate::error::whole_secs;
+use crate::retry_after::whole_secs;
 use crate::telemetry::metrics::Metrics;
 
 /// The validated section.

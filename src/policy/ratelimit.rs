@@ -56,9 +56,9 @@ use std::time::{Duration, Instant};
 use async_trait::async_trait;
 
 use crate::config::RateRule;
-use crate::error::whole_secs;
 use crate::policy::mcp::RpcCall;
 use crate::redis::RedisConn;
+use crate::retry_after::whole_secs;
 use crate::telemetry::metrics::Metrics;
 
 /// Keys the local limiter tracks at most, unless told otherwise.

@@ -18,19 +18,39 @@ use keygate::app::Handle;
 
 /// A free loopback port (bound, then released for keygate to take). A port is handed out at
 /// most once per test process, so two listeners of one test (or of two concurrent tests) never
-/// get the same port between its release and their bind.
+/// get the same port between its release and their bind. It is drawn below the kernel's
+/// ephemeral range: a port from `bind(0)` is an ephemeral one, and any outgoing connection of
+/// this process (to Redis, to an upstream) could take it as its source port between the release
+/// and keygate's bind ("Address already in use").
 pub fn free_port() -> u16 {
+    use std::hash::{BuildHasher, Hasher};
     static HANDED_OUT: Mutex<BTreeSet<u16>> = Mutex::new(BTreeSet::new());
+    let below = ephemeral_floor();
+    let floor = 10_000u16.min(below / 2);
     loop {
-        let port = TcpListener::bind("127.0.0.1:0")
-            .and_then(|l| l.local_addr())
-            .map(|a| a.port())
-            .expect("a free port");
+        // std's per-instance random keys as the random source (no RNG dependency needed)
+        let mut h = std::collections::hash_map::RandomState::new().build_hasher();
+        h.write_u16(floor);
+        let span = u64::from(below - floor);
+        let port = floor + u16::try_from(h.finish() % span).expect("within the span");
         let mut handed_out = HANDED_OUT.lock().unwrap_or_else(|e| e.into_inner());
-        if handed_out.insert(port) {
+        if handed_out.contains(&port) {
+            continue;
+        }
+        if TcpListener::bind(("127.0.0.1", port)).is_ok() {
+            handed_out.insert(port);
             return port;
         }
     }
+}
+
+/// The lowest port the kernel hands out as an ephemeral (source or `bind(0)`) port.
+fn ephemeral_floor() -> u16 {
+    std::fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range")
+        .ok()
+        .and_then(|s| s.split_whitespace().next().and_then(|p| p.parse().ok()))
+        .filter(|p: &u16| *p > 2_000)
+        .unwrap_or(32_768)
 }
 
 /// A fresh directory under the system temp directory, removed with its contents when dropped,
