@@ -358,18 +358,7 @@ mod tests {
     #[tokio::test]
     async fn refusals_carry_the_kind_authentication_read() {
         use base64::Engine;
-        let env: HashMap<String, String> = [
-            ("AUTH_ENABLED", "false"),
-            ("KEYGATE_UPSTREAM", "http://127.0.0.1:3000"),
-            (
-                "API_KEY_ENCRYPTION_SECRET",
-                "3f8a1c9e57b2d4067e1fa93c28d5b6409c7e2a15f3b8d06e4a91c7253df80b6e",
-            ),
-        ]
-        .into_iter()
-        .map(|(k, v)| (k.to_string(), v.to_string()))
-        .collect();
-        let settings = crate::config::load(None, &env).expect("valid");
+        let settings = crate::config::test_settings();
         let auth = Authenticator::new(&settings, reqwest::Client::new());
         let b64 = |v: serde_json::Value| {
             base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(v.to_string())

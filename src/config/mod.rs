@@ -132,6 +132,24 @@ fn validate(f: FileConfig, base: &Path, problems: &mut Problems) -> Option<Setti
     })
 }
 
+/// Settings validated from the environment alone (no file; auth off, a test encryption
+/// secret), for unit tests.
+#[cfg(test)]
+pub(crate) fn test_settings() -> Settings {
+    let env: std::collections::HashMap<String, String> = [
+        ("AUTH_ENABLED", "false"),
+        ("KEYGATE_UPSTREAM", "http://127.0.0.1:3000"),
+        (
+            "API_KEY_ENCRYPTION_SECRET",
+            "3f8a1c9e57b2d4067e1fa93c28d5b6409c7e2a15f3b8d06e4a91c7253df80b6e",
+        ),
+    ]
+    .into_iter()
+    .map(|(k, v)| (k.to_string(), v.to_string()))
+    .collect();
+    load(None, &env).expect("valid")
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

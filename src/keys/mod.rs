@@ -29,16 +29,5 @@ pub fn keyring(settings: &KeysSettings) -> Result<Arc<crypto::Keyring>, NoEncryp
 /// The validated default key settings (with a test encryption secret), for unit tests.
 #[cfg(test)]
 pub(crate) fn test_settings() -> KeysSettings {
-    let env: std::collections::HashMap<String, String> = [
-        ("AUTH_ENABLED", "false"),
-        ("KEYGATE_UPSTREAM", "http://127.0.0.1:3000"),
-        (
-            "API_KEY_ENCRYPTION_SECRET",
-            "3f8a1c9e57b2d4067e1fa93c28d5b6409c7e2a15f3b8d06e4a91c7253df80b6e",
-        ),
-    ]
-    .into_iter()
-    .map(|(k, v)| (k.to_string(), v.to_string()))
-    .collect();
-    crate::config::load(None, &env).expect("valid").keys
+    crate::config::test_settings().keys
 }
