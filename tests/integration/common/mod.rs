@@ -23,10 +23,23 @@ use keygate::app::Handle;
 /// this process (to Redis, to an upstream) could take it as its source port between the release
 /// and keygate's bind ("Address already in use").
 pub fn free_port() -> u16 {
+    free_ports(0)
+}
+
+/// A free port `p` (as [`free_port`]) whose `p + 10000`, Redis Cluster's bus port, is free and
+/// below the ephemeral range too.
+pub fn free_cluster_port() -> u16 {
+    free_ports(10_000)
+}
+
+/// A free port, and with `bus > 0` also `port + bus` free, both below the ephemeral range and
+/// both handed out at most once per test process.
+fn free_ports(bus: u16) -> u16 {
     use std::hash::{BuildHasher, Hasher};
     static HANDED_OUT: Mutex<BTreeSet<u16>> = Mutex::new(BTreeSet::new());
-    let below = ephemeral_floor();
+    let below = ephemeral_floor() - bus;
     let floor = 10_000u16.min(below / 2);
+    let bindable = |p: u16| TcpListener::bind(("127.0.0.1", p)).is_ok();
     loop {
         // std's per-instance random keys as the random source (no RNG dependency needed)
         let mut h = std::collections::hash_map::RandomState::new().build_hasher();
@@ -34,11 +47,15 @@ pub fn free_port() -> u16 {
         let span = u64::from(below - floor);
         let port = floor + u16::try_from(h.finish() % span).expect("within the span");
         let mut handed_out = HANDED_OUT.lock().unwrap_or_else(|e| e.into_inner());
-        if handed_out.contains(&port) {
+        let second = (bus > 0).then(|| port + bus);
+        if handed_out.contains(&port) || second.is_some_and(|p| handed_out.contains(&p)) {
             continue;
         }
-        if TcpListener::bind(("127.0.0.1", port)).is_ok() {
+        if bindable(port) && second.is_none_or(bindable) {
             handed_out.insert(port);
+            if let Some(p) = second {
+                handed_out.insert(p);
+            }
             return port;
         }
     }
@@ -49,7 +66,7 @@ fn ephemeral_floor() -> u16 {
     std::fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range")
         .ok()
         .and_then(|s| s.split_whitespace().next().and_then(|p| p.parse().ok()))
-        .filter(|p: &u16| *p > 2_000)
+        .filter(|p: &u16| *p > 22_000)
         .unwrap_or(32_768)
 }
 

@@ -166,7 +166,7 @@ impl RedisCluster {
         std::fs::create_dir_all(&dir).expect("cluster temp dir");
         let nodes: Vec<RedisServer> = (0..3)
             .map(|_| {
-                let port = free_port();
+                let port = crate::common::free_cluster_port();
                 let conf = dir.join(format!("nodes-{port}.conf"));
                 RedisServer::start_with(
                     port,
