@@ -301,11 +301,10 @@ pub fn build_state(settings: Settings) -> anyhow::Result<Arc<GatewayState>> {
     }))
 }
 
-/// Loads every issuer's keys at startup and keeps them fresh; flags draining on shutdown.
+/// Loads every issuer's keys at startup and keeps them fresh until shutdown.
 struct KeyRefresher {
     caches: Vec<Arc<JwksCache>>,
     vault: Option<Arc<Vault>>,
-    draining: Arc<AtomicBool>,
 }
 
 #[async_trait]
@@ -325,7 +324,6 @@ impl BackgroundService for KeyRefresher {
             tasks.push(tokio::spawn(vault.clone().follow_invalidations()));
         }
         let _ = shutdown.changed().await;
-        self.draining.store(true, Ordering::Release);
         for t in tasks {
             t.abort();
         }
@@ -403,7 +401,6 @@ pub fn build_server(state: Arc<GatewayState>) -> anyhow::Result<(Server, Drainin
         KeyRefresher {
             caches: state.auth.key_sets(),
             vault: state.keys.vault.clone(),
-            draining: draining.clone(),
         },
     ));
     Ok((server, draining))
