@@ -38,7 +38,7 @@ pub struct ClerkSettings {
     /// The longest a call waits for a slot; never more than `backend_timeout`.
     pub backend_max_wait: Duration,
     /// Where Clerk tokens carry each fact (unset: Clerk's own claims).
-    pub claims: crate::auth::claims::ClaimMap,
+    pub claims: super::ClaimMap,
 }
 
 impl ClerkSettings {

@@ -9,6 +9,7 @@
 //! order, handing each what it needs from the ones before.
 
 mod auth;
+mod claims;
 mod clerk;
 mod cors;
 mod dev;
@@ -28,6 +29,7 @@ mod upstream;
 use std::path::Path;
 
 pub use auth::{AuthSettings, IdentityHeaders};
+pub use claims::{ClaimMap, ClaimPath, PathError};
 pub use clerk::{frontend_api_from_publishable_key, ClerkSettings};
 pub use cors::CorsSettings;
 pub use dev::{DevKeyError, DevSettings};
