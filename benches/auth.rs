@@ -11,7 +11,7 @@ use jsonwebtoken::{Algorithm, EncodingKey, Header};
 use keygate::auth::jwks::JwksCache;
 use keygate::auth::jwt::JwtIssuer;
 use keygate::auth::Authenticator;
-use keygate::config::{self, JwksSettings};
+use keygate::config::JwksSettings;
 
 const ISSUER: &str = "https://issuer.bench.example";
 const AUDIENCE: &str = "https://mcp.bench.example/mcp";
@@ -112,10 +112,14 @@ fn bench(c: &mut Criterion) {
     let cfg = std::env::temp_dir().join(format!("keygate-bench-{}.toml", std::process::id()));
     std::fs::write(&cfg, toml).expect("config");
     let env = std::collections::HashMap::<String, String>::new();
-    let settings = config::load(Some(&cfg), &env).expect("bench config");
+    let configured = keygate::app::configure(Some(&cfg), &env).expect("bench config");
     // Read once at load and refresh below; nothing of them is needed afterwards.
     let _ = std::fs::remove_file(&cfg);
-    let auth = Authenticator::new(&settings, reqwest::Client::new());
+    let auth = Authenticator::new(
+        &configured.settings,
+        configured.compiled.clerk_pacing,
+        reqwest::Client::new(),
+    );
     for cache in auth.key_sets() {
         rt.block_on(cache.refresh()).expect("load jwks");
     }

@@ -1,8 +1,12 @@
-//! Wiring: settings in, a Pingora server out — the public proxy listener (its accept path and
-//! every downstream deadline owned by `proxy::deadline`), the admin listener, and the
-//! background key refresher. Also a [`Handle`]
-//! to run a whole gateway inside another process (tests, benches) and stop it again.
+//! Wiring: the composition root. [`configure`] is the one way to a runnable configuration: the
+//! configuration's validation, then every module's compile step over its section (scope and
+//! authorization rules, the failed-authentication budget, the keyring, Clerk's call rate), all
+//! problems reported together. Then settings in, a Pingora server out — the public proxy
+//! listener (its accept path and every downstream deadline owned by `proxy::deadline`), the
+//! admin listener, and the background key refresher. Also a [`Handle`] to run a whole gateway
+//! inside another process (tests, benches) and stop it again.
 
+use std::path::Path;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
@@ -19,11 +23,13 @@ use pingora::services::listening::Service;
 use pingora::upstreams::peer::HttpPeer;
 
 use crate::admin::Admin;
+use crate::auth::clerk::Pacing;
 use crate::auth::discovery::{AsDocument, AuthServerMetadata, ResourceMetadata};
 use crate::auth::jwks::JwksCache;
 use crate::auth::Authenticator;
 use crate::config::RedisFailure;
-use crate::config::Settings;
+use crate::config::{ClerkSettings, Env, Problems, Sections, Settings};
+use crate::keys::crypto::Keyring;
 use crate::keys::embedded::EmbeddedStore;
 use crate::keys::redis_store::RedisStore;
 use crate::keys::store::KeyStore;
@@ -35,12 +41,79 @@ use crate::policy::ratelimit::{
     FallbackLimiter, LocalLimiter, OnRedisError, Quota, RateLimiter, RateLimits, RedisLimiter,
 };
 use crate::policy::sessions::{LocalBindings, RedisBindings, SessionBindings};
+use crate::policy::CompiledPolicy;
 use crate::proxy::deadline::{Connections, Limits, Requests};
 use crate::proxy::keys_api::KeyStage;
 use crate::proxy::local::LocalRoutes;
 use crate::proxy::{Gateway, GatewayState};
 use crate::redis::{RedisConn, RedisSettings};
 use crate::telemetry::metrics::Metrics;
+
+/// What the modules compiled from their sections at startup: the runtime objects the gateway
+/// is built from (the settings hold only plain, validated values).
+#[derive(Debug, Clone)]
+pub struct Compiled {
+    /// The vault's keyring (`None` while the vault is off or has no secret).
+    pub keyring: Option<Arc<Keyring>>,
+    /// How Clerk's Backend API calls are paced (`None` without `[clerk]`).
+    pub clerk_pacing: Option<Pacing>,
+    /// Scope rules, authorization rules and their clock, the failed-authentication budget.
+    pub policy: CompiledPolicy,
+}
+
+impl Compiled {
+    /// Every module's compile step over the validated sections; problems join `problems`.
+    fn compile(s: &Sections, problems: &mut Problems) -> Compiled {
+        Compiled {
+            keyring: crate::keys::compile_keyring(&s.keys, problems),
+            clerk_pacing: s.clerk.as_ref().and_then(|c| clerk_pacing(c, problems)),
+            policy: CompiledPolicy::compile(&s.policy, s.clerk.as_ref(), &s.issuers, problems),
+        }
+    }
+}
+
+/// `clerk.backend_rate_per_sec` and `clerk.backend_burst` checked as a rate-limit quota (the
+/// same GCRA arithmetic) and handed to auth as the pacing of Clerk's Backend API calls; an
+/// unusable pair is a problem naming both.
+fn clerk_pacing(c: &ClerkSettings, problems: &mut Problems) -> Option<Pacing> {
+    let quota = Quota::new(
+        c.backend_rate_per_sec,
+        Duration::from_secs(1),
+        c.backend_burst,
+    )
+    .and_then(|q| q.emission_interval().map(|interval| (interval, q.burst)))
+    .map_err(|e| {
+        problems.push(
+            "clerk.backend_rate_per_sec / clerk.backend_burst",
+            format!("both must be at least 1 ({e})"),
+        )
+    })
+    .ok()?;
+    Some(Pacing {
+        interval: quota.0,
+        burst: quota.1,
+    })
+}
+
+/// A configuration the gateway can run: the validated settings and what the modules compiled
+/// from them.
+#[derive(Debug, Clone)]
+pub struct Configured {
+    pub settings: Settings,
+    pub compiled: Compiled,
+}
+
+/// Read and validate the configuration (`config::read`), then compile every module's section:
+/// the settings and the compiled runtime objects, or every problem found by either, each naming
+/// its option. The one entry for the command, the in-process gateway and its tests.
+pub fn configure(path: Option<&Path>, env: &dyn Env) -> Result<Configured, Problems> {
+    let (sections, mut problems) = crate::config::read(path, env)?;
+    let compiled = Compiled::compile(&sections, &mut problems);
+    match sections.into_settings() {
+        Some(settings) if problems.0.is_empty() => Ok(Configured { settings, compiled }),
+        _ => Err(problems),
+    }
+}
 
 /// The HTTP client for JWKS, discovery and Clerk's Backend API, built once.
 fn http_client() -> anyhow::Result<reqwest::Client> {
@@ -137,10 +210,11 @@ fn build_rate_limits(
 /// (falling back to this replica's own count while Redis fails), else local.
 fn build_auth_failures(
     settings: &Settings,
+    policy: &CompiledPolicy,
     conn: Option<&Arc<RedisConn>>,
     metrics: &Metrics,
 ) -> Option<Arc<AuthFailures>> {
-    let s = &settings.policy.auth_failures;
+    let s = &policy.auth_failures;
     if !s.enabled || !settings.auth.enabled {
         return None;
     }
@@ -189,13 +263,18 @@ pub fn build_store(
 
 /// The vault, when enabled, recording into `metrics` when given.
 pub fn build_vault(
-    settings: &Settings,
+    configured: &Configured,
     metrics: Option<Arc<Metrics>>,
 ) -> anyhow::Result<Option<Arc<Vault>>> {
+    let settings = &configured.settings;
     if !settings.keys.enabled {
         return Ok(None);
     }
-    let keyring = crate::keys::keyring(&settings.keys)?;
+    let keyring = configured
+        .compiled
+        .keyring
+        .clone()
+        .ok_or(crate::keys::NoEncryptionSecret)?;
     let store = build_store(settings, metrics.as_deref())?;
     let vault = Vault::new(store, keyring, &settings.keys);
     Ok(Some(Arc::new(match metrics {
@@ -205,10 +284,11 @@ pub fn build_vault(
 }
 
 /// Build the shared request-path state.
-pub fn build_state(settings: Settings) -> anyhow::Result<Arc<GatewayState>> {
+pub fn build_state(configured: Configured) -> anyhow::Result<Arc<GatewayState>> {
     let client = http_client()?;
     let metrics = Arc::new(Metrics::new());
-    let vault = build_vault(&settings, Some(metrics.clone()))?;
+    let vault = build_vault(&configured, Some(metrics.clone()))?;
+    let Configured { settings, compiled } = configured;
     let conn = match redis_settings(&settings) {
         Some(r) => {
             Some(Arc::new(RedisConn::new(&r).map_err(|e| {
@@ -252,9 +332,9 @@ pub fn build_state(settings: Settings) -> anyhow::Result<Arc<GatewayState>> {
             base_url: None,
         })
     });
-    let mut auth = Authenticator::new(&settings, client.clone());
+    let mut auth = Authenticator::new(&settings, compiled.clerk_pacing, client.clone());
     auth.attach_metrics(&metrics);
-    let auth_failures = build_auth_failures(&settings, conn.as_ref(), &metrics);
+    let auth_failures = build_auth_failures(&settings, &compiled.policy, conn.as_ref(), &metrics);
     let health = serde_json::json!({
         "status": "healthy",
         "service": "keygate",
@@ -285,6 +365,7 @@ pub fn build_state(settings: Settings) -> anyhow::Result<Arc<GatewayState>> {
             discovery: settings.auth.enabled,
         },
         cors: Cors::new(&settings.cors),
+        policy: compiled.policy,
         peer: upstream_peer(&settings),
         challenge_scope: settings.resource.scopes_supported.join(" "),
         keys: KeyStage {
@@ -456,9 +537,9 @@ pub struct Handle {
 
 impl Handle {
     /// Start a gateway; it listens once this returns (the caller waits for the port).
-    pub fn spawn(settings: Settings) -> anyhow::Result<Self> {
-        check_listeners(&settings)?;
-        let state = build_state(settings)?;
+    pub fn spawn(configured: Configured) -> anyhow::Result<Self> {
+        check_listeners(&configured.settings)?;
+        let state = build_state(configured)?;
         let (server, draining) = build_server(state.clone())?;
         let (stop, rx) = tokio::sync::watch::channel(Stop::Running);
         let thread = std::thread::Builder::new()
@@ -507,7 +588,8 @@ impl Drop for Handle {
 }
 
 /// Run the gateway in the foreground until a signal stops it.
-pub fn run(settings: Settings) -> anyhow::Result<()> {
+pub fn run(configured: Configured) -> anyhow::Result<()> {
+    let settings = &configured.settings;
     tracing::info!(
         listen = %settings.server.listen,
         admin = %settings.server.admin_listen,
@@ -520,8 +602,8 @@ pub fn run(settings: Settings) -> anyhow::Result<()> {
             tracing::warn!("{warning}");
         }
     }
-    check_listeners(&settings)?;
-    let state = build_state(settings)?;
+    check_listeners(settings)?;
+    let state = build_state(configured)?;
     let (server, draining) = build_server(state)?;
     server.run(RunArgs {
         shutdown_signal: Box::new(Draining {
@@ -546,4 +628,116 @@ fn check_listeners(settings: &Settings) -> anyhow::Result<()> {
             .map_err(|e| anyhow::anyhow!("{option} {addr}: cannot listen: {e}"))?;
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::collections::HashMap;
+
+    const SECRET: (&str, &str) = (
+        "API_KEY_ENCRYPTION_SECRET",
+        "3f8a1c9e57b2d4067e1fa93c28d5b6409c7e2a15f3b8d06e4a91c7253df80b6e",
+    );
+
+    fn env(pairs: &[(&str, &str)]) -> HashMap<String, String> {
+        pairs
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect()
+    }
+
+    #[test]
+    fn clerk_call_bounds_and_the_failure_budget_are_checked_naming_the_option() {
+        let dir = std::env::temp_dir().join(format!("keygate-bounds-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).expect("tmp dir");
+        let path = dir.join("bounds.toml");
+        std::fs::write(
+            &path,
+            "[clerk]\nfrontend_api_url = \"https://clerk.example.com\"\nsecret_key = \"sk_test_x\"\n\
+             backend_timeout_ms = 1000\nbackend_max_wait_ms = 1500\nbackend_max_in_flight = 0\n\
+             [policy.auth_failures]\nwindow_secs = 0\n",
+        )
+        .expect("write");
+        let problems = configure(Some(&path), &env(&[SECRET])).expect_err("bad bounds");
+        let fields: Vec<&str> = problems.0.iter().map(|p| p.field.as_str()).collect();
+        assert!(fields.contains(&"clerk.backend_max_wait_ms"), "{problems}");
+        assert!(
+            fields.contains(&"clerk.backend_max_in_flight"),
+            "{problems}"
+        );
+        assert!(
+            fields
+                .iter()
+                .any(|f| f.contains("policy.auth_failures.window_secs")),
+            "{problems}"
+        );
+
+        std::fs::write(
+            &path,
+            "[clerk]\nfrontend_api_url = \"https://clerk.example.com\"\nsecret_key = \"sk_test_x\"\n",
+        )
+        .expect("write");
+        let Configured { settings, compiled } =
+            configure(Some(&path), &env(&[SECRET])).expect("defaults are valid");
+        let c = settings.clerk.expect("clerk");
+        assert_eq!(c.backend_max_in_flight, 32);
+        assert_eq!((c.backend_rate_per_sec, c.backend_burst), (50, 100));
+        let pacing = compiled.clerk_pacing.expect("clerk's call pacing");
+        assert_eq!(
+            pacing,
+            Pacing {
+                interval: Duration::from_millis(20),
+                burst: 100
+            }
+        );
+        // Below Clerk's production limit (1000 per 10 s) even in the worst 10 s.
+        assert!(c.backend_burst + 10 * c.backend_rate_per_sec < 1000);
+        assert!(c.backend_max_wait <= c.backend_timeout);
+        let f = &compiled.policy.auth_failures;
+        assert!(f.enabled);
+        assert_eq!(f.budget.requests, 20);
+        assert_eq!(f.lockout, Duration::from_secs(60));
+    }
+
+    /// The modules' compile problems are reported with every configuration problem, naming
+    /// their options, even when a section the gateway cannot run without is unusable.
+    #[test]
+    fn compile_problems_join_every_configuration_problem() {
+        let dir = std::env::temp_dir().join(format!("keygate-compose-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).expect("tmp dir");
+        let path = dir.join("compose.toml");
+        std::fs::write(
+            &path,
+            "[auth]\nenabled = false\n\
+             [[policy.scopes]]\nmethod = \"tools/[\"\nscopes = [\"x\"]\n\
+             [policy.auth_failures]\nwindow_secs = 0\n",
+        )
+        .expect("write");
+        let problems = configure(
+            Some(&path),
+            &env(&[
+                ("KEYGATE_LISTEN", "not-an-addr"),
+                ("API_KEY_ENCRYPTION_SECRET", "weak-secret-value"),
+            ]),
+        )
+        .expect_err("bad config");
+        let _ = std::fs::remove_dir_all(&dir);
+        let fields: Vec<&str> = problems.0.iter().map(|p| p.field.as_str()).collect();
+        for want in [
+            "KEYGATE_LISTEN",
+            "keys.encryption_secret (API_KEY_ENCRYPTION_SECRET)",
+            "policy.scopes",
+            "policy.auth_failures.window_secs",
+        ] {
+            assert!(
+                fields.iter().any(|f| f.contains(want)),
+                "{want} not reported: {problems}"
+            );
+        }
+        assert!(
+            !problems.to_string().contains("weak-secret-value"),
+            "{problems}"
+        );
+    }
 }

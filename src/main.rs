@@ -4,7 +4,8 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
-use keygate::config::{self, ProcessEnv};
+use keygate::app::Configured;
+use keygate::config::ProcessEnv;
 
 /// With the `mimalloc` feature: Pingora's worker threads allocate small, short-lived buffers per
 /// request, which mimalloc's per-thread free lists serve with less work than the system allocator.
@@ -76,10 +77,10 @@ fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
         .build()?)
 }
 
-fn keys_command(settings: &config::Settings, action: KeysAction) -> anyhow::Result<bool> {
-    keygate::telemetry::init(&settings.log);
+fn keys_command(configured: &Configured, action: KeysAction) -> anyhow::Result<bool> {
+    keygate::telemetry::init(&configured.settings.log);
     let rt = runtime()?;
-    let vault = keygate::app::build_vault(settings, None)?
+    let vault = keygate::app::build_vault(configured, None)?
         .ok_or_else(|| anyhow::anyhow!("the key vault is disabled (keys.enabled = false)"))?;
     match action {
         KeysAction::Rotate => {
@@ -148,8 +149,8 @@ fn main() -> ExitCode {
 
 fn run_cli() -> ExitCode {
     let cli = Cli::parse();
-    let settings = match config::load(cli.config.as_deref(), &ProcessEnv) {
-        Ok(s) => s,
+    let configured = match keygate::app::configure(cli.config.as_deref(), &ProcessEnv) {
+        Ok(c) => c,
         Err(problems) => {
             eprint!("keygate: {problems}");
             if cli.config.is_none() {
@@ -162,8 +163,9 @@ fn run_cli() -> ExitCode {
             return ExitCode::from(2);
         }
     };
+    let settings = &configured.settings;
     match cli.command.unwrap_or(Command::Run) {
-        Command::Keys { action } => match keys_command(&settings, action) {
+        Command::Keys { action } => match keys_command(&configured, action) {
             Ok(true) => ExitCode::SUCCESS,
             Ok(false) => ExitCode::FAILURE,
             Err(e) => {
@@ -196,7 +198,7 @@ fn run_cli() -> ExitCode {
                 ttl_secs,
                 org,
             };
-            match keygate::devtoken::mint(&settings, &req) {
+            match keygate::devtoken::mint(settings, &req) {
                 Ok(token) => {
                     println!("{token}");
                     ExitCode::SUCCESS
@@ -209,7 +211,7 @@ fn run_cli() -> ExitCode {
         }
         Command::Run => {
             keygate::telemetry::init(&settings.log);
-            if let Err(e) = keygate::app::run(settings) {
+            if let Err(e) = keygate::app::run(configured) {
                 report(&e);
                 return ExitCode::FAILURE;
             }

@@ -2,11 +2,8 @@
 //! role, roles, email, `email_verified`, scopes), and the second-factor facts (`fva`, `amr`,
 //! `auth_time`) every issuer spells the same way.
 //!
-//! A path names a claim or a value nested in objects. Written as a string, segments are
-//! separated by `.`; a segment that itself contains a `.` (a namespaced claim such as
-//! `https://example.com/org`) is written in double quotes, inside which `\"` and `\\` stand
-//! for `"` and `\`: `"https://example.com/org".id`. Written as a TOML array, each element is one
-//! segment, taken literally: `["https://example.com/org", "id"]`.
+//! The maps themselves ([`ClaimMap`], [`ClaimPath`] and the path syntax) are settings, defined
+//! in `config::claims`; this module reads tokens with them.
 //!
 //! Mapping happens once, when a token is verified; the [`Identity`](super::Identity) built from
 //! it is cached with the token. A configured claim that is absent (or `null`) or of the wrong
@@ -20,137 +17,7 @@ use serde::Deserialize;
 
 use serde_json::{Map, Value};
 
-/// A parsed claim path: one or more object member names, outermost first.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct ClaimPath(Vec<String>);
-
-/// Why a claim path as written in the configuration is not one.
-#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-pub enum PathError {
-    #[error("is empty")]
-    Empty,
-    #[error("has an empty segment (two dots, or a dot at either end)")]
-    EmptySegment,
-    #[error("has an unterminated quoted segment")]
-    Unterminated,
-    #[error("has text right after a quoted segment (expected '.' or the end)")]
-    AfterQuote,
-    #[error("has a quote inside an unquoted segment (quote the whole segment)")]
-    StrayQuote,
-    #[error("has an invalid escape (inside quotes only \\\" and \\\\ are escapes)")]
-    BadEscape,
-}
-
-impl ClaimPath {
-    /// Parse the string syntax (see the module doc).
-    pub fn parse(raw: &str) -> Result<Self, PathError> {
-        if raw.is_empty() {
-            return Err(PathError::Empty);
-        }
-        let mut segments = Vec::new();
-        let mut chars = raw.chars().peekable();
-        loop {
-            let mut segment = String::new();
-            if chars.peek() == Some(&'"') {
-                chars.next();
-                loop {
-                    match chars.next() {
-                        None => return Err(PathError::Unterminated),
-                        Some('"') => break,
-                        Some('\\') => match chars.next() {
-                            Some(c @ ('"' | '\\')) => segment.push(c),
-                            _ => return Err(PathError::BadEscape),
-                        },
-                        Some(c) => segment.push(c),
-                    }
-                }
-                match chars.peek() {
-                    None | Some('.') => {}
-                    Some(_) => return Err(PathError::AfterQuote),
-                }
-            } else {
-                while let Some(&c) = chars.peek() {
-                    if c == '.' {
-                        break;
-                    }
-                    if c == '"' {
-                        return Err(PathError::StrayQuote);
-                    }
-                    segment.push(c);
-                    chars.next();
-                }
-            }
-            if segment.is_empty() {
-                return Err(PathError::EmptySegment);
-            }
-            segments.push(segment);
-            match chars.next() {
-                None => return Ok(Self(segments)),
-                Some(_dot) => {
-                    if chars.peek().is_none() {
-                        return Err(PathError::EmptySegment);
-                    }
-                }
-            }
-        }
-    }
-
-    /// A path from literal segments (the array syntax).
-    pub fn from_segments(segments: Vec<String>) -> Result<Self, PathError> {
-        if segments.is_empty() {
-            return Err(PathError::Empty);
-        }
-        if segments.iter().any(String::is_empty) {
-            return Err(PathError::EmptySegment);
-        }
-        Ok(Self(segments))
-    }
-
-    /// The segments, outermost first.
-    pub fn segments(&self) -> &[String] {
-        &self.0
-    }
-
-    /// The path in the string syntax: a segment holding `.` or `"` (or `\`, or starting with
-    /// a quote) is quoted.
-    pub fn render(&self) -> String {
-        let mut out = String::new();
-        for (i, s) in self.0.iter().enumerate() {
-            if i > 0 {
-                out.push('.');
-            }
-            if s.contains(['.', '"', '\\']) {
-                out.push('"');
-                for c in s.chars() {
-                    if c == '"' || c == '\\' {
-                        out.push('\\');
-                    }
-                    out.push(c);
-                }
-                out.push('"');
-            } else {
-                out.push_str(s);
-            }
-        }
-        out
-    }
-
-    /// The value at this path in `claims`; `null` counts as absent.
-    pub fn lookup<'a>(&self, claims: &'a Map<String, Value>) -> Option<&'a Value> {
-        let (first, rest) = self.0.split_first()?;
-        let mut value = claims.get(first)?;
-        for segment in rest {
-            value = value.as_object()?.get(segment)?;
-        }
-        (!value.is_null()).then_some(value)
-    }
-}
-
-impl std::fmt::Display for ClaimPath {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str(&self.render())
-    }
-}
+pub use crate::config::{ClaimMap, ClaimPath, PathError};
 
 /// The facts a mapping can name, as the configuration spells them.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -230,26 +97,6 @@ impl ClaimError {
     }
 }
 
-/// Where one issuer's tokens carry each fact; `None`: the built-in reading (see
-/// [`MappedClaims::read`]).
-#[derive(Debug, Clone, Default, PartialEq, Eq)]
-pub struct ClaimMap {
-    pub user_id: Option<ClaimPath>,
-    pub org_id: Option<ClaimPath>,
-    pub org_role: Option<ClaimPath>,
-    pub roles: Option<ClaimPath>,
-    pub email: Option<ClaimPath>,
-    pub email_verified: Option<ClaimPath>,
-    pub scopes: Option<ClaimPath>,
-}
-
-impl ClaimMap {
-    /// Whether tokens mapped this way can carry roles (a role rule can ever match).
-    pub fn maps_roles(&self, builtin_roles: bool) -> bool {
-        builtin_roles || self.roles.is_some() || self.org_role.is_some()
-    }
-}
-
 /// What the mapping read out of one token's claims.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct MappedClaims {
@@ -301,6 +148,16 @@ fn boolean(fact: Fact, v: &Value) -> Result<bool, ClaimError> {
     }
 }
 
+/// The value at `path` in `claims`; `null` counts as absent.
+pub fn lookup<'a>(path: &ClaimPath, claims: &'a Map<String, Value>) -> Option<&'a Value> {
+    let (first, rest) = path.segments().split_first()?;
+    let mut value = claims.get(first)?;
+    for segment in rest {
+        value = value.as_object()?.get(segment)?;
+    }
+    (!value.is_null()).then_some(value)
+}
+
 fn mapped<T>(
     claims: &Map<String, Value>,
     path: Option<&ClaimPath>,
@@ -310,7 +167,7 @@ fn mapped<T>(
     let Some(path) = path else {
         return Ok(None);
     };
-    let value = path.lookup(claims).ok_or(ClaimError::Missing(fact))?;
+    let value = lookup(path, claims).ok_or(ClaimError::Missing(fact))?;
     read(fact, value).map(Some)
 }
 
@@ -418,33 +275,6 @@ mod tests {
     }
 
     #[test]
-    fn paths_parse_plain_dotted_and_quoted_segments() {
-        assert_eq!(p("org_id").segments(), ["org_id"]);
-        assert_eq!(
-            p("realm_access.roles").segments(),
-            ["realm_access", "roles"]
-        );
-        assert_eq!(
-            p("\"https://example.com/org\".id").segments(),
-            ["https://example.com/org", "id"]
-        );
-        assert_eq!(p(r#""a\"b\\c""#).segments(), ["a\"b\\c"]);
-        for (bad, err) in [
-            ("", PathError::Empty),
-            ("a..b", PathError::EmptySegment),
-            (".a", PathError::EmptySegment),
-            ("a.", PathError::EmptySegment),
-            ("\"a", PathError::Unterminated),
-            ("\"a\"b", PathError::AfterQuote),
-            ("a\"b\"", PathError::StrayQuote),
-            ("\"a\\x\"", PathError::BadEscape),
-            ("\"\"", PathError::EmptySegment),
-        ] {
-            assert_eq!(ClaimPath::parse(bad), Err(err), "{bad:?}");
-        }
-    }
-
-    #[test]
     fn lookup_walks_objects_and_treats_null_as_absent() {
         let claims = obj(json!({
             "https://example.com/org": {"id": "org_1"},
@@ -452,14 +282,17 @@ mod tests {
             "n": null,
         }));
         assert_eq!(
-            p("\"https://example.com/org\".id").lookup(&claims),
+            lookup(&p("\"https://example.com/org\".id"), &claims),
             Some(&json!("org_1"))
         );
-        assert_eq!(p("realm_access.roles").lookup(&claims), Some(&json!(["a"])));
-        assert_eq!(p("realm_access.roles.x").lookup(&claims), None);
+        assert_eq!(
+            lookup(&p("realm_access.roles"), &claims),
+            Some(&json!(["a"]))
+        );
+        assert_eq!(lookup(&p("realm_access.roles.x"), &claims), None);
         // An unquoted dotted name is a nested path, not the namespaced claim.
-        assert_eq!(p("https://example.com/org").lookup(&claims), None);
-        assert_eq!(p("n").lookup(&claims), None);
+        assert_eq!(lookup(&p("https://example.com/org"), &claims), None);
+        assert_eq!(lookup(&p("n"), &claims), None);
     }
 
     #[test]
@@ -516,35 +349,6 @@ mod tests {
         for bad in [json!(-5), json!("1800000000"), json!(1e300), json!(null)] {
             assert_eq!(at(json!({"amr": ["mfa"], "auth_time": bad})), None, "{bad}");
             assert_eq!(at(json!({"iat": bad, "fva": [0, 4]})), None, "{bad}");
-        }
-    }
-}
-
-/// Property tests over the claim-path syntax.
-#[cfg(test)]
-mod prop {
-    use proptest::prelude::*;
-
-    use super::ClaimPath;
-
-    proptest! {
-        #![proptest_config(ProptestConfig::with_cases(2000))]
-
-        /// Any list of non-empty segments survives rendering and parsing unchanged.
-        #[test]
-        fn rendered_paths_parse_back(segments in prop::collection::vec("[a-z./\"\\\\:_-]{1,8}", 1..5)) {
-            let path = ClaimPath::from_segments(segments.clone()).expect("non-empty");
-            let parsed = ClaimPath::parse(&path.render());
-            prop_assert_eq!(parsed.as_ref().map(ClaimPath::segments), Ok(segments.as_slice()));
-        }
-
-        /// Any text is decided without a panic; a parsed path has only non-empty segments.
-        #[test]
-        fn any_text_is_decided(raw in "\\PC{0,24}") {
-            if let Ok(path) = ClaimPath::parse(&raw) {
-                prop_assert!(path.segments().iter().all(|s| !s.is_empty()));
-                prop_assert_eq!(ClaimPath::parse(&path.render()), Ok(path));
-            }
         }
     }
 }

@@ -76,14 +76,25 @@ struct Pacer {
     tat: Mutex<Option<Instant>>,
 }
 
+/// How Backend API call starts are paced: one per `interval` in the long run, bursts of
+/// `burst`. Compiled at startup from `clerk.backend_rate_per_sec` and `clerk.backend_burst`
+/// (checked as a `policy::ratelimit` quota, whose emission interval this is).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Pacing {
+    /// The emission interval `T`.
+    pub interval: Duration,
+    /// Calls that may start at once from a full bucket.
+    pub burst: u32,
+}
+
 impl Pacer {
-    fn new(quota: &crate::policy::ratelimit::Quota) -> Self {
-        // The quota was checked at startup; an unusable one leaves calls unpaced (the
-        // in-flight bound still holds).
-        let interval = quota.emission_interval().unwrap_or(Duration::ZERO);
+    fn new(pacing: Option<Pacing>) -> Self {
+        // No pacing leaves calls unpaced (the in-flight bound still holds); a gateway always
+        // has one (see `app::configure`).
+        let (interval, burst) = pacing.map_or((Duration::ZERO, 0), |p| (p.interval, p.burst));
         Self {
             interval,
-            tolerance: interval.saturating_mul(quota.burst),
+            tolerance: interval.saturating_mul(burst),
             tat: Mutex::new(None),
         }
     }
@@ -204,8 +215,13 @@ enum BackendError {
 }
 
 impl ClerkBackend {
-    /// Build from settings; `None` when no opaque kind is enabled or there is no secret key.
-    pub fn new(settings: &ClerkSettings, client: reqwest::Client) -> Option<Self> {
+    /// Build from settings and the pacing compiled from them; `None` when no opaque kind is
+    /// enabled or there is no secret key.
+    pub fn new(
+        settings: &ClerkSettings,
+        pacing: Option<Pacing>,
+        client: reqwest::Client,
+    ) -> Option<Self> {
         let enabled = settings.oauth_opaque_tokens || settings.m2m_tokens || settings.api_keys;
         if !enabled || settings.secret_key.is_none() {
             return None;
@@ -220,7 +236,7 @@ impl ClerkBackend {
             api_keys: settings.api_keys,
             bound: CallBound {
                 slots: tokio::sync::Semaphore::new(settings.backend_max_in_flight),
-                pacer: Pacer::new(&settings.backend_rate),
+                pacer: Pacer::new(pacing),
                 max_wait: settings.backend_max_wait.min(settings.backend_timeout),
                 timeout: settings.backend_timeout,
                 refused: None,
@@ -361,7 +377,6 @@ impl ClerkBackend {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::policy::ratelimit::Quota;
 
     const MS: Duration = Duration::from_millis(1);
 
@@ -390,7 +405,10 @@ mod tests {
     #[test]
     fn the_pacer_lets_a_burst_start_at_once_then_books_one_start_per_interval() {
         // 10 per second (T = 100 ms), bursts of 3.
-        let pacer = Pacer::new(&Quota::new(10, Duration::from_secs(1), 3).unwrap());
+        let pacer = Pacer::new(Some(Pacing {
+            interval: Duration::from_millis(100),
+            burst: 3,
+        }));
         let t0 = Instant::now();
         let latest = t0 + 250 * MS;
         for _ in 0..3 {

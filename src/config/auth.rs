@@ -6,6 +6,7 @@ use std::time::Duration;
 
 use jsonwebtoken::Algorithm;
 
+use super::claims::{ClaimMap, ClaimPath};
 use super::file::{self, AuthFile};
 use super::parse::{normal_paths, parse_header_name, secs};
 use super::Problems;
@@ -123,14 +124,9 @@ pub(crate) fn parse_algorithms(
     out
 }
 
-/// A `claims` table as a [`ClaimMap`](crate::auth::claims::ClaimMap); a path that does not
+/// A `claims` table as a [`ClaimMap`]; a path that does not
 /// parse is a problem naming the option.
-pub(crate) fn claim_map(
-    field: &str,
-    f: &file::ClaimsFile,
-    problems: &mut Problems,
-) -> crate::auth::claims::ClaimMap {
-    use crate::auth::claims::ClaimPath;
+pub(crate) fn claim_map(field: &str, f: &file::ClaimsFile, problems: &mut Problems) -> ClaimMap {
     let mut path = |name: &str, raw: &Option<file::ClaimPathFile>| {
         let parsed = match raw.as_ref()? {
             file::ClaimPathFile::Path(p) => ClaimPath::parse(p),
@@ -140,7 +136,7 @@ pub(crate) fn claim_map(
             .map_err(|e| problems.push(format!("{field}.{name}"), format!("the claim path {e}")))
             .ok()
     };
-    crate::auth::claims::ClaimMap {
+    ClaimMap {
         user_id: path("user_id", &f.user_id),
         org_id: path("org_id", &f.org_id),
         org_role: path("org_role", &f.org_role),

@@ -33,12 +33,15 @@ pub struct ClerkSettings {
     pub backend_timeout: Duration,
     /// Backend API calls in flight at once, at most (>= 1).
     pub backend_max_in_flight: usize,
-    /// Backend API calls started: `backend_rate_per_sec` per second, bursts of `backend_burst`.
-    pub backend_rate: crate::policy::ratelimit::Quota,
+    /// Backend API calls started per second, in the long run (the auth module compiles this
+    /// and `backend_burst` into its pacing quota at startup).
+    pub backend_rate_per_sec: u32,
+    /// Backend API calls that may start at once.
+    pub backend_burst: u32,
     /// The longest a call waits for a slot; never more than `backend_timeout`.
     pub backend_max_wait: Duration,
     /// Where Clerk tokens carry each fact (unset: Clerk's own claims).
-    pub claims: crate::auth::claims::ClaimMap,
+    pub claims: super::ClaimMap,
 }
 
 impl ClerkSettings {
@@ -112,18 +115,6 @@ impl ClerkSettings {
         if c.backend_max_in_flight == 0 {
             problems.push("clerk.backend_max_in_flight", "must be at least 1");
         }
-        let backend_rate = crate::policy::ratelimit::Quota::new(
-            c.backend_rate_per_sec,
-            Duration::from_secs(1),
-            c.backend_burst,
-        )
-        .map_err(|e| {
-            problems.push(
-                "clerk.backend_rate_per_sec / clerk.backend_burst",
-                format!("both must be at least 1 ({e})"),
-            )
-        })
-        .ok()?;
         Some(ClerkSettings {
             frontend_api,
             issuer,
@@ -145,7 +136,8 @@ impl ClerkSettings {
             backend_timeout,
             backend_max_in_flight: usize::try_from(c.backend_max_in_flight.max(1))
                 .unwrap_or(usize::MAX),
-            backend_rate,
+            backend_rate_per_sec: c.backend_rate_per_sec,
+            backend_burst: c.backend_burst,
             backend_max_wait: backend_max_wait.min(backend_timeout),
             claims: claim_map("clerk.claims", &c.claims, problems),
         })

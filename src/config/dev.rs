@@ -24,9 +24,9 @@ pub struct DevSettings {
 fn mcp_and_keys_paths(mcp_paths: &[String]) -> Vec<String> {
     let mut paths: Vec<String> = mcp_paths
         .iter()
-        .filter_map(|p| crate::proxy::route::normal_config_path(p))
+        .filter_map(|p| crate::paths::normal_config_path(p))
         .collect();
-    paths.push(crate::proxy::route::KEYS_PATH.to_string());
+    paths.push(crate::paths::KEYS_PATH.to_string());
     paths
 }
 
@@ -88,7 +88,7 @@ fn check_dev_authorization_server(
                 && u.fragment().is_none() =>
         {
             let path = u.path().trim_end_matches('/');
-            let normal = crate::proxy::route::normal_config_path(path);
+            let normal = crate::paths::normal_config_path(path);
             let clear = normal.as_deref().is_some_and(|n| {
                 n == path
                     && !reserved

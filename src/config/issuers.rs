@@ -30,7 +30,7 @@ pub struct IssuerSettings {
     pub audiences: Vec<String>,
     pub algorithms: Vec<Algorithm>,
     /// Where this issuer's tokens carry each fact.
-    pub claims: crate::auth::claims::ClaimMap,
+    pub claims: super::ClaimMap,
 }
 
 #[derive(Debug, Clone)]

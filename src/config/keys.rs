@@ -1,8 +1,8 @@
-//! `[keys]` and `[redis]`: the key vault (its encryption secrets, checked into a keyring here,
-//! the base URLs it accepts, its bounds and cache) and the shared Redis store.
+//! `[keys]` and `[redis]`: the key vault (its encryption secrets, which the keys module turns
+//! into its keyring at startup, the base URLs it accepts, its bounds and cache) and the shared
+//! Redis store.
 
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
 use std::time::Duration;
 
 use secrecy::SecretString;
@@ -18,14 +18,12 @@ use super::Problems;
 #[derive(Debug, Clone)]
 pub struct KeysSettings {
     pub enabled: bool,
-    /// Built from the secrets during validation (a weak secret is a config problem).
-    pub keyring: Option<Arc<crate::keys::crypto::Keyring>>,
     pub data_dir: PathBuf,
     pub encryption_secret: Option<SecretString>,
     pub previous_encryption_secrets: Vec<SecretString>,
     pub org_keys: bool,
     /// The issuer whose users' key slots are named by subject alone, as they were before slots
-    /// named the issuer (see [`crate::keys::store::Owner::of`]); `None`: every slot is qualified.
+    /// named the issuer (see `keys::store::Owner::of`); `None`: every slot is qualified.
     pub legacy_slot_issuer: Option<String>,
     pub fallback_api_key: Option<SecretString>,
     pub default_base_url: Option<String>,
@@ -89,29 +87,8 @@ impl KeysSettings {
         if k.max_body_bytes < 256 || k.max_body_bytes > 1024 * 1024 {
             problems.push("keys.max_body_bytes", "must be between 256 and 1048576");
         }
-        let keyring = match (&k.encryption_secret, k.enabled) {
-            (Some(active), true) => {
-                let previous: Vec<&str> = k
-                    .previous_encryption_secrets
-                    .iter()
-                    .map(String::as_str)
-                    .collect();
-                match crate::keys::crypto::Keyring::from_secrets(active, &previous) {
-                    Ok(ring) => Some(Arc::new(ring)),
-                    Err(e) => {
-                        problems.push(
-                            "keys.encryption_secret (API_KEY_ENCRYPTION_SECRET)",
-                            e.to_string(),
-                        );
-                        None
-                    }
-                }
-            }
-            _ => None,
-        };
         KeysSettings {
             enabled: k.enabled,
-            keyring,
             data_dir: resolve_path(base, &k.data_dir),
             encryption_secret: k.encryption_secret.clone().map(SecretString::from),
             previous_encryption_secrets: k

@@ -7,8 +7,15 @@
 //! `auth`, `clerk`, `issuers`, `cors`, `log`, `keys`, `policy`, `rate_limits`, `dev`), all
 //! collecting into one [`Problems`]; this module reads the sources and runs the sections in
 //! order, handing each what it needs from the ones before.
+//!
+//! Settings are plain values (numbers, strings, paths, claim maps, rules as written); this
+//! module names none of the modules it configures. Each of those compiles its own section at
+//! startup (scope and authorization rules, the failed-authentication budget, the keyring,
+//! Clerk's call pacing): `app::configure` runs [`read`] and then every compile step, reporting
+//! all problems together.
 
 mod auth;
+mod claims;
 mod clerk;
 mod cors;
 mod dev;
@@ -28,6 +35,7 @@ mod upstream;
 use std::path::Path;
 
 pub use auth::{AuthSettings, IdentityHeaders};
+pub use claims::{ClaimMap, ClaimPath, PathError};
 pub use clerk::{frontend_api_from_publishable_key, ClerkSettings};
 pub use cors::CorsSettings;
 pub use dev::{DevKeyError, DevSettings};
@@ -64,8 +72,55 @@ pub struct Settings {
     pub rate_limits: RateLimitSettings,
 }
 
-/// Read the file (when given), apply the environment, validate.
-pub fn load(path: Option<&Path>, env: &dyn Env) -> Result<Settings, Problems> {
+/// Every section as validated, before the sections the gateway cannot run without are
+/// required: the modules compile their runtime objects from these (see `app::configure`), so
+/// their problems are reported with the configuration's even when a listener is unusable.
+#[derive(Debug, Clone)]
+pub struct Sections {
+    /// `None` when unusable (a problem says why).
+    pub server: Option<ServerSettings>,
+    /// `None` when unusable (a problem says why).
+    pub upstream: Option<UpstreamSettings>,
+    pub resource: ResourceSettings,
+    pub auth: AuthSettings,
+    pub clerk: Option<ClerkSettings>,
+    pub issuers: Vec<IssuerSettings>,
+    pub jwks: JwksSettings,
+    pub cors: CorsSettings,
+    pub log: LogSettings,
+    pub dev: Option<DevSettings>,
+    pub keys: KeysSettings,
+    pub redis: Option<RedisConfig>,
+    pub policy: PolicySettings,
+    pub rate_limits: RateLimitSettings,
+}
+
+impl Sections {
+    /// The settings, when every section the gateway cannot run without is usable.
+    pub fn into_settings(self) -> Option<Settings> {
+        Some(Settings {
+            server: self.server?,
+            upstream: self.upstream?,
+            resource: self.resource,
+            auth: self.auth,
+            clerk: self.clerk,
+            issuers: self.issuers,
+            jwks: self.jwks,
+            cors: self.cors,
+            log: self.log,
+            dev: self.dev,
+            keys: self.keys,
+            redis: self.redis,
+            policy: self.policy,
+            rate_limits: self.rate_limits,
+        })
+    }
+}
+
+/// Read the file (when given), apply the environment, validate every section; the sections
+/// with every problem found. `Err` when the file cannot be read or parsed (nothing to
+/// validate).
+pub fn read(path: Option<&Path>, env: &dyn Env) -> Result<(Sections, Problems), Problems> {
     let mut problems = Problems::default();
     let mut file = match path {
         None => FileConfig::default(),
@@ -86,16 +141,24 @@ pub fn load(path: Option<&Path>, env: &dyn Env) -> Result<Settings, Problems> {
         .unwrap_or_default();
     file.apply_env(env, &mut problems);
     source::refuse_placeholders(&file, env, &mut problems);
-    let settings = validate(file, &base_dir, &mut problems);
-    match settings {
+    let sections = validate(file, &base_dir, &mut problems);
+    Ok((sections, problems))
+}
+
+/// Read and validate (see [`read`]): the settings, or every configuration problem. This does
+/// not compile the modules' runtime objects (scope and authorization rules, the keyring, ...):
+/// `app::configure` does, reporting their problems with these.
+pub fn load(path: Option<&Path>, env: &dyn Env) -> Result<Settings, Problems> {
+    let (sections, problems) = read(path, env)?;
+    match sections.into_settings() {
         Some(s) if problems.0.is_empty() => Ok(s),
         _ => Err(problems),
     }
 }
 
-/// Validate every section in order; `None` when a section the gateway cannot run without
-/// (the listeners, the upstream) is unusable. Problems are collected either way.
-fn validate(f: FileConfig, base: &Path, problems: &mut Problems) -> Option<Settings> {
+/// Validate every section in order. Problems are collected; the sections the gateway cannot
+/// run without (the listeners, the upstream) are `None` when unusable.
+fn validate(f: FileConfig, base: &Path, problems: &mut Problems) -> Sections {
     let (listen, server) = ServerSettings::from_file(&f.server, base, problems);
     let upstream = UpstreamSettings::from_file(&f.upstream, problems);
     let resource = ResourceSettings::from_file(&f.resource, listen, problems);
@@ -111,12 +174,12 @@ fn validate(f: FileConfig, base: &Path, problems: &mut Problems) -> Option<Setti
     let log = LogSettings::from_file(&f.log, problems);
     let keys = KeysSettings::from_file(&f.keys, base, clerk.as_ref(), &issuers, problems);
     let redis = RedisConfig::from_file(&f.redis, problems);
-    let policy = PolicySettings::from_file(&f.policy, clerk.as_ref(), &issuers, problems);
+    let policy = PolicySettings::from_file(&f.policy, problems);
     let rate_limits = RateLimitSettings::from_file(&f.rate_limits, f.redis.url.is_some(), problems);
     let dev = DevSettings::from_file(&f, base, &issuers, listen, problems);
-    Some(Settings {
-        server: server?,
-        upstream: upstream?,
+    Sections {
+        server,
+        upstream,
         resource,
         auth,
         clerk,
@@ -129,7 +192,7 @@ fn validate(f: FileConfig, base: &Path, problems: &mut Problems) -> Option<Setti
         redis,
         policy,
         rate_limits,
-    })
+    }
 }
 
 /// Settings validated from the environment alone (no file; auth off, a test encryption
@@ -156,7 +219,6 @@ mod tests {
     use base64::Engine;
     use std::collections::HashMap;
     use std::path::PathBuf;
-    use std::time::Duration;
 
     const SECRET: (&str, &str) = (
         "API_KEY_ENCRYPTION_SECRET",
@@ -339,7 +401,11 @@ mod tests {
             ]),
         )
         .expect("valid");
-        assert!(s.keys.keyring.is_some());
+        use secrecy::ExposeSecret;
+        assert_eq!(
+            s.keys.encryption_secret.as_ref().map(|s| s.expose_secret()),
+            Some(SECRET.1)
+        );
         let both = load(
             None,
             &env(&[
@@ -371,48 +437,49 @@ mod tests {
             .any(|p| p.field == "API_KEY_ENCRYPTION_SECRET_FILE"));
     }
 
+    /// The configuration names none of the modules it configures (they import it; an edge
+    /// back closes a cycle): outside its tests, no file under `src/config` nor the shared path
+    /// normal form (`src/paths.rs`) refers to a runtime module.
     #[test]
-    fn clerk_call_bounds_and_the_failure_budget_are_checked_naming_the_option() {
-        let dir = std::env::temp_dir().join(format!("keygate-bounds-{}", std::process::id()));
-        std::fs::create_dir_all(&dir).expect("tmp dir");
-        let path = dir.join("bounds.toml");
-        std::fs::write(
-            &path,
-            "[clerk]\nfrontend_api_url = \"https://clerk.example.com\"\nsecret_key = \"sk_test_x\"\n\
-             backend_timeout_ms = 1000\nbackend_max_wait_ms = 1500\nbackend_max_in_flight = 0\n\
-             [policy.auth_failures]\nwindow_secs = 0\n",
-        )
-        .expect("write");
-        let problems = load(Some(&path), &env(&[SECRET])).expect_err("bad bounds");
-        let fields: Vec<&str> = problems.0.iter().map(|p| p.field.as_str()).collect();
-        assert!(fields.contains(&"clerk.backend_max_wait_ms"), "{problems}");
+    fn config_imports_none_of_the_modules_it_configures() {
+        let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("src");
+        let runtime = [
+            "admin",
+            "app",
+            "auth",
+            "devtoken",
+            "error",
+            "keys",
+            "policy",
+            "proxy",
+            "redis",
+            "telemetry",
+        ];
+        let mut files: Vec<PathBuf> = std::fs::read_dir(root.join("config"))
+            .expect("src/config")
+            .map(|e| e.expect("entry").path())
+            .collect();
+        files.push(root.join("paths.rs"));
+        let mut found = Vec::new();
+        for file in files {
+            let text = std::fs::read_to_string(&file).expect("read");
+            let code = text.split("#[cfg(test)]\nmod tests").next().unwrap_or("");
+            for (n, line) in code.lines().enumerate() {
+                let line = line.split("//").next().unwrap_or("");
+                for m in runtime {
+                    let named = [format!("crate::{m}::"), format!("crate::{m};")];
+                    if line.contains("crate::{") || named.iter().any(|n| line.contains(n.as_str()))
+                    {
+                        found.push(format!("{}:{}: {}", file.display(), n + 1, line.trim()));
+                    }
+                }
+            }
+        }
         assert!(
-            fields.contains(&"clerk.backend_max_in_flight"),
-            "{problems}"
+            found.is_empty(),
+            "config refers to runtime modules:\n{}",
+            found.join("\n")
         );
-        assert!(
-            fields
-                .iter()
-                .any(|f| f.contains("policy.auth_failures.window_secs")),
-            "{problems}"
-        );
-
-        std::fs::write(
-            &path,
-            "[clerk]\nfrontend_api_url = \"https://clerk.example.com\"\nsecret_key = \"sk_test_x\"\n",
-        )
-        .expect("write");
-        let s = load(Some(&path), &env(&[SECRET])).expect("defaults are valid");
-        let c = s.clerk.expect("clerk");
-        assert_eq!(c.backend_max_in_flight, 32);
-        assert_eq!((c.backend_rate.requests, c.backend_rate.burst), (50, 100));
-        // Below Clerk's production limit (1000 per 10 s) even in the worst 10 s.
-        assert!(c.backend_rate.burst + 10 * c.backend_rate.requests < 1000);
-        assert!(c.backend_max_wait <= c.backend_timeout);
-        let f = &s.policy.auth_failures;
-        assert!(f.enabled);
-        assert_eq!(f.budget.requests, 20);
-        assert_eq!(f.lockout, Duration::from_secs(60));
     }
 
     #[test]

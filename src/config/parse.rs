@@ -80,7 +80,7 @@ pub(crate) fn parse_header_name_allowing(
 pub(crate) fn normal_paths(problems: &mut Problems, field: &str, raw: &[String]) -> Vec<String> {
     raw.iter()
         .filter_map(|p| {
-            let normal = crate::proxy::route::normal_config_path(p);
+            let normal = crate::paths::normal_config_path(p);
             if normal.is_none() {
                 problems.push(
                     field.to_string(),

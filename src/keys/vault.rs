@@ -535,7 +535,7 @@ mod tests {
     fn vault(store: &Arc<GatedStore>, ttl: Duration) -> Arc<Vault> {
         let mut s = crate::keys::test_settings();
         s.cache_ttl = ttl;
-        let keyring = s.keyring.clone().expect("keyring");
+        let keyring = crate::keys::test_keyring();
         Arc::new(Vault::new(store.clone(), keyring, &s))
     }
 

@@ -65,6 +65,7 @@ use crate::policy::auth_failures::AuthFailures;
 use crate::policy::cors::Cors;
 use crate::policy::ratelimit::RateLimits;
 use crate::policy::sessions::SessionBindings;
+use crate::policy::CompiledPolicy;
 use crate::telemetry::access;
 use crate::telemetry::metrics::Metrics;
 use keys_api::KeyStage;
@@ -79,6 +80,8 @@ pub struct GatewayState {
     /// What keygate answers itself.
     pub local: LocalRoutes,
     pub cors: Cors,
+    /// Scope rules and authorization rules (with their clock), compiled at startup.
+    pub policy: CompiledPolicy,
     pub auth: Authenticator,
     /// The per-client-IP failed-authentication budget, when enabled.
     pub auth_failures: Option<Arc<AuthFailures>>,

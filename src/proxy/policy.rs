@@ -93,7 +93,7 @@ pub fn authorize(
     route: &Classified<'_>,
     calls: Option<&[RpcCall<'_>]>,
 ) -> Result<(), GatewayError> {
-    let policy = &state.settings.policy;
+    let policy = &state.policy;
     if state.settings.auth.enabled && !policy.rules.is_empty() {
         let request = crate::policy::rules::Request {
             path: &route.normal,
@@ -108,7 +108,8 @@ pub fn authorize(
     let Some(identity) = ctx.identity.as_deref() else {
         return Ok(());
     };
-    mcp::check_org(&policy.org, identity).map_err(|d| GatewayError::Forbidden(d.to_string()))?;
+    mcp::check_org(&state.settings.policy.org, identity)
+        .map_err(|d| GatewayError::Forbidden(d.to_string()))?;
     if let Some(calls) = calls {
         policy
             .scope_rules

@@ -53,9 +53,9 @@ impl Authz {
                 iss = idp.url(),
             ),
         );
-        let gw = Keygate::start_with_settings(&toml, &upstream.url(), &[], |s| {
+        let gw = Keygate::start_with_settings(&toml, &upstream.url(), &[], |g| {
             if let Some(c) = clock {
-                s.policy.clock = c;
+                g.compiled.policy.clock = c;
             }
         })
         .await

@@ -265,7 +265,8 @@ fn no_shipped_config_keeps_its_data_in_the_source_tree() {
         } else {
             &env
         };
-        let s = keygate::config::load(Some(&repo.join(config)), env)
+        let s = keygate::app::configure(Some(&repo.join(config)), env)
+            .map(|c| c.settings)
             .unwrap_or_else(|p| panic!("{config}: {p}"));
         let data = normalized(&repo.join(&s.keys.data_dir));
         assert!(

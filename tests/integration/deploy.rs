@@ -517,7 +517,7 @@ impl<'a> Checked<'a> {
         for (k, val) in env_file(&template) {
             env.insert(k, val);
         }
-        match keygate::config::load(Some(&path), &env) {
+        match keygate::app::configure(Some(&path), &env) {
             Ok(_) => panic!("{v}: keygate must refuse the Secret's placeholder values"),
             Err(p) => {
                 for var in ["API_KEY_ENCRYPTION_SECRET", "CLERK_SECRET_KEY", "REDIS_URL"] {
@@ -532,7 +532,8 @@ impl<'a> Checked<'a> {
         env.insert("CLERK_SECRET_KEY".into(), TEST_CLERK_SECRET_KEY.into());
         env.insert("CLERK_PUBLISHABLE_KEY".into(), TEST_PUBLISHABLE_KEY.into());
         env.insert("REDIS_URL".into(), "redis://127.0.0.1:6379/0".into());
-        let settings = keygate::config::load(Some(&path), &env)
+        let settings = keygate::app::configure(Some(&path), &env)
+            .map(|c| c.settings)
             .unwrap_or_else(|p| panic!("{v}: the ConfigMap's keygate.toml does not load: {p}"));
         let _ = std::fs::remove_file(&path);
         settings
@@ -894,7 +895,7 @@ fn container_image_matches_the_config_it_ships() {
     );
     let mut vars: HashMap<String, String> = example.into_iter().collect();
     vars.insert("KEYGATE_UPSTREAM".into(), "http://127.0.0.1:3000".into());
-    match keygate::config::load(Some(&path), &vars) {
+    match keygate::app::configure(Some(&path), &vars) {
         Ok(_) => panic!("keygate must refuse the placeholders of .env.example"),
         Err(p) => {
             for var in [
@@ -912,7 +913,8 @@ fn container_image_matches_the_config_it_ships() {
     vars.insert("API_KEY_ENCRYPTION_SECRET".into(), TEST_SECRET.into());
     vars.insert("CLERK_SECRET_KEY".into(), TEST_CLERK_SECRET_KEY.into());
     vars.insert("CLERK_PUBLISHABLE_KEY".into(), TEST_PUBLISHABLE_KEY.into());
-    let s = keygate::config::load(Some(&path), &vars)
+    let s = keygate::app::configure(Some(&path), &vars)
+        .map(|c| c.settings)
         .unwrap_or_else(|p| panic!("deploy/keygate.toml does not load: {p}"));
     let any = IpAddr::V4(Ipv4Addr::UNSPECIFIED);
     assert_eq!((s.server.listen.ip(), s.server.listen.port()), (any, 8080));

@@ -682,7 +682,7 @@ fn load(toml: &str, listen: &str) -> Result<keygate::config::Settings, keygate::
     vars.insert("KEYGATE_LISTEN".into(), listen.into());
     vars.insert("KEYGATE_ADMIN_LISTEN".into(), "127.0.0.1:1".into());
     vars.insert("KEYGATE_UPSTREAM".into(), "http://127.0.0.1:2".into());
-    keygate::config::load(Some(&path), &vars)
+    keygate::app::configure(Some(&path), &vars).map(|c| c.settings)
 }
 
 fn assert_refused(

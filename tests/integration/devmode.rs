@@ -62,10 +62,11 @@ async fn call(gw: &Keygate, token: &str, body: Value) -> reqwest::Response {
 /// happy eyeballs (Node.js 18's fetch) then never reaches a listener on 127.0.0.1.
 #[test]
 fn the_dev_urls_name_the_address_keygate_listens_on() {
-    let s = keygate::config::load(
+    let s = keygate::app::configure(
         Some(std::path::Path::new("config/dev.toml")),
         &std::collections::HashMap::new(),
     )
+    .map(|c| c.settings)
     .expect("the dev config loads");
     let listen = s.server.listen;
     let mut urls = vec![s.resource.url.clone()];

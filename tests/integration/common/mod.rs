@@ -124,13 +124,13 @@ impl Keygate {
         Self::start_full(free_port(), toml, upstream, env, |_| {}).await
     }
 
-    /// [`Keygate::start_with_env`], with `edit` applied to the loaded settings before start
-    /// (for what no config file sets, such as the policy clock).
+    /// [`Keygate::start_with_env`], with `edit` applied to the configuration (settings and
+    /// compiled policy) before start (for what no config file sets, such as the policy clock).
     pub async fn start_with_settings(
         toml: &str,
         upstream: &str,
         env: &[(&str, &str)],
-        edit: impl FnOnce(&mut keygate::config::Settings),
+        edit: impl FnOnce(&mut keygate::app::Configured),
     ) -> Keygate {
         Self::start_full(free_port(), toml, upstream, env, edit).await
     }
@@ -141,13 +141,13 @@ impl Keygate {
         Self::start_full(port, toml, upstream, env, |_| {}).await
     }
 
-    /// The public listener on `port`, `env` overrides, `edit` applied to the settings.
+    /// The public listener on `port`, `env` overrides, `edit` applied to the configuration.
     async fn start_full(
         port: u16,
         toml: &str,
         upstream: &str,
         env: &[(&str, &str)],
-        edit: impl FnOnce(&mut keygate::config::Settings),
+        edit: impl FnOnce(&mut keygate::app::Configured),
     ) -> Keygate {
         let dir = TempDir::new("test");
         let path = dir.join("keygate.toml");
@@ -160,12 +160,12 @@ impl Keygate {
         for (k, v) in env {
             vars.insert(k.to_string(), v.to_string());
         }
-        let mut settings = match keygate::config::load(Some(&path), &vars) {
-            Ok(s) => s,
+        let mut configured = match keygate::app::configure(Some(&path), &vars) {
+            Ok(c) => c,
             Err(p) => panic!("test config invalid: {p}"),
         };
-        edit(&mut settings);
-        let handle = Handle::spawn(settings).expect("keygate starts");
+        edit(&mut configured);
+        let handle = Handle::spawn(configured).expect("keygate starts");
         let deadline = Instant::now() + Duration::from_secs(10);
         loop {
             let up = tokio::net::TcpStream::connect(("127.0.0.1", port))
