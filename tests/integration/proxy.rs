@@ -356,3 +356,61 @@ async fn dot_segments_cannot_smuggle_a_route() {
     }
     assert_eq!(env.upstream.count(), 0);
 }
+
+/// Read one response head (through the blank line) from a raw connection; fails after 5 s.
+async fn read_head(conn: &mut tokio::net::TcpStream) -> String {
+    let mut head = Vec::new();
+    let mut byte = [0u8; 1];
+    while !head.ends_with(b"\r\n\r\n") {
+        let n = tokio::time::timeout(Duration::from_secs(5), conn.read(&mut byte))
+            .await
+            .expect("a response head in time")
+            .expect("read");
+        assert_eq!(n, 1, "connection closed mid-head: {head:?}");
+        head.push(byte[0]);
+    }
+    String::from_utf8_lossy(&head).to_lowercase()
+}
+
+#[tokio::test]
+async fn a_request_head_awaiting_100_continue_reaches_the_upstream_before_its_body() {
+    // The head of a request with a body goes upstream at once when the client awaits an
+    // interim response (`Expect: 100-continue`): only the upstream can answer it, and the
+    // client may send nothing more until it does.
+    let env = setup_with("").await;
+    let mut conn = tokio::net::TcpStream::connect(("127.0.0.1", env.gw.port))
+        .await
+        .expect("connect");
+    let req = format!(
+        "POST /echo-body HTTP/1.1\r\nHost: localhost\r\nAuthorization: Bearer {}\r\nContent-Length: 11\r\nExpect: 100-continue\r\n\r\n",
+        env.token
+    );
+    conn.write_all(req.as_bytes()).await.expect("write head");
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while env.upstream.count() == 0 {
+        assert!(
+            Instant::now() < deadline,
+            "the head was held back until a body the client will not send"
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    // The upstream answers the head: an interim 100, or (as this one does) its final response.
+    let mut head = read_head(&mut conn).await;
+    if head.starts_with("http/1.1 100") {
+        head = read_head(&mut conn).await;
+    }
+    assert!(head.starts_with("http/1.1 200"), "{head}");
+    conn.write_all(b"hello world").await.expect("write body");
+    let mut body = Vec::new();
+    while !String::from_utf8_lossy(&body).contains("hello world") {
+        let mut buf = [0u8; 256];
+        let n = tokio::time::timeout(Duration::from_secs(5), conn.read(&mut buf))
+            .await
+            .expect("the echoed body in time")
+            .expect("read");
+        assert!(n > 0, "closed before the echoed body: {body:?}");
+        body.extend_from_slice(&buf[..n]);
+    }
+    let seen = env.upstream.last().expect("forwarded");
+    assert!(seen.headers.get("authorization").is_none());
+}
