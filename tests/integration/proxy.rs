@@ -414,3 +414,105 @@ async fn a_request_head_awaiting_100_continue_reaches_the_upstream_before_its_bo
     let seen = env.upstream.last().expect("forwarded");
     assert!(seen.headers.get("authorization").is_none());
 }
+
+/// A TLS terminator in front of `upstream` (the fixture certificate for `localhost`): the
+/// port of an `https` upstream that forwards every connection's bytes to the recording one.
+async fn tls_in_front_of(upstream: &Upstream) -> u16 {
+    use std::sync::Arc;
+    use tokio_rustls::rustls;
+    use tokio_rustls::rustls::pki_types::pem::PemObject;
+    use tokio_rustls::rustls::pki_types::{CertificateDer, PrivateKeyDer};
+    let dir = env!("CARGO_MANIFEST_DIR");
+    let certs: Vec<CertificateDer<'static>> =
+        CertificateDer::pem_file_iter(format!("{dir}/tests/fixtures/tls.crt"))
+            .expect("cert file")
+            .collect::<Result<_, _>>()
+            .expect("certs");
+    let key = PrivateKeyDer::from_pem_file(format!("{dir}/tests/fixtures/tls.key")).expect("key");
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let config = rustls::ServerConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .expect("versions")
+        .with_no_client_auth()
+        .with_single_cert(certs, key)
+        .expect("server config");
+    let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(config));
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind");
+    let port = listener.local_addr().expect("addr").port();
+    let target = upstream.addr();
+    tokio::spawn(async move {
+        while let Ok((tcp, _)) = listener.accept().await {
+            let acceptor = acceptor.clone();
+            tokio::spawn(async move {
+                let Ok(mut tls) = acceptor.accept(tcp).await else {
+                    return;
+                };
+                let Ok(mut plain) = tokio::net::TcpStream::connect(target).await else {
+                    return;
+                };
+                let _ = tokio::io::copy_bidirectional(&mut tls, &mut plain).await;
+            });
+        }
+    });
+    port
+}
+
+#[tokio::test]
+async fn an_https_upstream_gets_requests_with_and_without_bodies() {
+    let key = SigningKey::rsa_a("kid-a");
+    let clerk = FakeClerk::start(vec![key.clone()]).await;
+    let upstream = Upstream::start().await;
+    let port = tls_in_front_of(&upstream).await;
+    let gw = Keygate::start(
+        &format!(
+            "{}[upstream]\nverify_tls = false\n",
+            clerk_config(&clerk.url(), clerk.secret_key(), "")
+        ),
+        &format!("https://localhost:{port}"),
+    )
+    .await;
+    gw.wait_ready().await;
+    let token = key.sign(
+        json!({"typ": "at+jwt"}),
+        &keys::access_token_claims(&clerk.url(), "user_1", Some(RESOURCE), "twenty:read"),
+    );
+    // Small and large bodies of known length, a chunked body, no body; twice each, so the
+    // second goes over a pooled connection.
+    for _ in 0..2 {
+        for len in [11usize, 100_000] {
+            let body: Vec<u8> = (0..len).map(|i| (i % 251) as u8).collect();
+            let resp = client()
+                .post(gw.at("/echo-body"))
+                .bearer_auth(&token)
+                .body(body.clone())
+                .send()
+                .await
+                .expect("request");
+            assert_eq!(resp.status(), 200);
+            assert_eq!(resp.bytes().await.expect("body").as_ref(), body.as_slice());
+        }
+        let chunks = futures::stream::iter(
+            ["chunked ", "body"].map(|c| Ok::<_, std::io::Error>(c.as_bytes().to_vec())),
+        );
+        let resp = client()
+            .post(gw.at("/echo-body"))
+            .bearer_auth(&token)
+            .body(reqwest::Body::wrap_stream(chunks))
+            .send()
+            .await
+            .expect("request");
+        assert_eq!(resp.status(), 200);
+        assert_eq!(resp.text().await.expect("body"), "chunked body");
+        let resp = client()
+            .get(gw.at("/health"))
+            .bearer_auth(&token)
+            .send()
+            .await
+            .expect("request");
+        assert_eq!(resp.status(), 200);
+    }
+    let seen = upstream.last().expect("forwarded");
+    assert!(seen.headers.get("authorization").is_none());
+}
