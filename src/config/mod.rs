@@ -195,6 +195,15 @@ fn validate(f: FileConfig, base: &Path, problems: &mut Problems) -> Sections {
     }
 }
 
+/// An environment of `pairs`, for unit tests.
+#[cfg(test)]
+pub(crate) fn test_env(pairs: &[(&str, &str)]) -> std::collections::HashMap<String, String> {
+    pairs
+        .iter()
+        .map(|(k, v)| (k.to_string(), v.to_string()))
+        .collect()
+}
+
 /// Settings validated from the environment alone (no file; auth off, a test encryption
 /// secret), for unit tests.
 #[cfg(test)]
@@ -217,7 +226,6 @@ pub(crate) fn test_settings() -> Settings {
 mod tests {
     use super::*;
     use base64::Engine;
-    use std::collections::HashMap;
     use std::path::PathBuf;
 
     const SECRET: (&str, &str) = (
@@ -292,12 +300,7 @@ mod tests {
         assert!(!refused("127.0.0.1:0", "0.0.0.0:0"));
     }
 
-    fn env(pairs: &[(&str, &str)]) -> HashMap<String, String> {
-        pairs
-            .iter()
-            .map(|(k, v)| (k.to_string(), v.to_string()))
-            .collect()
-    }
+    use super::test_env as env;
 
     #[test]
     fn publishable_key_yields_frontend_api_host() {

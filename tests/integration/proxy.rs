@@ -268,17 +268,7 @@ async fn websocket_upgrades_pass_through() {
         env.token
     );
     conn.write_all(req.as_bytes()).await.expect("write");
-    let mut head = Vec::new();
-    let mut byte = [0u8; 1];
-    while !head.ends_with(b"\r\n\r\n") {
-        let n = tokio::time::timeout(Duration::from_secs(5), conn.read(&mut byte))
-            .await
-            .expect("response in time")
-            .expect("read");
-        assert_eq!(n, 1, "connection closed during the handshake");
-        head.push(byte[0]);
-    }
-    let head = String::from_utf8_lossy(&head).to_lowercase();
+    let head = read_head(&mut conn).await;
     assert!(head.starts_with("http/1.1 101"), "{head}");
     assert!(
         head.contains("sec-websocket-accept: s3pplmbitxaq9kygzzhzrbk+xoo="),
