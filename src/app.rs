@@ -634,12 +634,7 @@ fn check_listeners(settings: &Settings) -> anyhow::Result<()> {
 mod tests {
     use super::*;
 
-    const SECRET: (&str, &str) = (
-        "API_KEY_ENCRYPTION_SECRET",
-        "3f8a1c9e57b2d4067e1fa93c28d5b6409c7e2a15f3b8d06e4a91c7253df80b6e",
-    );
-
-    use crate::config::test_env as env;
+    use crate::config::{test_env as env, TEST_SECRET as SECRET};
 
     #[test]
     fn clerk_call_bounds_and_the_failure_budget_are_checked_naming_the_option() {

@@ -195,6 +195,13 @@ fn validate(f: FileConfig, base: &Path, problems: &mut Problems) -> Sections {
     }
 }
 
+/// A valid encryption secret variable, for unit tests.
+#[cfg(test)]
+pub(crate) const TEST_SECRET: (&str, &str) = (
+    "API_KEY_ENCRYPTION_SECRET",
+    "3f8a1c9e57b2d4067e1fa93c28d5b6409c7e2a15f3b8d06e4a91c7253df80b6e",
+);
+
 /// An environment of `pairs`, for unit tests.
 #[cfg(test)]
 pub(crate) fn test_env(pairs: &[(&str, &str)]) -> std::collections::HashMap<String, String> {
@@ -208,17 +215,11 @@ pub(crate) fn test_env(pairs: &[(&str, &str)]) -> std::collections::HashMap<Stri
 /// secret), for unit tests.
 #[cfg(test)]
 pub(crate) fn test_settings() -> Settings {
-    let env: std::collections::HashMap<String, String> = [
+    let env = test_env(&[
         ("AUTH_ENABLED", "false"),
         ("KEYGATE_UPSTREAM", "http://127.0.0.1:3000"),
-        (
-            "API_KEY_ENCRYPTION_SECRET",
-            "3f8a1c9e57b2d4067e1fa93c28d5b6409c7e2a15f3b8d06e4a91c7253df80b6e",
-        ),
-    ]
-    .into_iter()
-    .map(|(k, v)| (k.to_string(), v.to_string()))
-    .collect();
+        TEST_SECRET,
+    ]);
     load(None, &env).expect("valid")
 }
 
@@ -228,10 +229,7 @@ mod tests {
     use base64::Engine;
     use std::path::PathBuf;
 
-    const SECRET: (&str, &str) = (
-        "API_KEY_ENCRYPTION_SECRET",
-        "3f8a1c9e57b2d4067e1fa93c28d5b6409c7e2a15f3b8d06e4a91c7253df80b6e",
-    );
+    use super::TEST_SECRET as SECRET;
 
     #[test]
     fn the_vault_needs_a_secret_and_reads_the_seed_variables() {
