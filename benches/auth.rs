@@ -115,11 +115,7 @@ fn bench(c: &mut Criterion) {
     let configured = keygate::app::configure(Some(&cfg), &env).expect("bench config");
     // Read once at load and refresh below; nothing of them is needed afterwards.
     let _ = std::fs::remove_file(&cfg);
-    let auth = Authenticator::new(
-        &configured.settings,
-        configured.compiled.clerk_pacing,
-        reqwest::Client::new(),
-    );
+    let auth = Authenticator::new(&configured.settings, reqwest::Client::new());
     for cache in auth.key_sets() {
         rt.block_on(cache.refresh()).expect("load jwks");
     }

@@ -1,6 +1,6 @@
 //! Wiring: the composition root. [`configure`] is the one way to a runnable configuration: the
 //! configuration's validation, then every module's compile step over its section (scope and
-//! authorization rules, the failed-authentication budget, the keyring, Clerk's call rate), all
+//! authorization rules, the failed-authentication budget, the keyring), all
 //! problems reported together. Then settings in, a Pingora server out — the public proxy
 //! listener (its accept path and every downstream deadline owned by `proxy::deadline`), the
 //! admin listener, and the background key refresher. Also a [`Handle`] to run a whole gateway
@@ -23,12 +23,11 @@ use pingora::services::listening::Service;
 use pingora::upstreams::peer::HttpPeer;
 
 use crate::admin::Admin;
-use crate::auth::clerk::Pacing;
 use crate::auth::discovery::{AsDocument, AuthServerMetadata, ResourceMetadata};
 use crate::auth::jwks::JwksCache;
 use crate::auth::Authenticator;
 use crate::config::RedisFailure;
-use crate::config::{ClerkSettings, Env, Problems, Sections, Settings};
+use crate::config::{Env, Problems, Sections, Settings};
 use crate::keys::crypto::Keyring;
 use crate::keys::embedded::EmbeddedStore;
 use crate::keys::redis_store::RedisStore;
@@ -55,8 +54,6 @@ use crate::telemetry::metrics::Metrics;
 pub struct Compiled {
     /// The vault's keyring (`None` while the vault is off or has no secret).
     pub keyring: Option<Arc<Keyring>>,
-    /// How Clerk's Backend API calls are paced (`None` without `[clerk]`).
-    pub clerk_pacing: Option<Pacing>,
     /// Scope rules, authorization rules and their clock, the failed-authentication budget.
     pub policy: CompiledPolicy,
 }
@@ -66,33 +63,9 @@ impl Compiled {
     fn compile(s: &Sections, problems: &mut Problems) -> Compiled {
         Compiled {
             keyring: crate::keys::compile_keyring(&s.keys, problems),
-            clerk_pacing: s.clerk.as_ref().and_then(|c| clerk_pacing(c, problems)),
             policy: CompiledPolicy::compile(&s.policy, s.clerk.as_ref(), &s.issuers, problems),
         }
     }
-}
-
-/// `clerk.backend_rate_per_sec` and `clerk.backend_burst` checked as a rate-limit quota (the
-/// same GCRA arithmetic) and handed to auth as the pacing of Clerk's Backend API calls; an
-/// unusable pair is a problem naming both.
-fn clerk_pacing(c: &ClerkSettings, problems: &mut Problems) -> Option<Pacing> {
-    let quota = Quota::new(
-        c.backend_rate_per_sec,
-        Duration::from_secs(1),
-        c.backend_burst,
-    )
-    .and_then(|q| q.emission_interval().map(|interval| (interval, q.burst)))
-    .map_err(|e| {
-        problems.push(
-            "clerk.backend_rate_per_sec / clerk.backend_burst",
-            format!("both must be at least 1 ({e})"),
-        )
-    })
-    .ok()?;
-    Some(Pacing {
-        interval: quota.0,
-        burst: quota.1,
-    })
 }
 
 /// A configuration the gateway can run: the validated settings and what the modules compiled
@@ -332,7 +305,7 @@ pub fn build_state(configured: Configured) -> anyhow::Result<Arc<GatewayState>> 
             base_url: None,
         })
     });
-    let mut auth = Authenticator::new(&settings, compiled.clerk_pacing, client.clone());
+    let mut auth = Authenticator::new(&settings, client.clone());
     auth.attach_metrics(&metrics);
     let auth_failures = build_auth_failures(&settings, &compiled.policy, conn.as_ref(), &metrics);
     let health = serde_json::json!({
@@ -645,6 +618,7 @@ mod tests {
             &path,
             "[clerk]\nfrontend_api_url = \"https://clerk.example.com\"\nsecret_key = \"sk_test_x\"\n\
              backend_timeout_ms = 1000\nbackend_max_wait_ms = 1500\nbackend_max_in_flight = 0\n\
+             backend_rate_per_sec = 0\n\
              [policy.auth_failures]\nwindow_secs = 0\n",
         )
         .expect("write");
@@ -653,6 +627,10 @@ mod tests {
         assert!(fields.contains(&"clerk.backend_max_wait_ms"), "{problems}");
         assert!(
             fields.contains(&"clerk.backend_max_in_flight"),
+            "{problems}"
+        );
+        assert!(
+            fields.contains(&"clerk.backend_rate_per_sec / clerk.backend_burst"),
             "{problems}"
         );
         assert!(
@@ -672,14 +650,6 @@ mod tests {
         let c = settings.clerk.expect("clerk");
         assert_eq!(c.backend_max_in_flight, 32);
         assert_eq!((c.backend_rate_per_sec, c.backend_burst), (50, 100));
-        let pacing = compiled.clerk_pacing.expect("clerk's call pacing");
-        assert_eq!(
-            pacing,
-            Pacing {
-                interval: Duration::from_millis(20),
-                burst: 100
-            }
-        );
         // Below Clerk's production limit (1000 per 10 s) even in the worst 10 s.
         assert!(c.backend_burst + 10 * c.backend_rate_per_sec < 1000);
         assert!(c.backend_max_wait <= c.backend_timeout);

@@ -76,22 +76,11 @@ struct Pacer {
     tat: Mutex<Option<Instant>>,
 }
 
-/// How Backend API call starts are paced: one per `interval` in the long run, bursts of
-/// `burst`. Compiled at startup from `clerk.backend_rate_per_sec` and `clerk.backend_burst`
-/// (checked as a `policy::ratelimit` quota, whose emission interval this is).
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct Pacing {
-    /// The emission interval `T`.
-    pub interval: Duration,
-    /// Calls that may start at once from a full bucket.
-    pub burst: u32,
-}
-
 impl Pacer {
-    fn new(pacing: Option<Pacing>) -> Self {
-        // No pacing leaves calls unpaced (the in-flight bound still holds); a gateway always
-        // has one (see `app::configure`).
-        let (interval, burst) = pacing.map_or((Duration::ZERO, 0), |p| (p.interval, p.burst));
+    /// `per_sec` starts per second in the long run (`T = 1 s / per_sec`), bursts of `burst`;
+    /// both are at least 1 (checked with the configuration).
+    fn new(per_sec: u32, burst: u32) -> Self {
+        let interval = Duration::from_secs(1) / per_sec.max(1);
         Self {
             interval,
             tolerance: interval.saturating_mul(burst),
@@ -215,13 +204,8 @@ enum BackendError {
 }
 
 impl ClerkBackend {
-    /// Build from settings and the pacing compiled from them; `None` when no opaque kind is
-    /// enabled or there is no secret key.
-    pub fn new(
-        settings: &ClerkSettings,
-        pacing: Option<Pacing>,
-        client: reqwest::Client,
-    ) -> Option<Self> {
+    /// Build from settings; `None` when no opaque kind is enabled or there is no secret key.
+    pub fn new(settings: &ClerkSettings, client: reqwest::Client) -> Option<Self> {
         let enabled = settings.oauth_opaque_tokens || settings.m2m_tokens || settings.api_keys;
         if !enabled || settings.secret_key.is_none() {
             return None;
@@ -236,7 +220,7 @@ impl ClerkBackend {
             api_keys: settings.api_keys,
             bound: CallBound {
                 slots: tokio::sync::Semaphore::new(settings.backend_max_in_flight),
-                pacer: Pacer::new(pacing),
+                pacer: Pacer::new(settings.backend_rate_per_sec, settings.backend_burst),
                 max_wait: settings.backend_max_wait.min(settings.backend_timeout),
                 timeout: settings.backend_timeout,
                 refused: None,
@@ -405,10 +389,7 @@ mod tests {
     #[test]
     fn the_pacer_lets_a_burst_start_at_once_then_books_one_start_per_interval() {
         // 10 per second (T = 100 ms), bursts of 3.
-        let pacer = Pacer::new(Some(Pacing {
-            interval: Duration::from_millis(100),
-            burst: 3,
-        }));
+        let pacer = Pacer::new(10, 3);
         let t0 = Instant::now();
         let latest = t0 + 250 * MS;
         for _ in 0..3 {

@@ -162,13 +162,8 @@ pub struct CacheStats {
 }
 
 impl Authenticator {
-    /// Build verifiers from settings and the pacing of Clerk's Backend API calls compiled
-    /// from them. Nothing is fetched yet: see [`Authenticator::key_sets`].
-    pub fn new(
-        settings: &Settings,
-        clerk_pacing: Option<clerk::Pacing>,
-        client: reqwest::Client,
-    ) -> Self {
+    /// Build verifiers from settings. Nothing is fetched yet: see [`Authenticator::key_sets`].
+    pub fn new(settings: &Settings, client: reqwest::Client) -> Self {
         let mut issuers = HashMap::new();
         let leeway = settings.auth.leeway;
         let jwks_settings = &settings.jwks;
@@ -235,7 +230,7 @@ impl Authenticator {
         let clerk = settings
             .clerk
             .as_ref()
-            .and_then(|c| ClerkBackend::new(c, clerk_pacing, client.clone()));
+            .and_then(|c| ClerkBackend::new(c, client.clone()));
         Self {
             max_token_bytes: settings.auth.max_token_bytes,
             issuers,
@@ -364,7 +359,7 @@ mod tests {
     async fn refusals_carry_the_kind_authentication_read() {
         use base64::Engine;
         let settings = crate::config::test_settings();
-        let auth = Authenticator::new(&settings, None, reqwest::Client::new());
+        let auth = Authenticator::new(&settings, reqwest::Client::new());
         let b64 = |v: serde_json::Value| {
             base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(v.to_string())
         };

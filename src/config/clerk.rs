@@ -33,10 +33,9 @@ pub struct ClerkSettings {
     pub backend_timeout: Duration,
     /// Backend API calls in flight at once, at most (>= 1).
     pub backend_max_in_flight: usize,
-    /// Backend API calls started per second, in the long run (the auth module compiles this
-    /// and `backend_burst` into its pacing quota at startup).
+    /// Backend API calls started per second, in the long run (>= 1).
     pub backend_rate_per_sec: u32,
-    /// Backend API calls that may start at once.
+    /// Backend API calls that may start at once (>= 1).
     pub backend_burst: u32,
     /// The longest a call waits for a slot; never more than `backend_timeout`.
     pub backend_max_wait: Duration,
@@ -115,6 +114,12 @@ impl ClerkSettings {
         if c.backend_max_in_flight == 0 {
             problems.push("clerk.backend_max_in_flight", "must be at least 1");
         }
+        if c.backend_rate_per_sec == 0 || c.backend_burst == 0 {
+            problems.push(
+                "clerk.backend_rate_per_sec / clerk.backend_burst",
+                "both must be at least 1",
+            );
+        }
         Some(ClerkSettings {
             frontend_api,
             issuer,
@@ -136,8 +141,8 @@ impl ClerkSettings {
             backend_timeout,
             backend_max_in_flight: usize::try_from(c.backend_max_in_flight.max(1))
                 .unwrap_or(usize::MAX),
-            backend_rate_per_sec: c.backend_rate_per_sec,
-            backend_burst: c.backend_burst,
+            backend_rate_per_sec: c.backend_rate_per_sec.max(1),
+            backend_burst: c.backend_burst.max(1),
             backend_max_wait: backend_max_wait.min(backend_timeout),
             claims: claim_map("clerk.claims", &c.claims, problems),
         })

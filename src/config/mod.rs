@@ -10,8 +10,8 @@
 //!
 //! Settings are plain values (numbers, strings, paths, claim maps, rules as written); this
 //! module names none of the modules it configures. Each of those compiles its own section at
-//! startup (scope and authorization rules, the failed-authentication budget, the keyring,
-//! Clerk's call pacing): `app::configure` runs [`read`] and then every compile step, reporting
+//! startup (scope and authorization rules, the failed-authentication budget, the keyring):
+//! `app::configure` runs [`read`] and then every compile step, reporting
 //! all problems together.
 
 mod auth;
