@@ -16,6 +16,7 @@ use async_trait::async_trait;
 use bytes::Bytes;
 use pingora::apps::HttpServerOptions;
 use pingora::listeners::tls::Acceptor;
+use pingora::listeners::ListenerConfig;
 use pingora::server::configuration::ServerConf;
 use pingora::server::{RunArgs, Server, ShutdownSignal, ShutdownSignalWatch, ShutdownWatch};
 use pingora::services::background::{background_service, BackgroundService};
@@ -41,7 +42,7 @@ use crate::policy::ratelimit::{
 };
 use crate::policy::sessions::{LocalBindings, RedisBindings, SessionBindings};
 use crate::policy::CompiledPolicy;
-use crate::proxy::deadline::{Connections, Limits, Requests};
+use crate::proxy::deadline::{listener_buffers, Connections, Limits, Requests};
 use crate::proxy::keys_api::KeyStage;
 use crate::proxy::local::LocalRoutes;
 use crate::proxy::{Gateway, GatewayState};
@@ -436,7 +437,10 @@ pub fn build_server(state: Arc<GatewayState>) -> anyhow::Result<(Server, Drainin
     .count_control_floods(state.metrics.h2_control_floods.clone());
     let mut public = Service::new("keygate proxy".to_string(), app);
     // Plain TCP even with TLS: the handshake runs in `Connections`, under the header deadline.
-    public.add_tcp(&s.server.listen.to_string());
+    public.add_listener(
+        ListenerConfig::tcp(s.server.listen.to_string())
+            .l4_buffer(listener_buffers(s.server.tls.is_some())),
+    );
     server.add_service(public);
 
     let draining = Arc::new(AtomicBool::new(false));

@@ -27,6 +27,9 @@
 //! ([`ControlBudget`]): the h2 layer acknowledges every one and has no limit of its own, so a
 //! flood past the budget closes the connection.
 //!
+//! The listener's socket buffers are chosen here too ([`listener_buffers`]): a connection's
+//! buffers live as long as it does, idle event streams included.
+//!
 //! Failed handshakes are the client's doing and are logged at debug: the accept path checks a
 //! TLS h2 connection's preface itself, and defers a write failure during the h2 handshake to
 //! the connection's first read (see [`Opened`]), so Pingora's h2 handshake does not fail.
@@ -42,6 +45,7 @@ use std::time::Duration;
 use async_trait::async_trait;
 use pingora::apps::{HttpServerApp, HttpServerOptions, ReusedHttpStream, ServerApp};
 use pingora::listeners::tls::Acceptor;
+use pingora::listeners::L4BufferSettings;
 use pingora::protocols::http::ServerSession;
 use pingora::protocols::l4::stream::Stream as L4Stream;
 use pingora::protocols::raw_connect::ProxyDigest;
@@ -246,6 +250,19 @@ impl Drop for Registration {
 
 // ---------------------------------------------------------------------------------------------
 // The listener's application.
+
+/// Read buffer of a TLS connection: one TLS record. rustls asks its transport for at most
+/// 4 KiB at a time; this lets one system call bring in a whole record.
+pub const TLS_READ_BUFFER: usize = 16 * 1024;
+
+/// The public listener's socket buffers. Cleartext connections read straight into Pingora's
+/// HTTP buffers, as Pingora's own upstream connections do: a read buffer under them would only
+/// copy each byte once more, and it costs a 64 KiB zeroed allocation per connection for the
+/// connection's whole life (resident at once when `calloc` reuses freed memory). TLS
+/// connections read through [`TLS_READ_BUFFER`]. Writes keep Pingora's default.
+pub fn listener_buffers(tls: bool) -> L4BufferSettings {
+    L4BufferSettings::default().read(if tls { TLS_READ_BUFFER } else { 0 })
+}
 
 /// Owns the accept path: TLS handshake, h2c sniff and the first-request deadline, then hands
 /// the connection to [`Requests`] and Pingora's HTTP machinery (whose own `h2c` option must be
