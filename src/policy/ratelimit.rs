@@ -177,12 +177,40 @@ pub enum LimiterError {
     InvalidQuota(String),
 }
 
+/// One budget a request spends from: `cost` units of `key`'s budget under `quota`.
+#[derive(Debug, Clone, Copy)]
+pub struct Spend<'a> {
+    /// The budget (rule and caller; see `CompiledRateRule::key`).
+    pub key: &'a str,
+    /// Its limit.
+    pub quota: &'a Quota,
+    /// Units to spend (a cost above the quota's burst is always denied).
+    pub cost: u32,
+}
+
 /// Something that spends budgets.
 #[async_trait]
 pub trait RateLimiter: Send + Sync + 'static {
+    /// Spend several budgets at once, all or nothing: when every budget has room, every one
+    /// spends; when any denies, none spends. One decision per spend, in the order of `spends`
+    /// (except [`RedisLimiter`] on a Redis Cluster, which stops at the first denial: see the
+    /// module docs). A denied spend's decision is as [`RateLimiter::check`]'s; a spend that had
+    /// room in a call that was refused is `allowed` (its own budget had room) and reports the
+    /// bucket as it is, unspent. Spends on the same key add up, each seeing the bucket as the
+    /// earlier ones of the call leave it. An invalid quota fails the call before anything is
+    /// spent; an empty `spends` returns no decisions without I/O.
+    async fn check_all(&self, spends: &[Spend<'_>]) -> Result<Vec<Decision>, LimiterError>;
+
     /// Spend `cost` units of `key`'s budget under `quota` (cost >= 1; a cost above burst is
-    /// always denied).
-    async fn check(&self, key: &str, quota: &Quota, cost: u32) -> Result<Decision, LimiterError>;
+    /// always denied): [`RateLimiter::check_all`] with one spend.
+    async fn check(&self, key: &str, quota: &Quota, cost: u32) -> Result<Decision, LimiterError> {
+        let spend = Spend { key, quota, cost };
+        self.check_all(std::slice::from_ref(&spend))
+            .await?
+            .pop()
+            .ok_or_else(|| LimiterError::Unavailable(format!("{}: no decision", self.name())))
+    }
+
     /// A short name for logs and metrics.
     fn name(&self) -> &'static str;
 }
@@ -298,33 +326,81 @@ impl LocalLimiter {
             .sum()
     }
 
-    fn shard(&self, key: &str) -> &Shard {
+    fn shard_index(&self, key: &str) -> usize {
         // The modulo keeps the index below the shard count, so it fits usize.
-        let index = self.hasher.hash_one(key) % self.shards.len() as u64;
-        &self.shards[index as usize]
+        (self.hasher.hash_one(key) % self.shards.len() as u64) as usize
     }
 
-    /// The synchronous check behind [`RateLimiter::check`].
-    fn spend(&self, key: &str, quota: &Quota, cost: u32) -> Result<Decision, LimiterError> {
-        let interval = quota.interval_us()?;
+    /// The synchronous, all-or-nothing check behind [`RateLimiter::check_all`]: the shards of
+    /// every key are locked together, each once and in ascending index order (so two calls
+    /// never wait on each other in a cycle), every decision is made, and the new `TAT`s are
+    /// stored only when every spend fits.
+    fn spend_all(&self, spends: &[Spend<'_>]) -> Result<Vec<Decision>, LimiterError> {
+        let mut intervals = Vec::with_capacity(spends.len());
+        for s in spends {
+            intervals.push(s.quota.interval_us()?);
+        }
+        if spends.is_empty() {
+            return Ok(Vec::new());
+        }
+        let indices: Vec<usize> = spends.iter().map(|s| self.shard_index(s.key)).collect();
+        let mut order = indices.clone();
+        order.sort_unstable();
+        order.dedup();
         let now = self.clock.now_us();
-        let mut buckets = self
-            .shard(key)
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner);
-        let slot = buckets.get_mut(key);
-        let stored = slot.as_deref().copied();
-        let (decision, store) = gcra(stored, now, interval, quota.burst, cost);
-        if let Some(tat) = store {
-            match slot {
+        let mut guards: Vec<_> = order
+            .iter()
+            .map(|&i| {
+                self.shards[i]
+                    .lock()
+                    .unwrap_or_else(PoisonError::into_inner)
+            })
+            .collect();
+        // Per distinct key: its guard, its TAT before this call and as this call leaves it.
+        let mut tats: Vec<(&str, usize, Option<u64>, Option<u64>)> =
+            Vec::with_capacity(spends.len());
+        let mut decisions = Vec::with_capacity(spends.len());
+        let mut refused = false;
+        for ((s, &interval), index) in spends.iter().zip(&intervals).zip(indices) {
+            let slot = match tats.iter().position(|t| t.0 == s.key) {
+                Some(slot) => slot,
+                None => {
+                    let g = order.partition_point(|&o| o < index);
+                    let stored = guards.get(g).and_then(|b| b.get(s.key).copied());
+                    tats.push((s.key, g, stored, stored));
+                    tats.len() - 1
+                }
+            };
+            let (decision, store) = gcra(tats[slot].3, now, interval, s.quota.burst, s.cost);
+            refused |= !decision.allowed;
+            if let Some(tat) = store {
+                tats[slot].3 = Some(tat);
+            }
+            decisions.push(decision);
+        }
+        if refused {
+            for ((d, s), &interval) in decisions.iter_mut().zip(spends).zip(&intervals) {
+                if d.allowed {
+                    let before = tats.iter().find(|t| t.0 == s.key).and_then(|t| t.2);
+                    *d = gcra(before, now, interval, s.quota.burst, 0).0;
+                }
+            }
+            return Ok(decisions);
+        }
+        for (key, g, before, after) in tats {
+            let (Some(tat), Some(buckets)) = (after.filter(|_| after != before), guards.get_mut(g))
+            else {
+                continue;
+            };
+            match buckets.get_mut(key) {
                 Some(slot) => *slot = tat,
                 None => {
-                    self.make_room(&mut buckets, now);
+                    self.make_room(buckets, now);
                     buckets.insert(key.into(), tat);
                 }
             }
         }
-        Ok(decision)
+        Ok(decisions)
     }
 
     /// Below capacity, nothing; else drop full buckets and, if that is not a quarter of the
@@ -345,8 +421,8 @@ impl Default for LocalLimiter {
 
 #[async_trait]
 impl RateLimiter for LocalLimiter {
-    async fn check(&self, key: &str, quota: &Quota, cost: u32) -> Result<Decision, LimiterError> {
-        self.spend(key, quota, cost)
+    async fn check_all(&self, spends: &[Spend<'_>]) -> Result<Vec<Decision>, LimiterError> {
+        self.spend_all(spends)
     }
 
     fn name(&self) -> &'static str {
@@ -375,25 +451,65 @@ impl RedisLimiter {
     }
 }
 
+impl RedisLimiter {
+    /// One budget per script call, in order, stopping at the first denial.
+    async fn check_each(
+        &self,
+        spends: &[Spend<'_>],
+        intervals: &[u64],
+    ) -> Result<Vec<Decision>, LimiterError> {
+        let mut decisions = Vec::with_capacity(spends.len());
+        for (s, &interval) in spends.iter().zip(intervals) {
+            let mut invocation = self.script.key(self.redis_key(s.key));
+            invocation.arg(interval).arg(s.quota.burst).arg(s.cost);
+            let reply: Vec<i64> = self
+                .conn
+                .invoke("rate limit", &invocation)
+                .await
+                .map_err(|e| LimiterError::Unavailable(e.to_string()))?;
+            let decision = decision(&reply, s.quota)?;
+            let denied = !decision.allowed;
+            decisions.push(decision);
+            if denied {
+                break;
+            }
+        }
+        Ok(decisions)
+    }
+}
+
+/// One decision from the script's four integers: allowed (1|0), remaining, reset (µs),
+/// retry_after (µs; -1 when none).
+fn decision(reply: &[i64], quota: &Quota) -> Result<Decision, LimiterError> {
+    let &[allowed, remaining, reset, retry] = reply else {
+        return Err(LimiterError::Unavailable(format!(
+            "rate limit script answered {} integers, not 4",
+            reply.len()
+        )));
+    };
+    let micros = |v: i64| Duration::from_micros(u64::try_from(v).unwrap_or(0));
+    Ok(Decision {
+        allowed: allowed == 1,
+        limit: quota.burst,
+        remaining: u32::try_from(remaining.max(0)).unwrap_or(u32::MAX),
+        reset: micros(reset),
+        retry_after: (retry >= 0).then(|| micros(retry)),
+    })
+}
+
+/// Every spend's `T`, checking its quota; the first invalid one is the error.
+fn intervals(spends: &[Spend<'_>]) -> Result<Vec<u64>, LimiterError> {
+    spends.iter().map(|s| s.quota.interval_us()).collect()
+}
+
 #[async_trait]
 impl RateLimiter for RedisLimiter {
-    async fn check(&self, key: &str, quota: &Quota, cost: u32) -> Result<Decision, LimiterError> {
-        let interval = quota.interval_us()?;
-        let mut invocation = self.script.key(self.redis_key(key));
-        invocation.arg(interval).arg(quota.burst).arg(cost);
-        let (allowed, remaining, reset, retry): (i64, i64, i64, i64) = self
-            .conn
-            .invoke("rate limit", &invocation)
-            .await
-            .map_err(|e| LimiterError::Unavailable(e.to_string()))?;
-        let micros = |v: i64| Duration::from_micros(u64::try_from(v).unwrap_or(0));
-        Ok(Decision {
-            allowed: allowed == 1,
-            limit: quota.burst,
-            remaining: u32::try_from(remaining.max(0)).unwrap_or(u32::MAX),
-            reset: micros(reset),
-            retry_after: (retry >= 0).then(|| micros(retry)),
-        })
+    async fn check_all(&self, spends: &[Spend<'_>]) -> Result<Vec<Decision>, LimiterError> {
+        let intervals = intervals(spends)?;
+        if spends.is_empty() {
+            return Ok(Vec::new());
+        }
+        self.check_each(spends, &intervals).await
     }
 
     fn name(&self) -> &'static str {
@@ -447,13 +563,16 @@ impl FallbackLimiter {
 
 #[async_trait]
 impl RateLimiter for FallbackLimiter {
-    async fn check(&self, key: &str, quota: &Quota, cost: u32) -> Result<Decision, LimiterError> {
-        let error = match self.shared.check(key, quota, cost).await {
-            Ok(decision) => {
+    async fn check_all(&self, spends: &[Spend<'_>]) -> Result<Vec<Decision>, LimiterError> {
+        if spends.is_empty() {
+            return Ok(Vec::new());
+        }
+        let error = match self.shared.check_all(spends).await {
+            Ok(decisions) => {
                 if self.failing.swap(false, Ordering::Relaxed) {
                     tracing::info!(limiter = self.shared.name(), "shared rate limits are back");
                 }
-                return Ok(decision);
+                return Ok(decisions);
             }
             Err(e @ LimiterError::InvalidQuota(_)) => return Err(e),
             Err(e) => e,
@@ -468,18 +587,21 @@ impl RateLimiter for FallbackLimiter {
             );
         }
         match self.on_error {
-            OnRedisError::Local => self.local.spend(key, quota, cost),
-            OnRedisError::Allow | OnRedisError::Deny => {
-                let allowed = self.on_error == OnRedisError::Allow && cost <= quota.burst;
-                Ok(Decision {
-                    allowed,
-                    limit: quota.burst,
-                    remaining: if allowed { quota.burst - cost } else { 0 },
-                    reset: Duration::ZERO,
-                    retry_after: (!allowed && cost <= quota.burst)
-                        .then_some(RETRY_WHILE_UNAVAILABLE),
+            OnRedisError::Local => self.local.spend_all(spends),
+            OnRedisError::Allow | OnRedisError::Deny => Ok(spends
+                .iter()
+                .map(|s| {
+                    let (cost, burst) = (s.cost, s.quota.burst);
+                    let allowed = self.on_error == OnRedisError::Allow && cost <= burst;
+                    Decision {
+                        allowed,
+                        limit: burst,
+                        remaining: if allowed { burst - cost } else { 0 },
+                        reset: Duration::ZERO,
+                        retry_after: (!allowed && cost <= burst).then_some(RETRY_WHILE_UNAVAILABLE),
+                    }
                 })
-            }
+                .collect()),
         }
     }
 
@@ -844,6 +966,138 @@ mod tests {
         assert_eq!(allowed, 20);
     }
 
+    fn spend<'a>(key: &'a str, quota: &'a Quota, cost: u32) -> Spend<'a> {
+        Spend { key, quota, cost }
+    }
+
+    /// Units left on `key` now, spending nothing.
+    async fn left(limiter: &LocalLimiter, key: &str, quota: &Quota) -> u32 {
+        limiter.check(key, quota, 0).await.unwrap().remaining
+    }
+
+    #[tokio::test]
+    async fn check_all_spends_nothing_when_one_budget_denies() {
+        let (limiter, _) = manual(100);
+        let (wide, narrow) = (per_minute(5), per_minute(1));
+        assert!(limiter.check("wide", &wide, 1).await.unwrap().allowed);
+        assert!(limiter.check("narrow", &narrow, 1).await.unwrap().allowed);
+        for order in [[0, 1], [1, 0]] {
+            let both = [spend("wide", &wide, 1), spend("narrow", &narrow, 1)];
+            let spends = order.map(|i| both[i]);
+            let decisions = limiter.check_all(&spends).await.unwrap();
+            assert_eq!(decisions.len(), 2);
+            let (w, n) = (&decisions[order[0]], &decisions[order[1]]);
+            assert!(!n.allowed, "{n:?}");
+            assert_eq!(n.retry_after, Some(Duration::from_secs(6)));
+            // The wide budget had room, and it reports what it still has: nothing was spent.
+            assert!(w.allowed, "{w:?}");
+            assert_eq!((w.remaining, w.retry_after), (4, None));
+            assert_eq!(left(&limiter, "wide", &wide).await, 4, "order {order:?}");
+        }
+    }
+
+    #[tokio::test]
+    async fn check_all_spends_every_budget_when_all_allow() {
+        let (limiter, _) = manual(100);
+        let (a, b) = (per_minute(5), per_minute(3));
+        let decisions = limiter
+            .check_all(&[spend("a", &a, 2), spend("b", &b, 1)])
+            .await
+            .unwrap();
+        let summary: Vec<_> = decisions.iter().map(|d| (d.allowed, d.remaining)).collect();
+        assert_eq!(summary, [(true, 3), (true, 2)]);
+        assert_eq!(left(&limiter, "a", &a).await, 3);
+        assert_eq!(left(&limiter, "b", &b).await, 2);
+        assert!(limiter.check_all(&[]).await.unwrap().is_empty());
+    }
+
+    #[tokio::test]
+    async fn check_all_spends_on_one_key_add_up() {
+        let (limiter, _) = manual(100);
+        let quota = per_minute(5);
+        let twice = [spend("k", &quota, 2), spend("k", &quota, 2)];
+        let d = limiter.check_all(&twice).await.unwrap();
+        assert_eq!((d[0].allowed, d[0].remaining), (true, 3));
+        assert_eq!((d[1].allowed, d[1].remaining), (true, 1));
+        assert_eq!(left(&limiter, "k", &quota).await, 1);
+        // One unit is left: the second spend of the same call does not fit, so neither spends.
+        let d = limiter
+            .check_all(&[spend("k", &quota, 1), spend("k", &quota, 1)])
+            .await
+            .unwrap();
+        assert!(d[0].allowed && !d[1].allowed, "{d:?}");
+        assert_eq!(d[1].retry_after, Some(Duration::from_secs(6)));
+        assert_eq!(left(&limiter, "k", &quota).await, 1);
+    }
+
+    #[tokio::test]
+    async fn check_all_on_keys_of_one_shard_locks_it_once() {
+        let (limiter, _) = one_shard();
+        let quota = per_minute(2);
+        let d = limiter
+            .check_all(&[
+                spend("a", &quota, 1),
+                spend("b", &quota, 1),
+                spend("a", &quota, 1),
+            ])
+            .await
+            .unwrap();
+        assert!(d.iter().all(|d| d.allowed), "{d:?}");
+        assert_eq!(left(&limiter, "a", &quota).await, 0);
+        assert_eq!(left(&limiter, "b", &quota).await, 1);
+    }
+
+    #[tokio::test]
+    async fn check_all_rejects_an_invalid_quota_before_spending_anything() {
+        let (limiter, _) = manual(10);
+        let good = per_minute(2);
+        let bad = Quota {
+            requests: 0,
+            period: Duration::from_secs(1),
+            burst: 1,
+        };
+        let spends = [spend("good", &good, 1), spend("bad", &bad, 1)];
+        assert!(matches!(
+            limiter.check_all(&spends).await,
+            Err(LimiterError::InvalidQuota(_))
+        ));
+        assert_eq!(left(&limiter, "good", &good).await, 2);
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+    async fn concurrent_check_alls_on_overlapping_keys_spend_exactly_the_bursts() {
+        let (limiter, _) = manual(100);
+        let limiter = Arc::new(limiter);
+        // "a" and "c" hold 20 each; "b", in every call, holds 30: it runs out first.
+        let (ac, b) = (per_minute(20), per_minute(30));
+        let sets: [[&str; 2]; 4] = [["a", "b"], ["b", "a"], ["c", "b"], ["b", "c"]];
+        let tasks: Vec<_> = (0..200)
+            .map(|i| {
+                let (limiter, ac, b) = (limiter.clone(), ac.clone(), b.clone());
+                let set = sets[i % 4];
+                tokio::spawn(async move {
+                    let spends = set.map(|k| spend(k, if k == "b" { &b } else { &ac }, 1));
+                    let decisions = limiter.check_all(&spends).await.unwrap();
+                    let passed = decisions.iter().all(|d| d.allowed);
+                    (set.contains(&"a"), passed)
+                })
+            })
+            .collect();
+        let (mut via_a, mut via_c) = (0, 0);
+        for t in tasks {
+            match t.await.unwrap() {
+                (true, true) => via_a += 1,
+                (false, true) => via_c += 1,
+                _ => {}
+            }
+        }
+        assert_eq!(via_a + via_c, 30);
+        assert_eq!(left(&limiter, "b", &b).await, 0);
+        // Only calls that passed spent: nothing was taken by a call another budget refused.
+        assert_eq!(left(&limiter, "a", &ac).await, 20 - via_a);
+        assert_eq!(left(&limiter, "c", &ac).await, 20 - via_c);
+    }
+
     #[test]
     fn gcra_treats_a_past_tat_as_a_full_bucket() {
         let t = 6 * SEC;
@@ -892,16 +1146,11 @@ mod tests {
 
     #[async_trait]
     impl RateLimiter for Flaky {
-        async fn check(
-            &self,
-            key: &str,
-            quota: &Quota,
-            cost: u32,
-        ) -> Result<Decision, LimiterError> {
+        async fn check_all(&self, spends: &[Spend<'_>]) -> Result<Vec<Decision>, LimiterError> {
             if self.down.load(Ordering::SeqCst) {
                 return Err(LimiterError::Unavailable("down".into()));
             }
-            self.inner.check(key, quota, cost).await
+            self.inner.check_all(spends).await
         }
 
         fn name(&self) -> &'static str {
@@ -958,6 +1207,38 @@ mod tests {
         assert!(!d.allowed);
         assert_eq!(d.retry_after, Some(RETRY_WHILE_UNAVAILABLE));
         assert_eq!(deny.fallbacks(), 1);
+    }
+
+    #[tokio::test]
+    async fn fallback_checks_all_budgets_at_once_and_counts_one_fallback_per_call() {
+        let (wide, narrow) = (per_minute(5), per_minute(1));
+        let spends = [spend("wide", &wide, 1), spend("narrow", &narrow, 1)];
+        let (local, down) = flaky(OnRedisError::Local);
+        down.store(true, Ordering::SeqCst);
+        let first = local.check_all(&spends).await.unwrap();
+        assert!(first.iter().all(|d| d.allowed), "{first:?}");
+        let second = local.check_all(&spends).await.unwrap();
+        assert!(second[0].allowed && !second[1].allowed, "{second:?}");
+        // The local limit is all or nothing too: the refused call left "wide" as it was.
+        assert_eq!(second[0].remaining, 4);
+        assert_eq!(local.check("wide", &wide, 1).await.unwrap().remaining, 3);
+        assert_eq!(local.fallbacks(), 3);
+        assert!(local.check_all(&[]).await.unwrap().is_empty());
+        assert_eq!(local.fallbacks(), 3, "an empty call asks nobody");
+
+        for (on_error, allowed) in [(OnRedisError::Allow, true), (OnRedisError::Deny, false)] {
+            let (limiter, down) = flaky(on_error);
+            down.store(true, Ordering::SeqCst);
+            let d = limiter.check_all(&spends).await.unwrap();
+            let summary: Vec<_> = d.iter().map(|d| (d.allowed, d.remaining)).collect();
+            let expected = if allowed {
+                [(true, 4), (true, 0)]
+            } else {
+                [(false, 0); 2]
+            };
+            assert_eq!(summary, expected, "{on_error:?}");
+            assert_eq!(limiter.fallbacks(), 1, "{on_error:?}");
+        }
     }
 
     #[tokio::test]
