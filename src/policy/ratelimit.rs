@@ -68,29 +68,62 @@ const MAX_TOLERANCE_US: u64 = 1 << 48;
 /// `Retry-After` suggested when [`OnRedisError::Deny`] refuses a request during an outage.
 const RETRY_WHILE_UNAVAILABLE: Duration = Duration::from_secs(1);
 
-/// GCRA for one key, on the Redis server's clock (see the module docs; same formulas).
-/// `KEYS[1]`: the bucket. `ARGV`: T (µs), burst, cost.
-/// Returns {allowed (1|0), remaining, reset (µs), retry_after (µs; -1 when none)}.
+/// GCRA for N budgets at once, all or nothing, on the Redis server's clock (see the module docs;
+/// same formulas). `KEYS[i]`: the buckets. `ARGV[3i-2..3i]`: T (µs), burst, cost of budget `i`.
+/// Returns 4 integers per budget, in order: allowed (1|0), remaining, reset (µs), retry_after
+/// (µs; -1 when none). Budgets repeated in `KEYS` add up; nothing is written unless every
+/// budget allows, and then each changed bucket once.
 pub const GCRA_LUA: &str = r#"
 if redis.replicate_commands then redis.replicate_commands() end
-local interval = tonumber(ARGV[1])
-local burst = tonumber(ARGV[2])
-local cost = tonumber(ARGV[3])
-local tolerance = interval * burst
 local clock = redis.call('TIME')
 local now = tonumber(clock[1]) * 1000000 + tonumber(clock[2])
-local tat = now
-local stored = redis.call('GET', KEYS[1])
-if stored then tat = math.max(tonumber(stored) or now, now) end
-local function left(used) return math.floor(math.max(tolerance - used, 0) / interval) end
-local used = tat - now
-if cost > burst then return {0, left(used), used, -1} end
-local ahead = tat + interval * cost - now
-if ahead > tolerance then return {0, left(used), used, ahead - tolerance} end
-if ahead > 0 then
-  redis.call('SET', KEYS[1], string.format('%.0f', now + ahead), 'PX', math.ceil(ahead / 1000))
+local before, tat, out, refused = {}, {}, {}, false
+local function left(used, interval, burst)
+  return math.floor(math.max(interval * burst - used, 0) / interval)
 end
-return {1, left(ahead), ahead, -1}
+for i, key in ipairs(KEYS) do
+  local interval = tonumber(ARGV[3 * i - 2])
+  local burst = tonumber(ARGV[3 * i - 1])
+  local cost = tonumber(ARGV[3 * i])
+  if before[key] == nil then
+    local stored = redis.call('GET', key)
+    before[key] = now
+    if stored then before[key] = math.max(tonumber(stored) or now, now) end
+    tat[key] = before[key]
+  end
+  local used = tat[key] - now
+  local ahead = used + interval * cost
+  local j = 4 * i - 3
+  if cost > burst then
+    out[j], out[j + 1], out[j + 2], out[j + 3] = 0, left(used, interval, burst), used, -1
+    refused = true
+  elseif ahead > interval * burst then
+    out[j], out[j + 1], out[j + 2] = 0, left(used, interval, burst), used
+    out[j + 3] = ahead - interval * burst
+    refused = true
+  else
+    out[j], out[j + 1], out[j + 2], out[j + 3] = 1, left(ahead, interval, burst), ahead, -1
+    tat[key] = now + ahead
+  end
+end
+if refused then
+  for i, key in ipairs(KEYS) do
+    local j = 4 * i - 3
+    if out[j] == 1 then
+      local used = before[key] - now
+      out[j + 1] = left(used, tonumber(ARGV[3 * i - 2]), tonumber(ARGV[3 * i - 1]))
+      out[j + 2] = used
+    end
+  end
+  return out
+end
+for _, key in ipairs(KEYS) do
+  if tat[key] ~= before[key] then
+    redis.call('SET', key, string.format('%.0f', tat[key]), 'PX', math.ceil((tat[key] - now) / 1000))
+    before[key] = tat[key]
+  end
+end
+return out
 "#;
 
 /// A limit: `requests` per `period`, with bursts of up to `burst` at once (burst >= 1).
@@ -502,6 +535,38 @@ fn intervals(spends: &[Spend<'_>]) -> Result<Vec<u64>, LimiterError> {
     spends.iter().map(|s| s.quota.interval_us()).collect()
 }
 
+impl RedisLimiter {
+    /// Every budget in one script call.
+    async fn check_together(
+        &self,
+        spends: &[Spend<'_>],
+        intervals: &[u64],
+    ) -> Result<Vec<Decision>, LimiterError> {
+        let mut invocation = self.script.prepare_invoke();
+        for (s, &interval) in spends.iter().zip(intervals) {
+            invocation.key(self.redis_key(s.key));
+            invocation.arg(interval).arg(s.quota.burst).arg(s.cost);
+        }
+        let reply: Vec<i64> = self
+            .conn
+            .invoke("rate limit", &invocation)
+            .await
+            .map_err(|e| LimiterError::Unavailable(e.to_string()))?;
+        if reply.len() != 4 * spends.len() {
+            return Err(LimiterError::Unavailable(format!(
+                "rate limit script answered {} integers for {} budgets",
+                reply.len(),
+                spends.len()
+            )));
+        }
+        reply
+            .chunks_exact(4)
+            .zip(spends)
+            .map(|(r, s)| decision(r, s.quota))
+            .collect()
+    }
+}
+
 #[async_trait]
 impl RateLimiter for RedisLimiter {
     async fn check_all(&self, spends: &[Spend<'_>]) -> Result<Vec<Decision>, LimiterError> {
@@ -509,7 +574,12 @@ impl RateLimiter for RedisLimiter {
         if spends.is_empty() {
             return Ok(Vec::new());
         }
-        self.check_each(spends, &intervals).await
+        if self.conn.is_cluster() && spends.len() > 1 {
+            // Different budgets live in different slots: a multi-key script would be refused
+            // (CROSSSLOT), so budget by budget, as the module docs say.
+            return self.check_each(spends, &intervals).await;
+        }
+        self.check_together(spends, &intervals).await
     }
 
     fn name(&self) -> &'static str {
