@@ -364,11 +364,36 @@ impl LocalLimiter {
         (self.hasher.hash_one(key) % self.shards.len() as u64) as usize
     }
 
+    /// One budget, under its shard's lock (the common case, and [`RateLimiter::check`]).
+    fn spend_one(&self, spend: &Spend<'_>) -> Result<Decision, LimiterError> {
+        let interval = spend.quota.interval_us()?;
+        let now = self.clock.now_us();
+        let mut buckets = self.shards[self.shard_index(spend.key)]
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner);
+        let slot = buckets.get_mut(spend.key);
+        let stored = slot.as_deref().copied();
+        let (decision, store) = gcra(stored, now, interval, spend.quota.burst, spend.cost);
+        if let Some(tat) = store {
+            match slot {
+                Some(slot) => *slot = tat,
+                None => {
+                    self.make_room(&mut buckets, now);
+                    buckets.insert(spend.key.into(), tat);
+                }
+            }
+        }
+        Ok(decision)
+    }
+
     /// The synchronous, all-or-nothing check behind [`RateLimiter::check_all`]: the shards of
     /// every key are locked together, each once and in ascending index order (so two calls
     /// never wait on each other in a cycle), every decision is made, and the new `TAT`s are
     /// stored only when every spend fits.
     fn spend_all(&self, spends: &[Spend<'_>]) -> Result<Vec<Decision>, LimiterError> {
+        if let [one] = spends {
+            return Ok(vec![self.spend_one(one)?]);
+        }
         let mut intervals = Vec::with_capacity(spends.len());
         for s in spends {
             intervals.push(s.quota.interval_us()?);
@@ -456,6 +481,10 @@ impl Default for LocalLimiter {
 impl RateLimiter for LocalLimiter {
     async fn check_all(&self, spends: &[Spend<'_>]) -> Result<Vec<Decision>, LimiterError> {
         self.spend_all(spends)
+    }
+
+    async fn check(&self, key: &str, quota: &Quota, cost: u32) -> Result<Decision, LimiterError> {
+        self.spend_one(&Spend { key, quota, cost })
     }
 
     fn name(&self) -> &'static str {

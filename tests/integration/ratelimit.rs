@@ -1,6 +1,7 @@
 //! Shared rate limits and MCP session bindings against a real `redis-server` child (and a
 //! three-node Redis Cluster): several limiter instances standing for several replicas, Redis
-//! stopped and restarted under them.
+//! stopped and restarted under them; and a request's budgets spent together, all or nothing,
+//! through the running gateway.
 
 use std::future::Future;
 use std::sync::Arc;
@@ -13,6 +14,7 @@ use keygate::policy::sessions::{RedisBindings, SessionBindings};
 use keygate::redis::{RedisConn, RedisSettings};
 
 use crate::common::redis::{RedisCluster, RedisServer};
+use crate::common::{clerk_config, client, Keygate, Stack};
 
 /// Longer than any call may take with Redis down (connect + command timeouts, with margin):
 /// a guard against hangs, not a timing assertion.
@@ -543,4 +545,107 @@ async fn a_binding_seen_by_one_replica_is_cached_with_the_ttl_redis_has_left() {
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
     assert_eq!(b.bind("short", "user_b").await.expect("bind"), "user_b");
+}
+
+/// A generous per-user budget on `/mcp`, listed first, and an export tool budget of one.
+const TWO_BUDGETS: &str = r#"
+[[rate_limits.rules]]
+name = "per-user"
+per = "user"
+requests = 100
+period_secs = 60
+burst = 100
+paths = ["/mcp"]
+
+[[rate_limits.rules]]
+name = "exports"
+per = "user"
+requests = 1
+period_secs = 3600
+burst = 1
+tools = ["export_*"]
+"#;
+
+/// A keygate with [`TWO_BUDGETS`] on `redis`, in front of `s`'s Clerk and upstream.
+async fn gateway_on_redis(s: &Stack, redis: &RedisServer) -> Keygate {
+    let toml = clerk_config(&s.clerk.url(), s.clerk.secret_key(), TWO_BUDGETS);
+    let url = redis.url();
+    let gw = Keygate::start_with_env(&toml, &s.upstream.url(), &[("REDIS_URL", &url)]).await;
+    gw.wait_ready().await;
+    gw
+}
+
+/// POST a `tools/call` of `tool` to `gw`'s `/mcp`.
+async fn call_tool(gw: &Keygate, token: &str, tool: &str) -> reqwest::Response {
+    let body = serde_json::json!({
+        "jsonrpc": "2.0", "id": 1, "method": "tools/call",
+        "params": {"name": tool, "arguments": {}}
+    });
+    client()
+        .post(gw.at("/mcp"))
+        .bearer_auth(token)
+        .json(&body)
+        .send()
+        .await
+        .expect("request")
+}
+
+fn ratelimit_header(resp: &reqwest::Response) -> String {
+    resp.headers()
+        .get("ratelimit")
+        .expect("a RateLimit header")
+        .to_str()
+        .expect("ascii")
+        .to_string()
+}
+
+#[tokio::test]
+async fn a_request_refused_by_one_budget_spends_from_none() {
+    let redis = RedisServer::start();
+    let s = Stack::start(TWO_BUDGETS).await;
+    let shared = gateway_on_redis(&s, &redis).await;
+    // The same rule through the local limiter (the stack's own gateway) and through Redis.
+    for (gw, user) in [(&s.gw, "user_local"), (&shared, "user_shared")] {
+        let token = s.access_token(user);
+        assert_eq!(call_tool(gw, &token, "export_people").await.status(), 200);
+        let refused = call_tool(gw, &token, "export_companies").await;
+        assert_eq!(refused.status(), 429, "{user}");
+        assert!(
+            ratelimit_header(&refused).starts_with("\"exports\";r=0;"),
+            "{}",
+            ratelimit_header(&refused)
+        );
+        // The per-user budget paid for the two requests that passed, not the refused one.
+        let next = call_tool(gw, &token, "get_person").await;
+        assert_eq!(next.status(), 200);
+        let header = ratelimit_header(&next);
+        assert!(header.starts_with("\"per-user\";r=98;"), "{user}: {header}");
+    }
+}
+
+#[tokio::test]
+async fn every_request_spends_its_budgets_in_one_redis_script_call() {
+    let redis = RedisServer::start();
+    let s = Stack::start("").await;
+    let gw = gateway_on_redis(&s, &redis).await;
+    let mut raw = raw(&redis.url());
+    // The first call loads the script.
+    let warm = s.access_token("user_warm");
+    assert_eq!(call_tool(&gw, &warm, "get_person").await.status(), 200);
+    let before = script_calls(&mut raw);
+    // Two budgets apply to each export call; the repeated ones are refused by the second.
+    let mut sent = 0;
+    for user in ["user_a", "user_b", "user_c"] {
+        let token = s.access_token(user);
+        for expected in [200, 429] {
+            assert_eq!(
+                call_tool(&gw, &token, "export_people").await.status(),
+                expected
+            );
+            sent += 1;
+        }
+        assert_eq!(call_tool(&gw, &token, "get_person").await.status(), 200);
+        sent += 1;
+    }
+    assert_eq!(script_calls(&mut raw), before + sent);
 }
