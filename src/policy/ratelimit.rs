@@ -33,13 +33,37 @@
 //! in doubles, exact below 2^53 µs (epoch time is ~2^51), which is why [`Quota`] caps `τ` at
 //! 2^48 µs (about 8.9 years).
 //!
-//! [`RedisLimiter`] runs that in one script ([`GCRA_LUA`]) on the Redis server, with the
-//! server's `TIME` (never a replica's clock), on the key `{prefix}rl:{<key>}` — the budget key
-//! in braces is the Redis Cluster hash tag — so every replica sharing the Redis spends one
-//! budget. [`LocalLimiter`] keeps `TAT`s in a bounded, sharded in-process table; a `TAT` in the
-//! past is a full bucket and is dropped when room is needed. [`FallbackLimiter`] asks Redis
-//! first and, when Redis fails, applies the local limit (per replica, so N replicas allow up to
-//! N times the budget during an outage), allows, or denies, as configured.
+//! # Several budgets at once: all or nothing
+//!
+//! A request usually spends from several budgets (per user, per org, a tool's own). They are
+//! checked together, with [`RateLimiter::check_all`], on one `now`:
+//!
+//! ```text
+//! every spend, in order: the step above on its bucket (spends on the same key add up: each
+//!                        starts from the TAT the earlier ones of the call would leave)
+//! every spend allowed:   store every new TAT (each changed bucket once)
+//! any spend denied:      store nothing; a denied spend reports as above, a spend that had
+//!                        room reports allowed with its bucket as it is (remaining and reset
+//!                        of the stored TAT, nothing spent)
+//! ```
+//!
+//! So a request refused by one budget spends none of the others, whatever the order of the
+//! rules. ([`RateLimiter::check`] is the same with one spend.)
+//!
+//! [`RedisLimiter`] runs that in one script call ([`GCRA_LUA`]: N keys, three arguments per
+//! key) on the Redis server, with the server's `TIME` (never a replica's clock), on the keys
+//! `{prefix}rl:{<key>}`, so every replica sharing the Redis spends one budget, in one round
+//! trip per request. On a **Redis Cluster** the budget key in braces is the hash tag, so the
+//! buckets of one request live in different slots and a multi-key script would be refused
+//! (`CROSSSLOT`): there the limiter runs the same script once per budget, one key each, in
+//! order, and stops at the first denial. That is not all or nothing: budgets checked before
+//! the denying one have spent, and those after it are not checked (the decisions end at the
+//! denial). [`LocalLimiter`] keeps `TAT`s in a bounded, sharded in-process table, locking the
+//! shards of a call's keys together (each once, in ascending shard order, so calls never wait
+//! on each other in a cycle); a `TAT` in the past is a full bucket and is dropped when room is
+//! needed. [`FallbackLimiter`] asks Redis first and, when Redis fails, applies the local limit
+//! (per replica, so N replicas allow up to N times the budget during an outage), allows, or
+//! denies, as configured; it counts one fallback per call, whatever the number of budgets.
 //!
 //! # Headers
 //!
@@ -179,7 +203,8 @@ impl Quota {
 /// The outcome of one check.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Decision {
-    /// Whether the units were spent.
+    /// Whether this budget had room for the units (spent, unless another budget of the same
+    /// [`RateLimiter::check_all`] call refused).
     pub allowed: bool,
     /// The bucket size (the quota's burst).
     pub limit: u32,
@@ -224,14 +249,11 @@ pub struct Spend<'a> {
 /// Something that spends budgets.
 #[async_trait]
 pub trait RateLimiter: Send + Sync + 'static {
-    /// Spend several budgets at once, all or nothing: when every budget has room, every one
-    /// spends; when any denies, none spends. One decision per spend, in the order of `spends`
-    /// (except [`RedisLimiter`] on a Redis Cluster, which stops at the first denial: see the
-    /// module docs). A denied spend's decision is as [`RateLimiter::check`]'s; a spend that had
-    /// room in a call that was refused is `allowed` (its own budget had room) and reports the
-    /// bucket as it is, unspent. Spends on the same key add up, each seeing the bucket as the
-    /// earlier ones of the call leave it. An invalid quota fails the call before anything is
-    /// spent; an empty `spends` returns no decisions without I/O.
+    /// Spend several budgets at once, all or nothing (see the module docs): when every budget
+    /// has room, every one spends; when any denies, none spends. One decision per spend, in
+    /// the order of `spends`, except with [`RedisLimiter`] on a Redis Cluster, whose decisions
+    /// end at the first denial: pair them with the spends by position. An invalid quota fails
+    /// the call before anything is spent; no spends, no decisions and no I/O.
     async fn check_all(&self, spends: &[Spend<'_>]) -> Result<Vec<Decision>, LimiterError>;
 
     /// Spend `cost` units of `key`'s budget under `quota` (cost >= 1; a cost above burst is
@@ -511,9 +533,37 @@ impl RedisLimiter {
     pub fn redis_key(&self, key: &str) -> String {
         format!("{}rl:{{{key}}}", self.conn.key_prefix())
     }
-}
 
-impl RedisLimiter {
+    /// Every budget in one script call.
+    async fn check_together(
+        &self,
+        spends: &[Spend<'_>],
+        intervals: &[u64],
+    ) -> Result<Vec<Decision>, LimiterError> {
+        let mut invocation = self.script.prepare_invoke();
+        for (s, &interval) in spends.iter().zip(intervals) {
+            invocation.key(self.redis_key(s.key));
+            invocation.arg(interval).arg(s.quota.burst).arg(s.cost);
+        }
+        let reply: Vec<i64> = self
+            .conn
+            .invoke("rate limit", &invocation)
+            .await
+            .map_err(|e| LimiterError::Unavailable(e.to_string()))?;
+        if reply.len() != 4 * spends.len() {
+            return Err(LimiterError::Unavailable(format!(
+                "rate limit script answered {} integers for {} budgets",
+                reply.len(),
+                spends.len()
+            )));
+        }
+        reply
+            .chunks_exact(4)
+            .zip(spends)
+            .map(|(r, s)| decision(r, s.quota))
+            .collect()
+    }
+
     /// One budget per script call, in order, stopping at the first denial.
     async fn check_each(
         &self,
@@ -564,38 +614,6 @@ fn intervals(spends: &[Spend<'_>]) -> Result<Vec<u64>, LimiterError> {
     spends.iter().map(|s| s.quota.interval_us()).collect()
 }
 
-impl RedisLimiter {
-    /// Every budget in one script call.
-    async fn check_together(
-        &self,
-        spends: &[Spend<'_>],
-        intervals: &[u64],
-    ) -> Result<Vec<Decision>, LimiterError> {
-        let mut invocation = self.script.prepare_invoke();
-        for (s, &interval) in spends.iter().zip(intervals) {
-            invocation.key(self.redis_key(s.key));
-            invocation.arg(interval).arg(s.quota.burst).arg(s.cost);
-        }
-        let reply: Vec<i64> = self
-            .conn
-            .invoke("rate limit", &invocation)
-            .await
-            .map_err(|e| LimiterError::Unavailable(e.to_string()))?;
-        if reply.len() != 4 * spends.len() {
-            return Err(LimiterError::Unavailable(format!(
-                "rate limit script answered {} integers for {} budgets",
-                reply.len(),
-                spends.len()
-            )));
-        }
-        reply
-            .chunks_exact(4)
-            .zip(spends)
-            .map(|(r, s)| decision(r, s.quota))
-            .collect()
-    }
-}
-
 #[async_trait]
 impl RateLimiter for RedisLimiter {
     async fn check_all(&self, spends: &[Spend<'_>]) -> Result<Vec<Decision>, LimiterError> {
@@ -628,7 +646,7 @@ pub enum OnRedisError {
 }
 
 /// The shared limiter first; when it fails, [`OnRedisError`] decides. Logs the first failure
-/// of an outage and the recovery once each, and counts the checks that fell back.
+/// of an outage and the recovery once each, and counts the calls that fell back.
 pub struct FallbackLimiter {
     shared: Box<dyn RateLimiter>,
     local: LocalLimiter,
@@ -649,7 +667,8 @@ impl FallbackLimiter {
         }
     }
 
-    /// Checks answered without the shared limiter since start.
+    /// Calls ([`RateLimiter::check_all`] or `check`, whatever their number of budgets)
+    /// answered without the shared limiter since start.
     pub fn fallbacks(&self) -> u64 {
         self.fallbacks.load(Ordering::Relaxed)
     }
