@@ -1148,21 +1148,27 @@ mod tests {
         assert_eq!(left(&limiter, "k", &quota).await, 1);
     }
 
-    #[tokio::test]
-    async fn check_all_on_keys_of_one_shard_locks_it_once() {
-        let (limiter, _) = one_shard();
-        let quota = per_minute(2);
-        let d = limiter
-            .check_all(&[
+    #[test]
+    fn check_all_on_keys_of_one_shard_locks_it_once() {
+        // On its own thread, so that a shard locked twice (a deadlock) fails the test.
+        let (done, outcome) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            let (limiter, _) = one_shard();
+            let quota = per_minute(2);
+            let spends = [
                 spend("a", &quota, 1),
                 spend("b", &quota, 1),
                 spend("a", &quota, 1),
-            ])
-            .await
-            .unwrap();
-        assert!(d.iter().all(|d| d.allowed), "{d:?}");
-        assert_eq!(left(&limiter, "a", &quota).await, 0);
-        assert_eq!(left(&limiter, "b", &quota).await, 1);
+            ];
+            let decisions = limiter.spend_all(&spends).unwrap();
+            let left = |key| limiter.spend_one(&spend(key, &quota, 0)).unwrap().remaining;
+            let _ = done.send((decisions, left("a"), left("b")));
+        });
+        let (decisions, a, b) = outcome
+            .recv_timeout(Duration::from_secs(10))
+            .expect("check_all on one shard never returned (locked it twice?)");
+        assert!(decisions.iter().all(|d| d.allowed), "{decisions:?}");
+        assert_eq!((a, b), (0, 1));
     }
 
     #[tokio::test]
