@@ -114,7 +114,7 @@ async fn check_all(limiter: &dyn RateLimiter, spends: &[Spend<'_>]) -> Vec<Decis
 }
 
 /// Script calls Redis has run so far (`EVALSHA` and `EVAL`, from `INFO commandstats`).
-pub fn script_calls(raw: &mut ::redis::Connection) -> u64 {
+fn script_calls(raw: &mut ::redis::Connection) -> u64 {
     let info: String = ::redis::cmd("INFO")
         .arg("commandstats")
         .query(raw)
@@ -599,6 +599,18 @@ fn ratelimit_header(resp: &reqwest::Response) -> String {
         .to_string()
 }
 
+/// `keygate_rate_limit_decisions_total` of `rule` and `result` on `gw` (0 when absent).
+async fn decisions(gw: &Keygate, rule: &str, result: &str) -> f64 {
+    let (rule, result) = (format!("rule=\"{rule}\""), format!("result=\"{result}\""));
+    gw.metrics_text()
+        .await
+        .lines()
+        .filter(|l| l.starts_with("keygate_rate_limit_decisions_total{"))
+        .filter(|l| l.contains(&rule) && l.contains(&result))
+        .find_map(|l| l.rsplit(' ').next()?.parse().ok())
+        .unwrap_or(0.0)
+}
+
 #[tokio::test]
 async fn a_request_refused_by_one_budget_spends_from_none() {
     let redis = RedisServer::start();
@@ -620,6 +632,11 @@ async fn a_request_refused_by_one_budget_spends_from_none() {
         assert_eq!(next.status(), 200);
         let header = ratelimit_header(&next);
         assert!(header.starts_with("\"per-user\";r=98;"), "{user}: {header}");
+        // Each rule's decision is counted: the per-user budget had room all three times.
+        assert_eq!(decisions(gw, "per-user", "allowed").await, 3.0);
+        assert_eq!(decisions(gw, "per-user", "limited").await, 0.0);
+        assert_eq!(decisions(gw, "exports", "allowed").await, 1.0);
+        assert_eq!(decisions(gw, "exports", "limited").await, 1.0);
     }
 }
 
