@@ -348,7 +348,9 @@ impl Clock {
 /// dropped when its shard needs room. When a shard is full of live buckets, the quarter
 /// closest to full (smallest `TAT`) is dropped: those keys start again with a full bucket,
 /// which gives back the fewest units. Each sweep frees a quarter of the shard, so the cost of
-/// making room stays constant per check, even under a flood of new keys.
+/// making room stays constant per check, even under a flood of new keys. (A call spending
+/// several new keys that fall in one shard makes room before storing any of them, so that
+/// shard may briefly hold a few more than its share.)
 pub struct LocalLimiter {
     shards: Box<[Shard]>,
     per_shard: usize,
@@ -467,15 +469,23 @@ impl LocalLimiter {
             }
             return Ok(decisions);
         }
-        for (key, g, before, after) in tats {
-            let (Some(tat), Some(buckets)) = (after.filter(|_| after != before), guards.get_mut(g))
-            else {
+        tats.retain(|(_, _, before, after)| after.is_some() && after != before);
+        // Room first, then every write: making room for one key of the call must not drop
+        // another that the call has just spent from.
+        for &(key, g, _, _) in &tats {
+            if let Some(buckets) = guards.get_mut(g) {
+                if !buckets.contains_key(key) {
+                    self.make_room(buckets, now);
+                }
+            }
+        }
+        for (key, g, _, after) in tats {
+            let (Some(tat), Some(buckets)) = (after, guards.get_mut(g)) else {
                 continue;
             };
             match buckets.get_mut(key) {
                 Some(slot) => *slot = tat,
                 None => {
-                    self.make_room(buckets, now);
                     buckets.insert(key.into(), tat);
                 }
             }
@@ -1169,6 +1179,25 @@ mod tests {
             .expect("check_all on one shard never returned (locked it twice?)");
         assert!(decisions.iter().all(|d| d.allowed), "{decisions:?}");
         assert_eq!((a, b), (0, 1));
+    }
+
+    #[tokio::test]
+    async fn check_all_keeps_every_budget_it_spent_when_the_table_is_full() {
+        // One shard holding one key: storing the second key of the call makes room.
+        let now = Arc::new(AtomicU64::new(1_000 * SEC));
+        let limiter = LocalLimiter::with_clock(1, 1, Clock::Manual(now));
+        let quota = per_minute(2);
+        let spends = [spend("a", &quota, 1), spend("b", &quota, 1)];
+        assert!(limiter
+            .check_all(&spends)
+            .await
+            .unwrap()
+            .iter()
+            .all(|d| d.allowed));
+        // The room was made before the call stored anything, so neither spend was dropped.
+        let decisions = limiter.check_all(&spends).await.unwrap();
+        let left: Vec<_> = decisions.iter().map(|d| d.remaining).collect();
+        assert_eq!(left, [0, 0]);
     }
 
     #[tokio::test]
