@@ -33,13 +33,37 @@
 //! in doubles, exact below 2^53 µs (epoch time is ~2^51), which is why [`Quota`] caps `τ` at
 //! 2^48 µs (about 8.9 years).
 //!
-//! [`RedisLimiter`] runs that in one script ([`GCRA_LUA`]) on the Redis server, with the
-//! server's `TIME` (never a replica's clock), on the key `{prefix}rl:{<key>}` — the budget key
-//! in braces is the Redis Cluster hash tag — so every replica sharing the Redis spends one
-//! budget. [`LocalLimiter`] keeps `TAT`s in a bounded, sharded in-process table; a `TAT` in the
-//! past is a full bucket and is dropped when room is needed. [`FallbackLimiter`] asks Redis
-//! first and, when Redis fails, applies the local limit (per replica, so N replicas allow up to
-//! N times the budget during an outage), allows, or denies, as configured.
+//! # Several budgets at once: all or nothing
+//!
+//! A request usually spends from several budgets (per user, per org, a tool's own). They are
+//! checked together, with [`RateLimiter::check_all`], on one `now`:
+//!
+//! ```text
+//! every spend, in order: the step above on its bucket (spends on the same key add up: each
+//!                        starts from the TAT the earlier ones of the call would leave)
+//! every spend allowed:   store every new TAT (each changed bucket once)
+//! any spend denied:      store nothing; a denied spend reports as above, a spend that had
+//!                        room reports allowed with its bucket as it is (remaining and reset
+//!                        of the stored TAT, nothing spent)
+//! ```
+//!
+//! So a request refused by one budget spends none of the others, whatever the order of the
+//! rules. ([`RateLimiter::check`] is the same with one spend.)
+//!
+//! [`RedisLimiter`] runs that in one script call ([`GCRA_LUA`]: N keys, three arguments per
+//! key) on the Redis server, with the server's `TIME` (never a replica's clock), on the keys
+//! `{prefix}rl:{<key>}`, so every replica sharing the Redis spends one budget, in one round
+//! trip per request. On a **Redis Cluster** the budget key in braces is the hash tag, so the
+//! buckets of one request live in different slots and a multi-key script would be refused
+//! (`CROSSSLOT`): there the limiter runs the same script once per budget, one key each, in
+//! order, and stops at the first denial. That is not all or nothing: budgets checked before
+//! the denying one have spent, and those after it are not checked (the decisions end at the
+//! denial). [`LocalLimiter`] keeps `TAT`s in a bounded, sharded in-process table, locking the
+//! shards of a call's keys together (each once, in ascending shard order, so calls never wait
+//! on each other in a cycle); a `TAT` in the past is a full bucket and is dropped when room is
+//! needed. [`FallbackLimiter`] asks Redis first and, when Redis fails, applies the local limit
+//! (per replica, so N replicas allow up to N times the budget during an outage), allows, or
+//! denies, as configured; it counts one fallback per call, whatever the number of budgets.
 //!
 //! # Headers
 //!
@@ -68,29 +92,62 @@ const MAX_TOLERANCE_US: u64 = 1 << 48;
 /// `Retry-After` suggested when [`OnRedisError::Deny`] refuses a request during an outage.
 const RETRY_WHILE_UNAVAILABLE: Duration = Duration::from_secs(1);
 
-/// GCRA for one key, on the Redis server's clock (see the module docs; same formulas).
-/// `KEYS[1]`: the bucket. `ARGV`: T (µs), burst, cost.
-/// Returns {allowed (1|0), remaining, reset (µs), retry_after (µs; -1 when none)}.
+/// GCRA for N budgets at once, all or nothing, on the Redis server's clock (see the module docs;
+/// same formulas). `KEYS[i]`: the buckets. `ARGV[3i-2..3i]`: T (µs), burst, cost of budget `i`.
+/// Returns 4 integers per budget, in order: allowed (1|0), remaining, reset (µs), retry_after
+/// (µs; -1 when none). Budgets repeated in `KEYS` add up; nothing is written unless every
+/// budget allows, and then each changed bucket once.
 pub const GCRA_LUA: &str = r#"
 if redis.replicate_commands then redis.replicate_commands() end
-local interval = tonumber(ARGV[1])
-local burst = tonumber(ARGV[2])
-local cost = tonumber(ARGV[3])
-local tolerance = interval * burst
 local clock = redis.call('TIME')
 local now = tonumber(clock[1]) * 1000000 + tonumber(clock[2])
-local tat = now
-local stored = redis.call('GET', KEYS[1])
-if stored then tat = math.max(tonumber(stored) or now, now) end
-local function left(used) return math.floor(math.max(tolerance - used, 0) / interval) end
-local used = tat - now
-if cost > burst then return {0, left(used), used, -1} end
-local ahead = tat + interval * cost - now
-if ahead > tolerance then return {0, left(used), used, ahead - tolerance} end
-if ahead > 0 then
-  redis.call('SET', KEYS[1], string.format('%.0f', now + ahead), 'PX', math.ceil(ahead / 1000))
+local before, tat, out, refused = {}, {}, {}, false
+local function left(used, interval, burst)
+  return math.floor(math.max(interval * burst - used, 0) / interval)
 end
-return {1, left(ahead), ahead, -1}
+for i, key in ipairs(KEYS) do
+  local interval = tonumber(ARGV[3 * i - 2])
+  local burst = tonumber(ARGV[3 * i - 1])
+  local cost = tonumber(ARGV[3 * i])
+  if before[key] == nil then
+    local stored = redis.call('GET', key)
+    before[key] = now
+    if stored then before[key] = math.max(tonumber(stored) or now, now) end
+    tat[key] = before[key]
+  end
+  local used = tat[key] - now
+  local ahead = used + interval * cost
+  local j = 4 * i - 3
+  if cost > burst then
+    out[j], out[j + 1], out[j + 2], out[j + 3] = 0, left(used, interval, burst), used, -1
+    refused = true
+  elseif ahead > interval * burst then
+    out[j], out[j + 1], out[j + 2] = 0, left(used, interval, burst), used
+    out[j + 3] = ahead - interval * burst
+    refused = true
+  else
+    out[j], out[j + 1], out[j + 2], out[j + 3] = 1, left(ahead, interval, burst), ahead, -1
+    tat[key] = now + ahead
+  end
+end
+if refused then
+  for i, key in ipairs(KEYS) do
+    local j = 4 * i - 3
+    if out[j] == 1 then
+      local used = before[key] - now
+      out[j + 1] = left(used, tonumber(ARGV[3 * i - 2]), tonumber(ARGV[3 * i - 1]))
+      out[j + 2] = used
+    end
+  end
+  return out
+end
+for _, key in ipairs(KEYS) do
+  if tat[key] ~= before[key] then
+    redis.call('SET', key, string.format('%.0f', tat[key]), 'PX', math.ceil((tat[key] - now) / 1000))
+    before[key] = tat[key]
+  end
+end
+return out
 "#;
 
 /// A limit: `requests` per `period`, with bursts of up to `burst` at once (burst >= 1).
@@ -146,7 +203,8 @@ impl Quota {
 /// The outcome of one check.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Decision {
-    /// Whether the units were spent.
+    /// Whether this budget had room for the units (spent, unless another budget of the same
+    /// [`RateLimiter::check_all`] call refused).
     pub allowed: bool,
     /// The bucket size (the quota's burst).
     pub limit: u32,
@@ -177,12 +235,37 @@ pub enum LimiterError {
     InvalidQuota(String),
 }
 
+/// One budget a request spends from: `cost` units of `key`'s budget under `quota`.
+#[derive(Debug, Clone, Copy)]
+pub struct Spend<'a> {
+    /// The budget (rule and caller; see `CompiledRateRule::key`).
+    pub key: &'a str,
+    /// Its limit.
+    pub quota: &'a Quota,
+    /// Units to spend (a cost above the quota's burst is always denied).
+    pub cost: u32,
+}
+
 /// Something that spends budgets.
 #[async_trait]
 pub trait RateLimiter: Send + Sync + 'static {
+    /// Spend several budgets at once, all or nothing (see the module docs): when every budget
+    /// has room, every one spends; when any denies, none spends. One decision per spend, in
+    /// the order of `spends`, except with [`RedisLimiter`] on a Redis Cluster, whose decisions
+    /// end at the first denial: pair them with the spends by position. An invalid quota fails
+    /// the call before anything is spent; no spends, no decisions and no I/O.
+    async fn check_all(&self, spends: &[Spend<'_>]) -> Result<Vec<Decision>, LimiterError>;
+
     /// Spend `cost` units of `key`'s budget under `quota` (cost >= 1; a cost above burst is
-    /// always denied).
-    async fn check(&self, key: &str, quota: &Quota, cost: u32) -> Result<Decision, LimiterError>;
+    /// always denied): [`RateLimiter::check_all`] with one spend.
+    async fn check(&self, key: &str, quota: &Quota, cost: u32) -> Result<Decision, LimiterError> {
+        let spend = Spend { key, quota, cost };
+        self.check_all(std::slice::from_ref(&spend))
+            .await?
+            .pop()
+            .ok_or_else(|| LimiterError::Unavailable(format!("{}: no decision", self.name())))
+    }
+
     /// A short name for logs and metrics.
     fn name(&self) -> &'static str;
 }
@@ -265,7 +348,9 @@ impl Clock {
 /// dropped when its shard needs room. When a shard is full of live buckets, the quarter
 /// closest to full (smallest `TAT`) is dropped: those keys start again with a full bucket,
 /// which gives back the fewest units. Each sweep frees a quarter of the shard, so the cost of
-/// making room stays constant per check, even under a flood of new keys.
+/// making room stays constant per check, even under a flood of new keys. (A call spending
+/// several new keys that fall in one shard makes room before storing any of them, so that
+/// shard may briefly hold a few more than its share.)
 pub struct LocalLimiter {
     shards: Box<[Shard]>,
     per_shard: usize,
@@ -298,33 +383,114 @@ impl LocalLimiter {
             .sum()
     }
 
-    fn shard(&self, key: &str) -> &Shard {
+    fn shard_index(&self, key: &str) -> usize {
         // The modulo keeps the index below the shard count, so it fits usize.
-        let index = self.hasher.hash_one(key) % self.shards.len() as u64;
-        &self.shards[index as usize]
+        (self.hasher.hash_one(key) % self.shards.len() as u64) as usize
     }
 
-    /// The synchronous check behind [`RateLimiter::check`].
-    fn spend(&self, key: &str, quota: &Quota, cost: u32) -> Result<Decision, LimiterError> {
-        let interval = quota.interval_us()?;
+    /// One budget, under its shard's lock (the common case, and [`RateLimiter::check`]).
+    fn spend_one(&self, spend: &Spend<'_>) -> Result<Decision, LimiterError> {
+        let interval = spend.quota.interval_us()?;
         let now = self.clock.now_us();
-        let mut buckets = self
-            .shard(key)
+        let mut buckets = self.shards[self.shard_index(spend.key)]
             .lock()
             .unwrap_or_else(PoisonError::into_inner);
-        let slot = buckets.get_mut(key);
+        let slot = buckets.get_mut(spend.key);
         let stored = slot.as_deref().copied();
-        let (decision, store) = gcra(stored, now, interval, quota.burst, cost);
+        let (decision, store) = gcra(stored, now, interval, spend.quota.burst, spend.cost);
         if let Some(tat) = store {
             match slot {
                 Some(slot) => *slot = tat,
                 None => {
                     self.make_room(&mut buckets, now);
-                    buckets.insert(key.into(), tat);
+                    buckets.insert(spend.key.into(), tat);
                 }
             }
         }
         Ok(decision)
+    }
+
+    /// The synchronous, all-or-nothing check behind [`RateLimiter::check_all`]: the shards of
+    /// every key are locked together, each once and in ascending index order (so two calls
+    /// never wait on each other in a cycle), every decision is made, and the new `TAT`s are
+    /// stored only when every spend fits.
+    fn spend_all(&self, spends: &[Spend<'_>]) -> Result<Vec<Decision>, LimiterError> {
+        if let [one] = spends {
+            return Ok(vec![self.spend_one(one)?]);
+        }
+        let mut intervals = Vec::with_capacity(spends.len());
+        for s in spends {
+            intervals.push(s.quota.interval_us()?);
+        }
+        if spends.is_empty() {
+            return Ok(Vec::new());
+        }
+        let indices: Vec<usize> = spends.iter().map(|s| self.shard_index(s.key)).collect();
+        let mut order = indices.clone();
+        order.sort_unstable();
+        order.dedup();
+        let now = self.clock.now_us();
+        let mut guards: Vec<_> = order
+            .iter()
+            .map(|&i| {
+                self.shards[i]
+                    .lock()
+                    .unwrap_or_else(PoisonError::into_inner)
+            })
+            .collect();
+        // Per distinct key: its guard, its TAT before this call and as this call leaves it.
+        let mut tats: Vec<(&str, usize, Option<u64>, Option<u64>)> =
+            Vec::with_capacity(spends.len());
+        let mut decisions = Vec::with_capacity(spends.len());
+        let mut refused = false;
+        for ((s, &interval), index) in spends.iter().zip(&intervals).zip(indices) {
+            let slot = match tats.iter().position(|t| t.0 == s.key) {
+                Some(slot) => slot,
+                None => {
+                    let g = order.partition_point(|&o| o < index);
+                    let stored = guards.get(g).and_then(|b| b.get(s.key).copied());
+                    tats.push((s.key, g, stored, stored));
+                    tats.len() - 1
+                }
+            };
+            let (decision, store) = gcra(tats[slot].3, now, interval, s.quota.burst, s.cost);
+            refused |= !decision.allowed;
+            if let Some(tat) = store {
+                tats[slot].3 = Some(tat);
+            }
+            decisions.push(decision);
+        }
+        if refused {
+            for ((d, s), &interval) in decisions.iter_mut().zip(spends).zip(&intervals) {
+                if d.allowed {
+                    let before = tats.iter().find(|t| t.0 == s.key).and_then(|t| t.2);
+                    *d = gcra(before, now, interval, s.quota.burst, 0).0;
+                }
+            }
+            return Ok(decisions);
+        }
+        tats.retain(|(_, _, before, after)| after.is_some() && after != before);
+        // Room first, then every write: making room for one key of the call must not drop
+        // another that the call has just spent from.
+        for &(key, g, _, _) in &tats {
+            if let Some(buckets) = guards.get_mut(g) {
+                if !buckets.contains_key(key) {
+                    self.make_room(buckets, now);
+                }
+            }
+        }
+        for (key, g, _, after) in tats {
+            let (Some(tat), Some(buckets)) = (after, guards.get_mut(g)) else {
+                continue;
+            };
+            match buckets.get_mut(key) {
+                Some(slot) => *slot = tat,
+                None => {
+                    buckets.insert(key.into(), tat);
+                }
+            }
+        }
+        Ok(decisions)
     }
 
     /// Below capacity, nothing; else drop full buckets and, if that is not a quarter of the
@@ -345,8 +511,12 @@ impl Default for LocalLimiter {
 
 #[async_trait]
 impl RateLimiter for LocalLimiter {
+    async fn check_all(&self, spends: &[Spend<'_>]) -> Result<Vec<Decision>, LimiterError> {
+        self.spend_all(spends)
+    }
+
     async fn check(&self, key: &str, quota: &Quota, cost: u32) -> Result<Decision, LimiterError> {
-        self.spend(key, quota, cost)
+        self.spend_one(&Spend { key, quota, cost })
     }
 
     fn name(&self) -> &'static str {
@@ -373,27 +543,100 @@ impl RedisLimiter {
     pub fn redis_key(&self, key: &str) -> String {
         format!("{}rl:{{{key}}}", self.conn.key_prefix())
     }
-}
 
-#[async_trait]
-impl RateLimiter for RedisLimiter {
-    async fn check(&self, key: &str, quota: &Quota, cost: u32) -> Result<Decision, LimiterError> {
-        let interval = quota.interval_us()?;
-        let mut invocation = self.script.key(self.redis_key(key));
-        invocation.arg(interval).arg(quota.burst).arg(cost);
-        let (allowed, remaining, reset, retry): (i64, i64, i64, i64) = self
+    /// Every budget in one script call.
+    async fn check_together(
+        &self,
+        spends: &[Spend<'_>],
+        intervals: &[u64],
+    ) -> Result<Vec<Decision>, LimiterError> {
+        let mut invocation = self.script.prepare_invoke();
+        for (s, &interval) in spends.iter().zip(intervals) {
+            invocation.key(self.redis_key(s.key));
+            invocation.arg(interval).arg(s.quota.burst).arg(s.cost);
+        }
+        let reply: Vec<i64> = self
             .conn
             .invoke("rate limit", &invocation)
             .await
             .map_err(|e| LimiterError::Unavailable(e.to_string()))?;
-        let micros = |v: i64| Duration::from_micros(u64::try_from(v).unwrap_or(0));
-        Ok(Decision {
-            allowed: allowed == 1,
-            limit: quota.burst,
-            remaining: u32::try_from(remaining.max(0)).unwrap_or(u32::MAX),
-            reset: micros(reset),
-            retry_after: (retry >= 0).then(|| micros(retry)),
-        })
+        if reply.len() != 4 * spends.len() {
+            return Err(LimiterError::Unavailable(format!(
+                "rate limit script answered {} integers for {} budgets",
+                reply.len(),
+                spends.len()
+            )));
+        }
+        reply
+            .chunks_exact(4)
+            .zip(spends)
+            .map(|(r, s)| decision(r, s.quota))
+            .collect()
+    }
+
+    /// One budget per script call, in order, stopping at the first denial.
+    async fn check_each(
+        &self,
+        spends: &[Spend<'_>],
+        intervals: &[u64],
+    ) -> Result<Vec<Decision>, LimiterError> {
+        let mut decisions = Vec::with_capacity(spends.len());
+        for (s, &interval) in spends.iter().zip(intervals) {
+            let mut invocation = self.script.key(self.redis_key(s.key));
+            invocation.arg(interval).arg(s.quota.burst).arg(s.cost);
+            let reply: Vec<i64> = self
+                .conn
+                .invoke("rate limit", &invocation)
+                .await
+                .map_err(|e| LimiterError::Unavailable(e.to_string()))?;
+            let decision = decision(&reply, s.quota)?;
+            let denied = !decision.allowed;
+            decisions.push(decision);
+            if denied {
+                break;
+            }
+        }
+        Ok(decisions)
+    }
+}
+
+/// One decision from the script's four integers: allowed (1|0), remaining, reset (µs),
+/// retry_after (µs; -1 when none).
+fn decision(reply: &[i64], quota: &Quota) -> Result<Decision, LimiterError> {
+    let &[allowed, remaining, reset, retry] = reply else {
+        return Err(LimiterError::Unavailable(format!(
+            "rate limit script answered {} integers, not 4",
+            reply.len()
+        )));
+    };
+    let micros = |v: i64| Duration::from_micros(u64::try_from(v).unwrap_or(0));
+    Ok(Decision {
+        allowed: allowed == 1,
+        limit: quota.burst,
+        remaining: u32::try_from(remaining.max(0)).unwrap_or(u32::MAX),
+        reset: micros(reset),
+        retry_after: (retry >= 0).then(|| micros(retry)),
+    })
+}
+
+/// Every spend's `T`, checking its quota; the first invalid one is the error.
+fn intervals(spends: &[Spend<'_>]) -> Result<Vec<u64>, LimiterError> {
+    spends.iter().map(|s| s.quota.interval_us()).collect()
+}
+
+#[async_trait]
+impl RateLimiter for RedisLimiter {
+    async fn check_all(&self, spends: &[Spend<'_>]) -> Result<Vec<Decision>, LimiterError> {
+        let intervals = intervals(spends)?;
+        if spends.is_empty() {
+            return Ok(Vec::new());
+        }
+        if self.conn.is_cluster() && spends.len() > 1 {
+            // Different budgets live in different slots: a multi-key script would be refused
+            // (CROSSSLOT), so budget by budget, as the module docs say.
+            return self.check_each(spends, &intervals).await;
+        }
+        self.check_together(spends, &intervals).await
     }
 
     fn name(&self) -> &'static str {
@@ -413,7 +656,7 @@ pub enum OnRedisError {
 }
 
 /// The shared limiter first; when it fails, [`OnRedisError`] decides. Logs the first failure
-/// of an outage and the recovery once each, and counts the checks that fell back.
+/// of an outage and the recovery once each, and counts the calls that fell back.
 pub struct FallbackLimiter {
     shared: Box<dyn RateLimiter>,
     local: LocalLimiter,
@@ -434,7 +677,8 @@ impl FallbackLimiter {
         }
     }
 
-    /// Checks answered without the shared limiter since start.
+    /// Calls ([`RateLimiter::check_all`] or `check`, whatever their number of budgets)
+    /// answered without the shared limiter since start.
     pub fn fallbacks(&self) -> u64 {
         self.fallbacks.load(Ordering::Relaxed)
     }
@@ -447,13 +691,16 @@ impl FallbackLimiter {
 
 #[async_trait]
 impl RateLimiter for FallbackLimiter {
-    async fn check(&self, key: &str, quota: &Quota, cost: u32) -> Result<Decision, LimiterError> {
-        let error = match self.shared.check(key, quota, cost).await {
-            Ok(decision) => {
+    async fn check_all(&self, spends: &[Spend<'_>]) -> Result<Vec<Decision>, LimiterError> {
+        if spends.is_empty() {
+            return Ok(Vec::new());
+        }
+        let error = match self.shared.check_all(spends).await {
+            Ok(decisions) => {
                 if self.failing.swap(false, Ordering::Relaxed) {
                     tracing::info!(limiter = self.shared.name(), "shared rate limits are back");
                 }
-                return Ok(decision);
+                return Ok(decisions);
             }
             Err(e @ LimiterError::InvalidQuota(_)) => return Err(e),
             Err(e) => e,
@@ -468,18 +715,21 @@ impl RateLimiter for FallbackLimiter {
             );
         }
         match self.on_error {
-            OnRedisError::Local => self.local.spend(key, quota, cost),
-            OnRedisError::Allow | OnRedisError::Deny => {
-                let allowed = self.on_error == OnRedisError::Allow && cost <= quota.burst;
-                Ok(Decision {
-                    allowed,
-                    limit: quota.burst,
-                    remaining: if allowed { quota.burst - cost } else { 0 },
-                    reset: Duration::ZERO,
-                    retry_after: (!allowed && cost <= quota.burst)
-                        .then_some(RETRY_WHILE_UNAVAILABLE),
+            OnRedisError::Local => self.local.spend_all(spends),
+            OnRedisError::Allow | OnRedisError::Deny => Ok(spends
+                .iter()
+                .map(|s| {
+                    let (cost, burst) = (s.cost, s.quota.burst);
+                    let allowed = self.on_error == OnRedisError::Allow && cost <= burst;
+                    Decision {
+                        allowed,
+                        limit: burst,
+                        remaining: if allowed { burst - cost } else { 0 },
+                        reset: Duration::ZERO,
+                        retry_after: (!allowed && cost <= burst).then_some(RETRY_WHILE_UNAVAILABLE),
+                    }
                 })
-            }
+                .collect()),
         }
     }
 
@@ -844,6 +1094,163 @@ mod tests {
         assert_eq!(allowed, 20);
     }
 
+    fn spend<'a>(key: &'a str, quota: &'a Quota, cost: u32) -> Spend<'a> {
+        Spend { key, quota, cost }
+    }
+
+    /// Units left on `key` now, spending nothing.
+    async fn left(limiter: &LocalLimiter, key: &str, quota: &Quota) -> u32 {
+        limiter.check(key, quota, 0).await.unwrap().remaining
+    }
+
+    #[tokio::test]
+    async fn check_all_spends_nothing_when_one_budget_denies() {
+        let (limiter, _) = manual(100);
+        let (wide, narrow) = (per_minute(5), per_minute(1));
+        assert!(limiter.check("wide", &wide, 1).await.unwrap().allowed);
+        assert!(limiter.check("narrow", &narrow, 1).await.unwrap().allowed);
+        for order in [[0, 1], [1, 0]] {
+            let both = [spend("wide", &wide, 1), spend("narrow", &narrow, 1)];
+            let spends = order.map(|i| both[i]);
+            let decisions = limiter.check_all(&spends).await.unwrap();
+            assert_eq!(decisions.len(), 2);
+            let (w, n) = (&decisions[order[0]], &decisions[order[1]]);
+            assert!(!n.allowed, "{n:?}");
+            assert_eq!(n.retry_after, Some(Duration::from_secs(6)));
+            // The wide budget had room, and it reports what it still has: nothing was spent.
+            assert!(w.allowed, "{w:?}");
+            assert_eq!((w.remaining, w.retry_after), (4, None));
+            assert_eq!(left(&limiter, "wide", &wide).await, 4, "order {order:?}");
+        }
+    }
+
+    #[tokio::test]
+    async fn check_all_spends_every_budget_when_all_allow() {
+        let (limiter, _) = manual(100);
+        let (a, b) = (per_minute(5), per_minute(3));
+        let decisions = limiter
+            .check_all(&[spend("a", &a, 2), spend("b", &b, 1)])
+            .await
+            .unwrap();
+        let summary: Vec<_> = decisions.iter().map(|d| (d.allowed, d.remaining)).collect();
+        assert_eq!(summary, [(true, 3), (true, 2)]);
+        assert_eq!(left(&limiter, "a", &a).await, 3);
+        assert_eq!(left(&limiter, "b", &b).await, 2);
+        assert!(limiter.check_all(&[]).await.unwrap().is_empty());
+    }
+
+    #[tokio::test]
+    async fn check_all_spends_on_one_key_add_up() {
+        let (limiter, _) = manual(100);
+        let quota = per_minute(5);
+        let twice = [spend("k", &quota, 2), spend("k", &quota, 2)];
+        let d = limiter.check_all(&twice).await.unwrap();
+        assert_eq!((d[0].allowed, d[0].remaining), (true, 3));
+        assert_eq!((d[1].allowed, d[1].remaining), (true, 1));
+        assert_eq!(left(&limiter, "k", &quota).await, 1);
+        // One unit is left: the second spend of the same call does not fit, so neither spends.
+        let d = limiter
+            .check_all(&[spend("k", &quota, 1), spend("k", &quota, 1)])
+            .await
+            .unwrap();
+        assert!(d[0].allowed && !d[1].allowed, "{d:?}");
+        assert_eq!(d[1].retry_after, Some(Duration::from_secs(6)));
+        assert_eq!(left(&limiter, "k", &quota).await, 1);
+    }
+
+    #[test]
+    fn check_all_on_keys_of_one_shard_locks_it_once() {
+        // On its own thread, so that a shard locked twice (a deadlock) fails the test.
+        let (done, outcome) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            let (limiter, _) = one_shard();
+            let quota = per_minute(2);
+            let spends = [
+                spend("a", &quota, 1),
+                spend("b", &quota, 1),
+                spend("a", &quota, 1),
+            ];
+            let decisions = limiter.spend_all(&spends).unwrap();
+            let left = |key| limiter.spend_one(&spend(key, &quota, 0)).unwrap().remaining;
+            let _ = done.send((decisions, left("a"), left("b")));
+        });
+        let (decisions, a, b) = outcome
+            .recv_timeout(Duration::from_secs(10))
+            .expect("check_all on one shard never returned (locked it twice?)");
+        assert!(decisions.iter().all(|d| d.allowed), "{decisions:?}");
+        assert_eq!((a, b), (0, 1));
+    }
+
+    #[tokio::test]
+    async fn check_all_keeps_every_budget_it_spent_when_the_table_is_full() {
+        // One shard holding one key: storing the second key of the call makes room.
+        let now = Arc::new(AtomicU64::new(1_000 * SEC));
+        let limiter = LocalLimiter::with_clock(1, 1, Clock::Manual(now));
+        let quota = per_minute(2);
+        let spends = [spend("a", &quota, 1), spend("b", &quota, 1)];
+        assert!(limiter
+            .check_all(&spends)
+            .await
+            .unwrap()
+            .iter()
+            .all(|d| d.allowed));
+        // The room was made before the call stored anything, so neither spend was dropped.
+        let decisions = limiter.check_all(&spends).await.unwrap();
+        let left: Vec<_> = decisions.iter().map(|d| d.remaining).collect();
+        assert_eq!(left, [0, 0]);
+    }
+
+    #[tokio::test]
+    async fn check_all_rejects_an_invalid_quota_before_spending_anything() {
+        let (limiter, _) = manual(10);
+        let good = per_minute(2);
+        let bad = Quota {
+            requests: 0,
+            period: Duration::from_secs(1),
+            burst: 1,
+        };
+        let spends = [spend("good", &good, 1), spend("bad", &bad, 1)];
+        assert!(matches!(
+            limiter.check_all(&spends).await,
+            Err(LimiterError::InvalidQuota(_))
+        ));
+        assert_eq!(left(&limiter, "good", &good).await, 2);
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+    async fn concurrent_check_alls_on_overlapping_keys_spend_exactly_the_bursts() {
+        let (limiter, _) = manual(100);
+        let limiter = Arc::new(limiter);
+        // "a" and "c" hold 20 each; "b", in every call, holds 30: it runs out first.
+        let (ac, b) = (per_minute(20), per_minute(30));
+        let sets: [[&str; 2]; 4] = [["a", "b"], ["b", "a"], ["c", "b"], ["b", "c"]];
+        let tasks: Vec<_> = (0..200)
+            .map(|i| {
+                let (limiter, ac, b) = (limiter.clone(), ac.clone(), b.clone());
+                let set = sets[i % 4];
+                tokio::spawn(async move {
+                    let spends = set.map(|k| spend(k, if k == "b" { &b } else { &ac }, 1));
+                    let decisions = limiter.check_all(&spends).await.unwrap();
+                    let passed = decisions.iter().all(|d| d.allowed);
+                    (set.contains(&"a"), passed)
+                })
+            })
+            .collect();
+        let (mut via_a, mut via_c) = (0, 0);
+        for t in tasks {
+            match t.await.unwrap() {
+                (true, true) => via_a += 1,
+                (false, true) => via_c += 1,
+                _ => {}
+            }
+        }
+        assert_eq!(via_a + via_c, 30);
+        assert_eq!(left(&limiter, "b", &b).await, 0);
+        // Only calls that passed spent: nothing was taken by a call another budget refused.
+        assert_eq!(left(&limiter, "a", &ac).await, 20 - via_a);
+        assert_eq!(left(&limiter, "c", &ac).await, 20 - via_c);
+    }
+
     #[test]
     fn gcra_treats_a_past_tat_as_a_full_bucket() {
         let t = 6 * SEC;
@@ -892,16 +1299,11 @@ mod tests {
 
     #[async_trait]
     impl RateLimiter for Flaky {
-        async fn check(
-            &self,
-            key: &str,
-            quota: &Quota,
-            cost: u32,
-        ) -> Result<Decision, LimiterError> {
+        async fn check_all(&self, spends: &[Spend<'_>]) -> Result<Vec<Decision>, LimiterError> {
             if self.down.load(Ordering::SeqCst) {
                 return Err(LimiterError::Unavailable("down".into()));
             }
-            self.inner.check(key, quota, cost).await
+            self.inner.check_all(spends).await
         }
 
         fn name(&self) -> &'static str {
@@ -958,6 +1360,38 @@ mod tests {
         assert!(!d.allowed);
         assert_eq!(d.retry_after, Some(RETRY_WHILE_UNAVAILABLE));
         assert_eq!(deny.fallbacks(), 1);
+    }
+
+    #[tokio::test]
+    async fn fallback_checks_all_budgets_at_once_and_counts_one_fallback_per_call() {
+        let (wide, narrow) = (per_minute(5), per_minute(1));
+        let spends = [spend("wide", &wide, 1), spend("narrow", &narrow, 1)];
+        let (local, down) = flaky(OnRedisError::Local);
+        down.store(true, Ordering::SeqCst);
+        let first = local.check_all(&spends).await.unwrap();
+        assert!(first.iter().all(|d| d.allowed), "{first:?}");
+        let second = local.check_all(&spends).await.unwrap();
+        assert!(second[0].allowed && !second[1].allowed, "{second:?}");
+        // The local limit is all or nothing too: the refused call left "wide" as it was.
+        assert_eq!(second[0].remaining, 4);
+        assert_eq!(local.check("wide", &wide, 1).await.unwrap().remaining, 3);
+        assert_eq!(local.fallbacks(), 3);
+        assert!(local.check_all(&[]).await.unwrap().is_empty());
+        assert_eq!(local.fallbacks(), 3, "an empty call asks nobody");
+
+        for (on_error, allowed) in [(OnRedisError::Allow, true), (OnRedisError::Deny, false)] {
+            let (limiter, down) = flaky(on_error);
+            down.store(true, Ordering::SeqCst);
+            let d = limiter.check_all(&spends).await.unwrap();
+            let summary: Vec<_> = d.iter().map(|d| (d.allowed, d.remaining)).collect();
+            let expected = if allowed {
+                [(true, 4), (true, 0)]
+            } else {
+                [(false, 0); 2]
+            };
+            assert_eq!(summary, expected, "{on_error:?}");
+            assert_eq!(limiter.fallbacks(), 1, "{on_error:?}");
+        }
     }
 
     #[tokio::test]

@@ -8,10 +8,12 @@ use super::{GatewayState, RequestCtx};
 use crate::config::RateKey;
 use crate::error::{GatewayError, RETRY_RATE_LIMITER};
 use crate::policy::mcp::{self, RpcCall};
-use crate::policy::ratelimit::{self, CompiledRateRule, Decision, RateLimits};
+use crate::policy::ratelimit::{self, CompiledRateRule, Decision, RateLimits, Spend};
 use crate::telemetry::metrics::Metrics;
 
-/// Spend the request's cost from every applicable budget keyed by one of `kinds`.
+/// Spend the request's cost from every applicable budget keyed by one of `kinds`, all in one
+/// limiter call: every budget spends, or (when one refuses) none does, and the first refusing
+/// rule answers.
 pub async fn rate_limit(
     limits: &RateLimits,
     metrics: &Metrics,
@@ -23,7 +25,8 @@ pub async fn rate_limit(
     let Some(limiter) = &limits.limiter else {
         return Ok(());
     };
-    let mut tightest: Option<(&CompiledRateRule, Decision)> = None;
+    // No allocation when no rule applies (the common case for one of the two stages).
+    let mut budgets: Vec<(&CompiledRateRule, String, u32)> = Vec::new();
     for compiled in &limits.rules {
         let rule = &compiled.rule;
         if !kinds.contains(&rule.per) || !compiled.applies_to(&route.normal) {
@@ -51,31 +54,47 @@ pub async fn rate_limit(
         if cost == 0 {
             continue;
         }
-        let key = compiled.key(issuer, who);
-        let decision = limiter
-            .check(&key, &compiled.quota, cost)
-            .await
-            .map_err(|e| {
-                tracing::warn!(error = %e, "rate limiter unavailable");
-                GatewayError::Unavailable {
-                    what: "rate limiter",
-                    retry_after: RETRY_RATE_LIMITER,
-                }
-            })?;
+        budgets.push((compiled, compiled.key(issuer, who), cost));
+    }
+    if budgets.is_empty() {
+        return Ok(());
+    }
+    let spends: Vec<Spend<'_>> = budgets
+        .iter()
+        .map(|(compiled, key, cost)| Spend {
+            key,
+            quota: &compiled.quota,
+            cost: *cost,
+        })
+        .collect();
+    let decisions = limiter.check_all(&spends).await.map_err(|e| {
+        tracing::warn!(error = %e, "rate limiter unavailable");
+        GatewayError::Unavailable {
+            what: "rate limiter",
+            retry_after: RETRY_RATE_LIMITER,
+        }
+    })?;
+    let mut refused: Option<(&CompiledRateRule, Decision)> = None;
+    let mut tightest: Option<(&CompiledRateRule, Decision)> = None;
+    // A limiter that stops at the first refusal answers fewer decisions: the rest were not
+    // checked and are not counted.
+    for ((compiled, _, _), decision) in budgets.iter().zip(decisions) {
         compiled.count(metrics, decision.allowed);
         if !decision.allowed {
-            let retry_after = decision.retry_after.unwrap_or(decision.reset);
-            return Err(GatewayError::RateLimited {
-                retry_after,
-                headers: ratelimit::headers(&rule.name, &compiled.quota, &decision).to_vec(),
-            });
-        }
-        if tightest
+            refused = refused.or(Some((compiled, decision)));
+        } else if tightest
             .as_ref()
             .is_none_or(|(_, d)| decision.remaining < d.remaining)
         {
             tightest = Some((compiled, decision));
         }
+    }
+    if let Some((compiled, decision)) = refused {
+        let retry_after = decision.retry_after.unwrap_or(decision.reset);
+        return Err(GatewayError::RateLimited {
+            retry_after,
+            headers: ratelimit::headers(&compiled.rule.name, &compiled.quota, &decision).to_vec(),
+        });
     }
     if let Some((compiled, decision)) = tightest {
         ctx.rate_headers =

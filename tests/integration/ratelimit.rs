@@ -1,18 +1,20 @@
 //! Shared rate limits and MCP session bindings against a real `redis-server` child (and a
 //! three-node Redis Cluster): several limiter instances standing for several replicas, Redis
-//! stopped and restarted under them.
+//! stopped and restarted under them; and a request's budgets spent together, all or nothing,
+//! through the running gateway.
 
 use std::future::Future;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use keygate::policy::ratelimit::{
-    Decision, FallbackLimiter, LocalLimiter, OnRedisError, Quota, RateLimiter, RedisLimiter,
+    Decision, FallbackLimiter, LocalLimiter, OnRedisError, Quota, RateLimiter, RedisLimiter, Spend,
 };
 use keygate::policy::sessions::{RedisBindings, SessionBindings};
 use keygate::redis::{RedisConn, RedisSettings};
 
 use crate::common::redis::{RedisCluster, RedisServer};
+use crate::common::{clerk_config, client, Keygate, Stack};
 
 /// Longer than any call may take with Redis down (connect + command timeouts, with margin):
 /// a guard against hangs, not a timing assertion.
@@ -99,6 +101,165 @@ async fn redis_and_local_limiters_decide_alike() {
             "cost {cost}: {a:?} vs {b:?}"
         );
     }
+}
+
+fn spend<'a>(key: &'a str, quota: &'a Quota, cost: u32) -> Spend<'a> {
+    Spend { key, quota, cost }
+}
+
+async fn check_all(limiter: &dyn RateLimiter, spends: &[Spend<'_>]) -> Vec<Decision> {
+    no_hang("check_all", limiter.check_all(spends))
+        .await
+        .unwrap_or_else(|e| panic!("{} check_all failed: {e}", limiter.name()))
+}
+
+/// Script calls Redis has run so far (`EVALSHA` and `EVAL`, from `INFO commandstats`).
+fn script_calls(raw: &mut ::redis::Connection) -> u64 {
+    let info: String = ::redis::cmd("INFO")
+        .arg("commandstats")
+        .query(raw)
+        .expect("INFO commandstats");
+    info.lines()
+        .filter(|l| l.starts_with("cmdstat_evalsha:") || l.starts_with("cmdstat_eval:"))
+        .filter_map(|l| l.split(['=', ',']).nth(1)?.parse::<u64>().ok())
+        .sum()
+}
+
+#[tokio::test]
+async fn check_all_on_redis_spends_nothing_when_one_budget_denies() {
+    let redis = RedisServer::start();
+    let limiter = RedisLimiter::new(conn(&redis.url(), false));
+    let (wide, narrow) = (
+        five_per_minute(),
+        Quota::new(1, Duration::from_secs(60), 1).unwrap(),
+    );
+    assert!(check(&limiter, "tool:narrow", &narrow).await.allowed);
+    let d = check_all(
+        &limiter,
+        &[
+            spend("user:wide", &wide, 1),
+            spend("tool:narrow", &narrow, 1),
+        ],
+    )
+    .await;
+    assert_eq!(d.len(), 2);
+    assert!(d[0].allowed && !d[1].allowed, "{d:?}");
+    assert_eq!((d[0].remaining, d[0].retry_after), (5, None), "{d:?}");
+    assert!(d[1].retry_after.is_some());
+    let mut raw = raw(&redis.url());
+    let wide_tat: Option<u64> = ::redis::cmd("GET")
+        .arg(limiter.redis_key("user:wide"))
+        .query(&mut raw)
+        .expect("GET");
+    assert_eq!(
+        wide_tat, None,
+        "a refused call wrote the budget that had room"
+    );
+
+    // When every budget has room, every one spends.
+    let other = five_per_minute();
+    let d = check_all(
+        &limiter,
+        &[spend("user:wide", &wide, 2), spend("org:o", &other, 1)],
+    )
+    .await;
+    let summary: Vec<_> = d.iter().map(|d| (d.allowed, d.remaining)).collect();
+    assert_eq!(summary, [(true, 3), (true, 4)]);
+    for key in ["user:wide", "org:o"] {
+        let tat: Option<u64> = ::redis::cmd("GET")
+            .arg(limiter.redis_key(key))
+            .query(&mut raw)
+            .expect("GET");
+        assert!(tat.is_some(), "{key} was not written");
+    }
+    assert!(check_all(&limiter, &[]).await.is_empty());
+}
+
+#[tokio::test]
+async fn check_all_on_redis_is_one_script_call_whatever_the_number_of_budgets() {
+    let redis = RedisServer::start();
+    let limiter = RedisLimiter::new(conn(&redis.url(), false));
+    let mut raw = raw(&redis.url());
+    let quota = five_per_minute();
+    let tight = Quota::new(1, Duration::from_secs(60), 1).unwrap();
+    // The first call may load the script (a failed EVALSHA, then SCRIPT LOAD).
+    check_all(&limiter, &[spend("warm", &quota, 1)]).await;
+    let before = script_calls(&mut raw);
+    let three = [
+        spend("a", &quota, 1),
+        spend("b", &quota, 1),
+        spend("c", &tight, 1),
+    ];
+    assert!(check_all(&limiter, &three).await.iter().all(|d| d.allowed));
+    assert_eq!(script_calls(&mut raw), before + 1);
+    let refused = check_all(&limiter, &three).await;
+    assert!(!refused[2].allowed, "{refused:?}");
+    assert_eq!(script_calls(&mut raw), before + 2);
+    check_all(&limiter, &[]).await;
+    assert_eq!(
+        script_calls(&mut raw),
+        before + 2,
+        "an empty call asks nobody"
+    );
+}
+
+#[tokio::test]
+async fn redis_and_local_limiters_decide_alike_on_several_budgets() {
+    let redis = RedisServer::start();
+    let shared = RedisLimiter::new(conn(&redis.url(), false));
+    let local = LocalLimiter::default();
+    let (a, b) = (
+        Quota::new(10, Duration::from_secs(600), 6).expect("valid quota"),
+        Quota::new(10, Duration::from_secs(600), 3).expect("valid quota"),
+    );
+    let calls: [&[Spend]; 7] = [
+        &[spend("a", &a, 1), spend("b", &b, 1)],
+        &[spend("a", &a, 2), spend("a", &a, 1)],
+        &[spend("b", &b, 2), spend("a", &a, 1)],
+        &[spend("a", &a, 1), spend("b", &b, 1)],
+        &[spend("a", &a, 1), spend("a", &a, 1), spend("b", &b, 4)],
+        &[spend("b", &b, 0), spend("a", &a, 2)],
+        &[spend("a", &a, 1), spend("a", &a, 1)],
+    ];
+    for spends in calls {
+        let x = check_all(&shared, spends).await;
+        let y = check_all(&local, spends).await;
+        let view = |d: &[Decision]| -> Vec<_> {
+            d.iter()
+                .map(|d| (d.allowed, d.remaining, d.limit, d.retry_after.is_some()))
+                .collect()
+        };
+        assert_eq!(view(&x), view(&y), "{spends:?}: {x:?} vs {y:?}");
+    }
+}
+
+#[tokio::test]
+async fn on_a_redis_cluster_check_all_checks_budget_by_budget() {
+    let cluster = RedisCluster::start();
+    let limiter = RedisLimiter::new(conn(&cluster.url(), true));
+    let (wide, narrow) = (
+        Quota::new(3, Duration::from_secs(60), 3).expect("valid quota"),
+        Quota::new(1, Duration::from_secs(60), 1).expect("valid quota"),
+    );
+    // Keys of different budgets hash to different slots: one script per budget, in order.
+    let in_order = [spend("user:u", &wide, 1), spend("tool:t", &narrow, 1)];
+    assert!(check_all(&limiter, &in_order)
+        .await
+        .iter()
+        .all(|d| d.allowed));
+    // The budget checked before the one that denies has spent (the documented difference).
+    let d = check_all(&limiter, &in_order).await;
+    assert_eq!(d.len(), 2);
+    assert!(d[0].allowed && !d[1].allowed, "{d:?}");
+    assert_eq!(d[0].remaining, 1);
+    // Checking stops at the first denial: the budgets after it get no decision and keep theirs.
+    let d = check_all(&limiter, &[in_order[1], in_order[0]]).await;
+    assert_eq!(d.len(), 1);
+    assert!(!d[0].allowed);
+    let left = no_hang("peek", limiter.check("user:u", &wide, 0))
+        .await
+        .expect("peek");
+    assert_eq!(left.remaining, 1);
 }
 
 #[tokio::test]
@@ -384,4 +545,124 @@ async fn a_binding_seen_by_one_replica_is_cached_with_the_ttl_redis_has_left() {
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
     assert_eq!(b.bind("short", "user_b").await.expect("bind"), "user_b");
+}
+
+/// A generous per-user budget on `/mcp`, listed first, and an export tool budget of one.
+const TWO_BUDGETS: &str = r#"
+[[rate_limits.rules]]
+name = "per-user"
+per = "user"
+requests = 100
+period_secs = 60
+burst = 100
+paths = ["/mcp"]
+
+[[rate_limits.rules]]
+name = "exports"
+per = "user"
+requests = 1
+period_secs = 3600
+burst = 1
+tools = ["export_*"]
+"#;
+
+/// A keygate with [`TWO_BUDGETS`] on `redis`, in front of `s`'s Clerk and upstream.
+async fn gateway_on_redis(s: &Stack, redis: &RedisServer) -> Keygate {
+    let toml = clerk_config(&s.clerk.url(), s.clerk.secret_key(), TWO_BUDGETS);
+    let url = redis.url();
+    let gw = Keygate::start_with_env(&toml, &s.upstream.url(), &[("REDIS_URL", &url)]).await;
+    gw.wait_ready().await;
+    gw
+}
+
+/// POST a `tools/call` of `tool` to `gw`'s `/mcp`.
+async fn call_tool(gw: &Keygate, token: &str, tool: &str) -> reqwest::Response {
+    let body = serde_json::json!({
+        "jsonrpc": "2.0", "id": 1, "method": "tools/call",
+        "params": {"name": tool, "arguments": {}}
+    });
+    client()
+        .post(gw.at("/mcp"))
+        .bearer_auth(token)
+        .json(&body)
+        .send()
+        .await
+        .expect("request")
+}
+
+fn ratelimit_header(resp: &reqwest::Response) -> String {
+    resp.headers()
+        .get("ratelimit")
+        .expect("a RateLimit header")
+        .to_str()
+        .expect("ascii")
+        .to_string()
+}
+
+/// `keygate_rate_limit_decisions_total` of `rule` and `result` on `gw` (0 when absent).
+async fn decisions(gw: &Keygate, rule: &str, result: &str) -> f64 {
+    let (rule, result) = (format!("rule=\"{rule}\""), format!("result=\"{result}\""));
+    gw.metrics_text()
+        .await
+        .lines()
+        .filter(|l| l.starts_with("keygate_rate_limit_decisions_total{"))
+        .filter(|l| l.contains(&rule) && l.contains(&result))
+        .find_map(|l| l.rsplit(' ').next()?.parse().ok())
+        .unwrap_or(0.0)
+}
+
+#[tokio::test]
+async fn a_request_refused_by_one_budget_spends_from_none() {
+    let redis = RedisServer::start();
+    let s = Stack::start(TWO_BUDGETS).await;
+    let shared = gateway_on_redis(&s, &redis).await;
+    // The same rule through the local limiter (the stack's own gateway) and through Redis.
+    for (gw, user) in [(&s.gw, "user_local"), (&shared, "user_shared")] {
+        let token = s.access_token(user);
+        assert_eq!(call_tool(gw, &token, "export_people").await.status(), 200);
+        let refused = call_tool(gw, &token, "export_companies").await;
+        assert_eq!(refused.status(), 429, "{user}");
+        assert!(
+            ratelimit_header(&refused).starts_with("\"exports\";r=0;"),
+            "{}",
+            ratelimit_header(&refused)
+        );
+        // The per-user budget paid for the two requests that passed, not the refused one.
+        let next = call_tool(gw, &token, "get_person").await;
+        assert_eq!(next.status(), 200);
+        let header = ratelimit_header(&next);
+        assert!(header.starts_with("\"per-user\";r=98;"), "{user}: {header}");
+        // Each rule's decision is counted: the per-user budget had room all three times.
+        assert_eq!(decisions(gw, "per-user", "allowed").await, 3.0);
+        assert_eq!(decisions(gw, "per-user", "limited").await, 0.0);
+        assert_eq!(decisions(gw, "exports", "allowed").await, 1.0);
+        assert_eq!(decisions(gw, "exports", "limited").await, 1.0);
+    }
+}
+
+#[tokio::test]
+async fn every_request_spends_its_budgets_in_one_redis_script_call() {
+    let redis = RedisServer::start();
+    let s = Stack::start("").await;
+    let gw = gateway_on_redis(&s, &redis).await;
+    let mut raw = raw(&redis.url());
+    // The first call loads the script.
+    let warm = s.access_token("user_warm");
+    assert_eq!(call_tool(&gw, &warm, "get_person").await.status(), 200);
+    let before = script_calls(&mut raw);
+    // Two budgets apply to each export call; the repeated ones are refused by the second.
+    let mut sent = 0;
+    for user in ["user_a", "user_b", "user_c"] {
+        let token = s.access_token(user);
+        for expected in [200, 429] {
+            assert_eq!(
+                call_tool(&gw, &token, "export_people").await.status(),
+                expected
+            );
+            sent += 1;
+        }
+        assert_eq!(call_tool(&gw, &token, "get_person").await.status(), 200);
+        sent += 1;
+    }
+    assert_eq!(script_calls(&mut raw), before + sent);
 }

@@ -160,11 +160,16 @@ tools = ["export_*"]
         let resp = post_at(&s, path, &token, &call(2, "export_people")).await;
         assert_eq!(resp.status(), 429, "{path}: the tool budget counts it");
     }
-    // The path budget (4 per hour, checked first) counted the four requests above; a fifth
-    // spelling is over it (a `get_` call costs the tool budget nothing).
-    let resp = post_at(&s, "/mcpx", &token, &call(3, "get_person")).await;
+    // The path budget (4 per hour) counted the one request that passed (a refused request
+    // spends from no budget) and counts every spelling: three more pass, then /mcpx is over it
+    // (a `get_` call costs the tool budget nothing).
+    for path in ["/MCP/", "//mcp", "/mcp;x"] {
+        let resp = post_at(&s, path, &token, &call(3, "get_person")).await;
+        assert_eq!(resp.status(), 200, "{path}");
+    }
+    let resp = post_at(&s, "/mcpx", &token, &call(4, "get_person")).await;
     assert_eq!(resp.status(), 429, "/mcpx counts against the /mcp budget");
-    assert_eq!(s.upstream.count(), 1);
+    assert_eq!(s.upstream.count(), 4);
 }
 
 #[tokio::test]
