@@ -95,7 +95,8 @@ pub struct Metrics {
     pub decrypt_failures: IntCounter,
     /// Rate-limit decisions by rule and result.
     pub rate_limit: IntCounterVec,
-    /// Rate-limit checks answered by the fallback because Redis failed.
+    /// Rate-limit calls (each the budgets of one request stage) answered by the fallback because
+    /// Redis failed.
     pub rate_limit_fallbacks: IntCounter,
     /// 1 while a Redis client's circuit breaker is open (Redis not asked, fallbacks used), by
     /// client (`key_store`: the vault's; `shared`: rate limits and session bindings).
@@ -199,7 +200,7 @@ impl Metrics {
         register(&r, Box::new(decrypt_failures.clone()), "decrypt_failures");
         let rate_limit_fallbacks = IntCounter::new(
             "keygate_rate_limit_fallbacks_total",
-            "Rate-limit checks decided without Redis because it failed.",
+            "Rate-limit calls (the budgets of one request stage) decided without Redis because it failed.",
         )
         .unwrap_or_else(|e| unreachable_metric("keygate_rate_limit_fallbacks_total", e));
         register(&r, Box::new(rate_limit_fallbacks.clone()), "fallbacks");
