@@ -405,6 +405,54 @@ async fn a_request_head_awaiting_100_continue_reaches_the_upstream_before_its_bo
     assert!(seen.headers.get("authorization").is_none());
 }
 
+#[tokio::test]
+async fn an_upgrade_request_head_with_a_body_reaches_the_upstream_before_its_body() {
+    // An upgrade request goes upstream head first even when it declares a body: the upstream
+    // may answer 101 from the head alone, and a client may wait for that answer.
+    let key = SigningKey::rsa_a("kid-a");
+    let clerk = FakeClerk::start(vec![key.clone()]).await;
+    let raw = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind");
+    let raw_port = raw.local_addr().expect("addr").port();
+    let (head_tx, head_rx) = tokio::sync::oneshot::channel::<String>();
+    tokio::spawn(async move {
+        let (mut up, _) = raw.accept().await.expect("accept");
+        let head = read_head(&mut up).await;
+        let _ = head_tx.send(head);
+        up.write_all(b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\r\n")
+            .await
+            .expect("write 101");
+        let mut sink = [0u8; 64];
+        while matches!(up.read(&mut sink).await, Ok(n) if n > 0) {}
+    });
+    let gw = Keygate::start(
+        &clerk_config(&clerk.url(), clerk.secret_key(), ""),
+        &format!("http://127.0.0.1:{raw_port}"),
+    )
+    .await;
+    gw.wait_ready().await;
+    let token = key.sign(
+        json!({"typ": "at+jwt"}),
+        &keys::access_token_claims(&clerk.url(), "user_1", Some(RESOURCE), "twenty:read"),
+    );
+    let mut conn = tokio::net::TcpStream::connect(("127.0.0.1", gw.port))
+        .await
+        .expect("connect");
+    let req = format!(
+        "GET /ws HTTP/1.1\r\nHost: localhost\r\nAuthorization: Bearer {token}\r\nConnection: Upgrade\r\nUpgrade: websocket\r\nContent-Length: 4\r\n\r\n"
+    );
+    conn.write_all(req.as_bytes()).await.expect("write head");
+    let head = tokio::time::timeout(Duration::from_secs(5), head_rx)
+        .await
+        .expect("the upgrade head was held back until a body the client will not send yet")
+        .expect("head");
+    assert!(head.starts_with("get /ws http/1.1"), "{head}");
+    assert!(!head.contains("authorization"), "{head}");
+    let answer = read_head(&mut conn).await;
+    assert!(answer.starts_with("http/1.1 101"), "{answer}");
+}
+
 /// A TLS terminator in front of `upstream` (the fixture certificate for `localhost`): the
 /// port of an `https` upstream that forwards every connection's bytes to the recording one.
 async fn tls_in_front_of(upstream: &Upstream) -> u16 {

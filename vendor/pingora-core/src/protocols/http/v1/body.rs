@@ -27,8 +27,13 @@ use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 
 use crate::utils::BufRef;
 
-// TODO: make this dynamically adjusted
+// The most a body read asks for (`BodyReader::body_buf_size`).
 const BODY_BUFFER_SIZE: usize = 1024 * 64;
+// What a body's first read asks for. Each read that fills what it asked for doubles the next
+// one, up to `body_buf_size`: bulk bodies reach full-size reads after two reads, while a body
+// that trickles in (an idle event stream, a small response) keeps a small buffer for the
+// whole life of its connection.
+const BODY_READ_INITIAL: usize = 1024 * 16;
 // limit how much incomplete chunk-size and chunk-ext to buffer
 const PARTIAL_CHUNK_HEAD_LIMIT: usize = 1024 * 8;
 // Trailers: https://datatracker.ietf.org/doc/html/rfc9112#section-7.1.2
@@ -148,6 +153,7 @@ pub struct BodyReader {
     pub body_state: ParseState,
     pub body_buf: Option<BytesMut>,
     pub body_buf_size: usize,
+    read_size: usize,
     rewind_buf_len: usize,
     upstream: bool,
     body_buf_overread: Option<BytesMut>,
@@ -159,6 +165,7 @@ impl BodyReader {
             body_state: PS::ToStart,
             body_buf: None,
             body_buf_size: BODY_BUFFER_SIZE,
+            read_size: BODY_READ_INITIAL,
             rewind_buf_len: 0,
             upstream,
             body_buf_overread: None,
@@ -173,8 +180,20 @@ impl BodyReader {
         self.body_state = PS::ToStart;
     }
 
+    /// How much the next body read asks for (see [`BODY_READ_INITIAL`]).
+    fn next_read_size(&self) -> usize {
+        self.read_size.min(self.body_buf_size)
+    }
+
+    /// After a read that asked for `asked` bytes and got `got`: a full read doubles the next.
+    fn note_read(&mut self, asked: usize, got: usize) {
+        if got >= asked && self.read_size < self.body_buf_size {
+            self.read_size = self.read_size.saturating_mul(2).min(self.body_buf_size);
+        }
+    }
+
     fn prepare_buf(&mut self, buf_to_rewind: &[u8]) {
-        let mut body_buf = BytesMut::with_capacity(self.body_buf_size.max(buf_to_rewind.len()));
+        let mut body_buf = BytesMut::with_capacity(self.next_read_size().max(buf_to_rewind.len()));
         if !buf_to_rewind.is_empty() {
             self.rewind_buf_len = buf_to_rewind.len();
             // TODO: this is still 1 copy. Make it zero
@@ -404,8 +423,8 @@ impl BodyReader {
         // downstream should not discard remaining data if peer sent more, so cap the read at what
         // is left of this body and leave anything past it on the stream
         let read_size = match self.body_state {
-            PS::Partial(_, remaining) if !self.upstream => remaining.min(self.body_buf_size),
-            _ => self.body_buf_size,
+            PS::Partial(_, remaining) if !self.upstream => remaining.min(self.next_read_size()),
+            _ => self.next_read_size(),
         };
         if n == 0 {
             /* Need to actually read */
@@ -415,6 +434,7 @@ impl BodyReader {
                 .read_buf(body_buf)
                 .await
                 .or_err(ReadError, "when reading body")?;
+            self.note_read(read_size, n);
         }
         match self.body_state {
             PS::Partial(read, to_read) => {
@@ -462,13 +482,14 @@ impl BodyReader {
         self.rewind_buf_len = 0; // we only need to read rewind data once
         if n == 0 {
             /* Need to actually read */
-            let read_size = self.body_buf_size;
+            let read_size = self.next_read_size();
             let body_buf = self.prepare_buf_for_io(read_size);
             n = stream
                 .take(read_size as u64)
                 .read_buf(body_buf)
                 .await
                 .or_err(ReadError, "when reading body")?;
+            self.note_read(read_size, n);
         }
         match self.body_state {
             PS::UntilClose(read) => {
@@ -500,13 +521,14 @@ impl BodyReader {
                         existing_buf_end = self.rewind_buf_len;
                         self.rewind_buf_len = 0; // we only need to read rewind data once
                         if existing_buf_end == 0 {
-                            let read_size = self.body_buf_size;
+                            let read_size = self.next_read_size();
                             let body_buf = self.prepare_buf_for_io(read_size);
                             existing_buf_end = stream
                                 .take(read_size as u64)
                                 .read_buf(body_buf)
                                 .await
                                 .or_err(ReadError, "when reading body")?;
+                            self.note_read(read_size, existing_buf_end);
                         }
                     } else {
                         /* existing_buf_end != 0 this is partial chunk head */

@@ -134,12 +134,14 @@ impl HttpSession {
         })?;
         trace!("Writing request header: {to_wire:?}");
 
-        // A body of known, non-zero length follows and the client awaits no interim response:
-        // the head leaves with the body's first bytes, in one write (see `do_write_body`).
+        // A body of known, non-zero length follows and the client awaits no interim response
+        // (no `Expect`, no `Upgrade`): the head leaves with the body's first bytes, in one write
+        // (see `do_write_body`).
         let body_follows = matches!(
             self.body_writer.body_mode,
             BodyMode::ContentLength(total, written) if written < total
-        ) && !req.headers.contains_key(header::EXPECT);
+        ) && !req.headers.contains_key(header::EXPECT)
+            && !is_upgrade_req(&req);
         if body_follows {
             let len = to_wire.len();
             self.deferred_head = Some(to_wire);
