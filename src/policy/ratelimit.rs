@@ -581,17 +581,10 @@ impl RedisLimiter {
         intervals: &[u64],
     ) -> Result<Vec<Decision>, LimiterError> {
         let mut decisions = Vec::with_capacity(spends.len());
-        for (s, &interval) in spends.iter().zip(intervals) {
-            let mut invocation = self.script.key(self.redis_key(s.key));
-            invocation.arg(interval).arg(s.quota.burst).arg(s.cost);
-            let reply: Vec<i64> = self
-                .conn
-                .invoke("rate limit", &invocation)
-                .await
-                .map_err(|e| LimiterError::Unavailable(e.to_string()))?;
-            let decision = decision(&reply, s.quota)?;
-            let denied = !decision.allowed;
-            decisions.push(decision);
+        for (spend, interval) in spends.chunks(1).zip(intervals.chunks(1)) {
+            let answered = self.check_together(spend, interval).await?;
+            let denied = answered.iter().any(|d| !d.allowed);
+            decisions.extend(answered);
             if denied {
                 break;
             }
