@@ -6,7 +6,7 @@
 use serde_json::{json, Value};
 
 use crate::common::upstream::Upstream;
-use crate::common::{client, rpc, Keygate, TempDir};
+use crate::common::{client, post_mcp, rpc, Keygate, TempDir};
 
 use crate::common::upstream::echo;
 
@@ -48,13 +48,7 @@ async fn echo_upstream() -> String {
 }
 
 async fn call(gw: &Keygate, token: &str, body: Value) -> reqwest::Response {
-    client()
-        .post(gw.at("/mcp"))
-        .bearer_auth(token)
-        .json(&body)
-        .send()
-        .await
-        .expect("request")
+    post_mcp(gw, token, &body).await
 }
 
 /// The URLs a client is told to use (resource, issuer) name the very address keygate listens

@@ -28,6 +28,24 @@ async fn setup_with(extra: &str) -> Env {
     }
 }
 
+/// keygate in front of `upstream` (a URL; `extra` appended to the config), ready: the fake
+/// Clerk it trusts (keep it alive) and a valid access token for `user_1`.
+async fn gateway_before(upstream: &str, extra: &str) -> (FakeClerk, Keygate, String) {
+    let key = SigningKey::rsa_a("kid-a");
+    let clerk = FakeClerk::start(vec![key.clone()]).await;
+    let gw = Keygate::start(
+        &clerk_config(&clerk.url(), clerk.secret_key(), extra),
+        upstream,
+    )
+    .await;
+    gw.wait_ready().await;
+    let token = key.sign(
+        json!({"typ": "at+jwt"}),
+        &keys::access_token_claims(&clerk.url(), "user_1", Some(RESOURCE), "twenty:read"),
+    );
+    (clerk, gw, token)
+}
+
 /// Open `GET /sse` through keygate: the upstream's event sender and the 200 response.
 async fn open_sse(
     env: &Env,
@@ -161,15 +179,8 @@ async fn request_bodies_stream_through_intact() {
 
 #[tokio::test]
 async fn upstream_down_is_a_502_json() {
-    let key = SigningKey::rsa_a("kid-a");
-    let clerk = FakeClerk::start(vec![key.clone()]).await;
     let dead = format!("http://127.0.0.1:{}", free_port());
-    let gw = Keygate::start(&clerk_config(&clerk.url(), clerk.secret_key(), ""), &dead).await;
-    gw.wait_ready().await;
-    let token = key.sign(
-        json!({"typ": "at+jwt"}),
-        &keys::access_token_claims(&clerk.url(), "user_1", Some(RESOURCE), "twenty:read"),
-    );
+    let (_clerk, gw, token) = gateway_before(&dead, "").await;
     let resp = rpc(gw.at("/mcp"), Some(&token)).await;
     assert_eq!(resp.status(), 502);
     let body: Value = resp.json().await.expect("json");
@@ -409,8 +420,6 @@ async fn a_request_head_awaiting_100_continue_reaches_the_upstream_before_its_bo
 async fn an_upgrade_request_head_with_a_body_reaches_the_upstream_before_its_body() {
     // An upgrade request goes upstream head first even when it declares a body: the upstream
     // may answer 101 from the head alone, and a client may wait for that answer.
-    let key = SigningKey::rsa_a("kid-a");
-    let clerk = FakeClerk::start(vec![key.clone()]).await;
     let raw = tokio::net::TcpListener::bind("127.0.0.1:0")
         .await
         .expect("bind");
@@ -426,16 +435,7 @@ async fn an_upgrade_request_head_with_a_body_reaches_the_upstream_before_its_bod
         let mut sink = [0u8; 64];
         while matches!(up.read(&mut sink).await, Ok(n) if n > 0) {}
     });
-    let gw = Keygate::start(
-        &clerk_config(&clerk.url(), clerk.secret_key(), ""),
-        &format!("http://127.0.0.1:{raw_port}"),
-    )
-    .await;
-    gw.wait_ready().await;
-    let token = key.sign(
-        json!({"typ": "at+jwt"}),
-        &keys::access_token_claims(&clerk.url(), "user_1", Some(RESOURCE), "twenty:read"),
-    );
+    let (_clerk, gw, token) = gateway_before(&format!("http://127.0.0.1:{raw_port}"), "").await;
     let mut conn = tokio::net::TcpStream::connect(("127.0.0.1", gw.port))
         .await
         .expect("connect");
@@ -499,23 +499,13 @@ async fn tls_in_front_of(upstream: &Upstream) -> u16 {
 
 #[tokio::test]
 async fn an_https_upstream_gets_requests_with_and_without_bodies() {
-    let key = SigningKey::rsa_a("kid-a");
-    let clerk = FakeClerk::start(vec![key.clone()]).await;
     let upstream = Upstream::start().await;
     let port = tls_in_front_of(&upstream).await;
-    let gw = Keygate::start(
-        &format!(
-            "{}[upstream]\nverify_tls = false\n",
-            clerk_config(&clerk.url(), clerk.secret_key(), "")
-        ),
+    let (_clerk, gw, token) = gateway_before(
         &format!("https://localhost:{port}"),
+        "[upstream]\nverify_tls = false\n",
     )
     .await;
-    gw.wait_ready().await;
-    let token = key.sign(
-        json!({"typ": "at+jwt"}),
-        &keys::access_token_claims(&clerk.url(), "user_1", Some(RESOURCE), "twenty:read"),
-    );
     // Small and large bodies of known length, a chunked body, no body; twice each, so the
     // second goes over a pooled connection.
     for _ in 0..2 {

@@ -14,7 +14,7 @@ use keygate::policy::sessions::{RedisBindings, SessionBindings};
 use keygate::redis::{RedisConn, RedisSettings};
 
 use crate::common::redis::{RedisCluster, RedisServer};
-use crate::common::{clerk_config, client, Keygate, Stack};
+use crate::common::{clerk_config, post_mcp, Keygate, Stack};
 
 /// Longer than any call may take with Redis down (connect + command timeouts, with margin):
 /// a guard against hangs, not a timing assertion.
@@ -581,13 +581,7 @@ async fn call_tool(gw: &Keygate, token: &str, tool: &str) -> reqwest::Response {
         "jsonrpc": "2.0", "id": 1, "method": "tools/call",
         "params": {"name": tool, "arguments": {}}
     });
-    client()
-        .post(gw.at("/mcp"))
-        .bearer_auth(token)
-        .json(&body)
-        .send()
-        .await
-        .expect("request")
+    post_mcp(gw, token, &body).await
 }
 
 fn ratelimit_header(resp: &reqwest::Response) -> String {

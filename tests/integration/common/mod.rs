@@ -358,6 +358,17 @@ pub async fn rpc(url: String, token: Option<&str>) -> reqwest::Response {
     req.send().await.expect("request")
 }
 
+/// POST `body` (JSON) to `gw`'s `/mcp` with `token`.
+pub async fn post_mcp(gw: &Keygate, token: &str, body: &serde_json::Value) -> reqwest::Response {
+    client()
+        .post(gw.at("/mcp"))
+        .bearer_auth(token)
+        .json(body)
+        .send()
+        .await
+        .expect("request")
+}
+
 /// A token minted by `keygate dev-token` with the config at `config`.
 pub fn dev_token(config: &Path, sub: &str, scope: &str) -> String {
     let out = std::process::Command::new(env!("CARGO_BIN_EXE_keygate"))
