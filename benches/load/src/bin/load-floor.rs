@@ -13,7 +13,9 @@
 //! - upstream headers: `Authorization`, `Proxy-Authorization` and `Cookie` removed;
 //!   `X-Forwarded-For`, `Forwarded`, `X-Forwarded-Proto`, `X-Forwarded-Host` and a generated
 //!   `X-Request-Id` set; `Host` set to the upstream's; the key appended as `?apiKey=`;
-//! - the upstream peer with read and write timeouts;
+//! - the upstream peer with the timeouts keygate runs with in the ladder: connect, read, write
+//!   and idle (the idle one bounds a pooled upstream connection, so Pingora arms a timer each
+//!   time it releases one to the pool);
 //! - `X-Request-Id` returned in the response.
 //!
 //! Usage: `load-floor <listen addr> <upstream addr>`.
@@ -141,8 +143,12 @@ impl ProxyHttp for Floor {
 
     async fn upstream_peer(&self, _session: &mut Session, _ctx: &mut Ctx) -> Result<Box<HttpPeer>> {
         let mut peer = HttpPeer::new(self.upstream, false, String::new());
-        peer.options.read_timeout = Some(Duration::from_secs(3600));
-        peer.options.write_timeout = Some(Duration::from_secs(30));
+        let o = &mut peer.options;
+        o.connection_timeout = Some(Duration::from_secs(5));
+        o.total_connection_timeout = Some(Duration::from_secs(10));
+        o.read_timeout = Some(Duration::from_secs(3600));
+        o.write_timeout = Some(Duration::from_secs(30));
+        o.idle_timeout = Some(Duration::from_secs(60));
         Ok(Box::new(peer))
     }
 
