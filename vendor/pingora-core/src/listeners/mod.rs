@@ -321,7 +321,9 @@ impl UninitializedStream {
                 callback.process(&mut self.l4).await?;
             }
 
-            let tls_stream = tls.tls_handshake(self.l4).await?;
+            // Boxed: the TLS handshake is a large state machine, and inline it would size the
+            // future that drives this connection for its whole life, TLS or not.
+            let tls_stream = Box::pin(tls.tls_handshake(self.l4)).await?;
             Ok(Box::new(tls_stream))
         } else {
             Ok(Box::new(self.l4))
