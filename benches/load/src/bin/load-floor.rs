@@ -15,7 +15,8 @@
 //!   `X-Request-Id` set; `Host` set to the upstream's; the key appended as `?apiKey=`;
 //! - the upstream peer with the timeouts keygate runs with in the ladder: connect, read, write
 //!   and idle (the idle one bounds a pooled upstream connection, so Pingora arms a timer each
-//!   time it releases one to the pool);
+//!   time it releases one to the pool), built once at startup and cloned per request, as
+//!   keygate does;
 //! - `X-Request-Id` returned in the response.
 //!
 //! Usage: `load-floor <listen addr> <upstream addr>`.
@@ -55,13 +56,14 @@ struct Params<'a> {
 }
 
 struct Floor {
-    upstream: SocketAddr,
     host: HeaderValue,
     /// Token hash -> subject (keygate: token hash -> verified identity).
     verified: RwLock<HashMap<[u8; 32], Arc<str>>>,
     /// Subject -> API key (keygate: the key cache).
     keys: RwLock<HashMap<Arc<str>, Arc<str>>>,
     next_id: AtomicU64,
+    /// The upstream, built once at startup as keygate builds its own.
+    peer: HttpPeer,
 }
 
 #[derive(Default)]
@@ -100,6 +102,18 @@ impl Floor {
             key
         })
     }
+}
+
+/// The upstream peer with the timeouts keygate runs with in the ladder (its defaults).
+fn upstream_peer(upstream: SocketAddr) -> HttpPeer {
+    let mut peer = HttpPeer::new(upstream, false, String::new());
+    let o = &mut peer.options;
+    o.connection_timeout = Some(Duration::from_secs(5));
+    o.total_connection_timeout = Some(Duration::from_secs(10));
+    o.read_timeout = Some(Duration::from_secs(3600));
+    o.write_timeout = Some(Duration::from_secs(30));
+    o.idle_timeout = Some(Duration::from_secs(60));
+    peer
 }
 
 #[async_trait]
@@ -142,14 +156,7 @@ impl ProxyHttp for Floor {
     }
 
     async fn upstream_peer(&self, _session: &mut Session, _ctx: &mut Ctx) -> Result<Box<HttpPeer>> {
-        let mut peer = HttpPeer::new(self.upstream, false, String::new());
-        let o = &mut peer.options;
-        o.connection_timeout = Some(Duration::from_secs(5));
-        o.total_connection_timeout = Some(Duration::from_secs(10));
-        o.read_timeout = Some(Duration::from_secs(3600));
-        o.write_timeout = Some(Duration::from_secs(30));
-        o.idle_timeout = Some(Duration::from_secs(60));
-        Ok(Box::new(peer))
+        Ok(Box::new(self.peer.clone()))
     }
 
     async fn upstream_request_filter(
@@ -236,11 +243,11 @@ fn main() -> anyhow::Result<()> {
     let mut server = Server::new_with_opt_and_conf(None, conf);
     server.bootstrap();
     let floor = Floor {
-        upstream,
         host: HeaderValue::from_str(&upstream.to_string())?,
         verified: RwLock::new(HashMap::new()),
         keys: RwLock::new(HashMap::new()),
         next_id: AtomicU64::new(1),
+        peer: upstream_peer(upstream),
     };
     let proxy = pingora::proxy::http_proxy(&server.configuration, floor);
     // keygate's connection and request deadlines, with its defaults (h2c sniffed at accept).
