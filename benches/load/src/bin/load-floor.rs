@@ -104,15 +104,20 @@ impl Floor {
     }
 }
 
-/// The upstream peer with the timeouts keygate runs with in the ladder (its defaults).
+/// The upstream peer with the timeouts keygate runs with in the ladder: its `[upstream]`
+/// defaults, taken from keygate's own config, and the read timeout the ladder's config sets
+/// (`read_timeout_secs = 3600` in `benches/load/run`, for long event streams).
 fn upstream_peer(upstream: SocketAddr) -> HttpPeer {
+    let defaults = keygate::config::file::UpstreamFile::default();
+    let connect = Duration::from_secs(defaults.connect_timeout_secs);
     let mut peer = HttpPeer::new(upstream, false, String::new());
     let o = &mut peer.options;
-    o.connection_timeout = Some(Duration::from_secs(5));
-    o.total_connection_timeout = Some(Duration::from_secs(10));
+    // As keygate sets them (`app.rs`): the whole connection attempt gets twice the connect time.
+    o.connection_timeout = Some(connect);
+    o.total_connection_timeout = Some(connect * 2);
     o.read_timeout = Some(Duration::from_secs(3600));
-    o.write_timeout = Some(Duration::from_secs(30));
-    o.idle_timeout = Some(Duration::from_secs(60));
+    o.write_timeout = Some(Duration::from_secs(defaults.write_timeout_secs));
+    o.idle_timeout = Some(Duration::from_secs(defaults.idle_timeout_secs));
     peer
 }
 
