@@ -7,8 +7,9 @@ use clap::{Parser, Subcommand};
 use keygate::app::Configured;
 use keygate::config::ProcessEnv;
 
-/// With the `mimalloc` feature: Pingora's worker threads allocate small, short-lived buffers per
-/// request, which mimalloc's per-thread free lists serve with less work than the system allocator.
+/// With the `mimalloc` feature (the default): Pingora's worker threads allocate small, short-lived
+/// buffers per request, which mimalloc's per-thread free lists serve with less work than the C
+/// library's allocator (measured in the README's Load ladder section).
 #[cfg(feature = "mimalloc")]
 #[global_allocator]
 static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
