@@ -203,3 +203,48 @@ async fn the_dev_config_enforces_the_twenty_scope_defaults() {
         403
     );
 }
+
+/// A mimalloc build (the default) opts its process out of transparent huge pages before it
+/// serves (src/main.rs): otherwise every 2 MiB region mimalloc touches is resident whole. The
+/// kernel shows the flag in `/proc/<pid>/status` once `main` has run, which a listening socket
+/// proves.
+#[cfg(all(target_os = "linux", feature = "mimalloc"))]
+#[test]
+fn a_running_keygate_has_opted_out_of_transparent_huge_pages() {
+    use std::process::{Command, Stdio};
+    use std::time::{Duration, Instant};
+
+    let data = TempDir::new("devmode-thp");
+    let cfg = data.path().join("dev.toml");
+    std::fs::write(&cfg, dev_config(&data)).expect("config");
+    let (port, admin) = (crate::common::free_port(), crate::common::free_port());
+    let mut child = Command::new(env!("CARGO_BIN_EXE_keygate"))
+        .arg("--config")
+        .arg(&cfg)
+        .env("KEYGATE_LISTEN", format!("127.0.0.1:{port}"))
+        .env("KEYGATE_ADMIN_LISTEN", format!("127.0.0.1:{admin}"))
+        .env_remove("KEYGATE_CONFIG")
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("start keygate");
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let status = loop {
+        if std::net::TcpStream::connect(("127.0.0.1", port)).is_ok() {
+            break std::fs::read_to_string(format!("/proc/{}/status", child.id()));
+        }
+        if Instant::now() > deadline || child.try_wait().ok().flatten().is_some() {
+            let _ = child.kill();
+            panic!("keygate never listened on {port}");
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    let _ = child.kill();
+    let _ = child.wait();
+    let status = status.expect("/proc status");
+    let line = status
+        .lines()
+        .find(|l| l.starts_with("THP_enabled:"))
+        .expect("the kernel reports THP_enabled (Linux >= 5.0)");
+    assert_eq!(line.split_whitespace().nth(1), Some("0"), "{line}");
+}
