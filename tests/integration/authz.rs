@@ -583,11 +583,7 @@ async fn the_audit_event_names_the_rule_and_the_reason() {
     )
     .expect("config");
     let (port, admin) = (crate::common::free_port(), crate::common::free_port());
-    let mut child = Command::new(env!("CARGO_BIN_EXE_keygate"))
-        .arg("--config")
-        .arg(&cfg)
-        .env("KEYGATE_LISTEN", format!("127.0.0.1:{port}"))
-        .env("KEYGATE_ADMIN_LISTEN", format!("127.0.0.1:{admin}"))
+    let mut child = crate::common::keygate_command(&cfg, port, admin)
         .env("KEYGATE_UPSTREAM", upstream.url())
         .env("RUST_LOG", "info")
         .stdout(Stdio::piped())

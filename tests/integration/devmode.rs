@@ -211,18 +211,14 @@ async fn the_dev_config_enforces_the_twenty_scope_defaults() {
 #[cfg(all(target_os = "linux", feature = "mimalloc"))]
 #[test]
 fn a_running_keygate_has_opted_out_of_transparent_huge_pages() {
-    use std::process::{Command, Stdio};
+    use std::process::Stdio;
     use std::time::{Duration, Instant};
 
     let data = TempDir::new("devmode-thp");
     let cfg = data.path().join("dev.toml");
     std::fs::write(&cfg, dev_config(&data)).expect("config");
     let (port, admin) = (crate::common::free_port(), crate::common::free_port());
-    let mut child = Command::new(env!("CARGO_BIN_EXE_keygate"))
-        .arg("--config")
-        .arg(&cfg)
-        .env("KEYGATE_LISTEN", format!("127.0.0.1:{port}"))
-        .env("KEYGATE_ADMIN_LISTEN", format!("127.0.0.1:{admin}"))
+    let mut child = crate::common::keygate_command(&cfg, port, admin)
         .env_remove("KEYGATE_CONFIG")
         .stdout(Stdio::null())
         .stderr(Stdio::null())

@@ -161,11 +161,7 @@ async fn no_secret_reaches_the_logs_or_metrics() {
     let cfg = data.with_extension("toml");
     std::fs::write(&cfg, toml).expect("config");
     let (port, admin) = (free_port(), free_port());
-    let mut child = Command::new(env!("CARGO_BIN_EXE_keygate"))
-        .arg("--config")
-        .arg(&cfg)
-        .env("KEYGATE_LISTEN", format!("127.0.0.1:{port}"))
-        .env("KEYGATE_ADMIN_LISTEN", format!("127.0.0.1:{admin}"))
+    let mut child = crate::common::keygate_command(&cfg, port, admin)
         .env("KEYGATE_UPSTREAM", s.upstream.url())
         .env("API_KEY_ENCRYPTION_SECRET", secret)
         .env("RUST_LOG", "debug,pingora_proxy=trace")

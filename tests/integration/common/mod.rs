@@ -26,6 +26,17 @@ pub fn free_port() -> u16 {
     free_ports(0)
 }
 
+/// The `keygate` binary on `config`, listening on `127.0.0.1:port` with its admin on
+/// `127.0.0.1:admin`; the caller adds its environment and output handling, then spawns it.
+pub fn keygate_command(config: &Path, port: u16, admin: u16) -> std::process::Command {
+    let mut c = std::process::Command::new(env!("CARGO_BIN_EXE_keygate"));
+    c.arg("--config")
+        .arg(config)
+        .env("KEYGATE_LISTEN", format!("127.0.0.1:{port}"))
+        .env("KEYGATE_ADMIN_LISTEN", format!("127.0.0.1:{admin}"));
+    c
+}
+
 /// A free port `p` (as [`free_port`]) whose `p + 10000`, Redis Cluster's bus port, is free and
 /// below the ephemeral range too.
 pub fn free_cluster_port() -> u16 {
