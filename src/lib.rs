@@ -8,6 +8,7 @@ pub mod config;
 pub mod devtoken;
 pub mod error;
 pub mod keys;
+pub mod memory;
 pub mod paths;
 pub mod policy;
 pub mod proxy;

@@ -142,34 +142,12 @@ fn report(e: &anyhow::Error) {
     eprintln!("keygate: {e:#}");
 }
 
-/// Give configuration's scratch memory back to the operating system before serving. Deriving a
-/// vault key from a passphrase (scrypt) works in a 32 MiB buffer; the C library's allocator unmaps
-/// a block that large as soon as it is freed, but mimalloc keeps freed memory for reuse until it
-/// purges it, which an idle process never gets to: without this an idle keygate held ~34 MiB more.
-fn release_startup_memory() {
-    #[cfg(feature = "mimalloc")]
-    // SAFETY: `mi_collect` takes no pointers and may be called from any thread at any time.
-    unsafe {
-        libmimalloc_sys::mi_collect(true)
-    }
-}
-
-/// Keep mimalloc's memory in small pages. mimalloc asks the kernel for transparent huge pages on
-/// its arenas, so on a kernel that grants them (transparent huge pages `always` or `madvise`) every
-/// 2 MiB region it touches becomes resident whole: an idle keygate held ~11 MiB more and an idle
-/// SSE stream up to ~7 KiB more, for no CPU gain (paired runs, README, Load ladder). Set before any
-/// worker thread starts; the flag is the whole process's.
-fn keep_small_pages() {
-    #[cfg(all(feature = "mimalloc", target_os = "linux"))]
-    if let Err(e) = nix::sys::prctl::set_thp_disable(true) {
+fn main() -> ExitCode {
+    if let Err(e) = keygate::memory::keep_small_pages() {
         eprintln!(
             "keygate: could not opt out of transparent huge pages ({e}); memory use may be higher"
         );
     }
-}
-
-fn main() -> ExitCode {
-    keep_small_pages();
     let code = run_cli();
     keygate::telemetry::batch::flush();
     code
@@ -191,7 +169,7 @@ fn run_cli() -> ExitCode {
             return ExitCode::from(2);
         }
     };
-    release_startup_memory();
+    keygate::memory::release_startup_memory();
     let settings = &configured.settings;
     match cli.command.unwrap_or(Command::Run) {
         Command::Keys { action } => match keys_command(&configured, action) {

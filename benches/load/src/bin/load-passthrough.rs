@@ -36,6 +36,9 @@ impl ProxyHttp for Passthrough {
 }
 
 fn main() -> anyhow::Result<()> {
+    // The same process-wide memory settings as keygate's binary: its idle-stream memory and
+    // this one's are then comparable.
+    keygate::memory::keep_small_pages().map_err(anyhow::Error::msg)?;
     let mut args = std::env::args().skip(1);
     let listen = args.next().unwrap_or_else(|| "127.0.0.1:8081".into());
     let upstream = args.next().unwrap_or_else(|| "127.0.0.1:3000".into());
