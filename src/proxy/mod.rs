@@ -204,8 +204,8 @@ impl ProxyHttp for Gateway {
         session: &mut Session,
         ctx: &mut RequestCtx,
     ) -> Result<()> {
+        // `ctx.started` was taken by `new_ctx`, which Pingora calls once the head is read.
         deadline::mark_headers_read();
-        ctx.started = Instant::now();
         self.state.metrics.in_flight.inc();
         ctx.in_flight = true;
         ctx.request_id =

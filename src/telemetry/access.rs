@@ -185,12 +185,20 @@ fn write_ip(out: &mut Vec<u8>, ip: IpAddr) {
     }
 }
 
+/// Bytes a text value may hold and still be written bare: visible ASCII but `"`, `\\` and `=`.
+const PLAIN: [bool; 256] = {
+    let mut t = [false; 256];
+    let mut b = 0x21;
+    while b < 0x7f {
+        t[b] = !matches!(b as u8, b'"' | b'\\' | b'=');
+        b += 1;
+    }
+    t
+};
+
 /// Text values are written bare when they are plain, quoted and escaped otherwise.
 fn write_text_value(out: &mut Vec<u8>, value: &str) {
-    let plain = !value.is_empty()
-        && value
-            .bytes()
-            .all(|b| b.is_ascii_graphic() && b != b'"' && b != b'\\' && b != b'=');
+    let plain = !value.is_empty() && value.bytes().all(|b| PLAIN[usize::from(b)]);
     if plain {
         out.extend_from_slice(value.as_bytes());
     } else {
@@ -207,33 +215,39 @@ enum Value<'a> {
 }
 
 impl Entry<'_> {
-    /// The fields in log order, those that do not apply left out.
-    fn fields(&self) -> impl Iterator<Item = (&'static str, Value<'_>)> {
-        [
-            ("request_id", Some(Value::Str(self.request_id))),
-            ("method", Some(Value::Str(self.method))),
-            ("path", Some(Value::Str(self.path))),
-            ("status", Some(Value::Uint(u64::from(self.status)))),
-            ("route", Some(Value::Str(self.route))),
-            ("duration_ms", Some(Value::Millis(self.duration_us))),
-            ("client_ip", self.client_ip.map(Value::Ip)),
-            ("user", self.user.map(Value::Str)),
-            ("token_kind", self.token_kind.map(Value::Str)),
-            ("denied", self.denied.map(Value::Str)),
-            ("error", self.error.map(Value::Str)),
-        ]
-        .into_iter()
-        .filter_map(|(name, value)| value.map(|v| (name, v)))
+    /// Hand each field to `f` in log order, those that do not apply left out.
+    fn each_field(&self, mut f: impl FnMut(&'static str, Value<'_>)) {
+        f("request_id", Value::Str(self.request_id));
+        f("method", Value::Str(self.method));
+        f("path", Value::Str(self.path));
+        f("status", Value::Uint(u64::from(self.status)));
+        f("route", Value::Str(self.route));
+        f("duration_ms", Value::Millis(self.duration_us));
+        let optional = [
+            ("user", self.user),
+            ("token_kind", self.token_kind),
+            ("denied", self.denied),
+            ("error", self.error),
+        ];
+        if let Some(ip) = self.client_ip {
+            f("client_ip", Value::Ip(ip));
+        }
+        for (name, value) in optional {
+            if let Some(v) = value {
+                f(name, Value::Str(v));
+            }
+        }
     }
 }
 
 /// `name=value` pairs after the message, as tracing-subscriber's full format writes them.
 fn write_text(out: &mut Vec<u8>, secs: u64, micros: u32, e: &Entry<'_>) {
+    out.reserve(256 + e.path.len() + e.user.map_or(0, str::len));
     write_timestamp(out, secs, micros);
     out.extend_from_slice(b"  INFO ");
     out.extend_from_slice(TARGET.as_bytes());
     out.extend_from_slice(b": request");
-    for (name, value) in e.fields() {
+    e.each_field(|name, value| {
         out.push(b' ');
         out.extend_from_slice(name.as_bytes());
         out.push(b'=');
@@ -243,7 +257,7 @@ fn write_text(out: &mut Vec<u8>, secs: u64, micros: u32, e: &Entry<'_>) {
             Value::Millis(us) => write_millis(out, us),
             Value::Ip(ip) => write_ip(out, ip),
         }
-    }
+    });
     out.push(b'\n');
 }
 
@@ -254,10 +268,11 @@ fn write_json_str(out: &mut Vec<u8>, value: &str) {
 
 /// One object per line, fields under `fields`, as tracing-subscriber's JSON format writes it.
 fn write_json(out: &mut Vec<u8>, secs: u64, micros: u32, e: &Entry<'_>) {
+    out.reserve(320 + e.path.len() + e.user.map_or(0, str::len));
     out.extend_from_slice(b"{\"timestamp\":\"");
     write_timestamp(out, secs, micros);
     out.extend_from_slice(b"\",\"level\":\"INFO\",\"fields\":{\"message\":\"request\"");
-    for (name, value) in e.fields() {
+    e.each_field(|name, value| {
         out.extend_from_slice(b",\"");
         out.extend_from_slice(name.as_bytes());
         out.extend_from_slice(b"\":");
@@ -271,7 +286,7 @@ fn write_json(out: &mut Vec<u8>, secs: u64, micros: u32, e: &Entry<'_>) {
                 out.push(b'"');
             }
         }
-    }
+    });
     out.extend_from_slice(b"},\"target\":\"");
     out.extend_from_slice(TARGET.as_bytes());
     out.extend_from_slice(b"\"}\n");
@@ -357,6 +372,14 @@ mod tests {
         assert_eq!(f["token_kind"], "oauth_access");
         assert_eq!(f["error"], "ConnectRefused");
         assert!(f.get("denied").is_none());
+    }
+
+    #[test]
+    fn a_plain_byte_is_visible_ascii_but_a_quote_a_backslash_or_an_equals_sign() {
+        for b in 0..=u8::MAX {
+            let expected = b.is_ascii_graphic() && !matches!(b, b'"' | b'\\' | b'=');
+            assert_eq!(PLAIN[usize::from(b)], expected, "byte {b:#04x}");
+        }
     }
 
     #[test]
