@@ -223,15 +223,15 @@ impl Entry<'_> {
         f("status", Value::Uint(u64::from(self.status)));
         f("route", Value::Str(self.route));
         f("duration_ms", Value::Millis(self.duration_us));
+        if let Some(ip) = self.client_ip {
+            f("client_ip", Value::Ip(ip));
+        }
         let optional = [
             ("user", self.user),
             ("token_kind", self.token_kind),
             ("denied", self.denied),
             ("error", self.error),
         ];
-        if let Some(ip) = self.client_ip {
-            f("client_ip", Value::Ip(ip));
-        }
         for (name, value) in optional {
             if let Some(v) = value {
                 f(name, Value::Str(v));
